@@ -1,0 +1,33 @@
+# The README's two commands. Each one sets up everything it needs on a fresh clone.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+# torch 2.13.0 is the CPU wheel kept on these machines' disk; installing it first stops any
+# other requirement from pulling a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast install clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) $(TORCH)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m fp8lm demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Quick local loop: skips the SmolLM2 and oracle tests that CI runs.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,80 @@
+"""Attention over the paged KV cache, for prefill and decode alike.
+
+Every step writes its new K/V into the cache first and then attends over each sequence's whole
+context read back from the cache, so prompts, recomputed (preempted) sequences and decode steps
+share one code path. Queries are padded to [batch, max_query_len]; one additive mask per step
+(built by the model runner) hides future and padded keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fp8lm.model.layers import KVCache, Matmul, Softmax
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor     # [T] cache slot of each new token
+    block_tables: torch.Tensor     # [B, max_blocks] (padding: block 0)
+    max_context_len: int           # longest context in the batch, new tokens included
+    query_index: torch.Tensor      # [B, max_query_len] index of each padded query in the flat tokens
+    flat_index: torch.Tensor       # [T] index of each flat token in the padded [B * max_query_len]
+    attn_bias: torch.Tensor        # [B, 1, 1, max_query_len, max_context_len], 0 or -inf
+
+    @property
+    def batch_size(self) -> int:
+        return self.query_index.shape[0]
+
+    @property
+    def max_query_len(self) -> int:
+        return self.query_index.shape[1]
+
+
+def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, max_context_len: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """query_positions: [B, L] absolute positions (padding: 0); context_lens: [B]."""
+    keys = torch.arange(max_context_len, device=query_positions.device)
+    allowed = (keys[None, None, :] <= query_positions[:, :, None]) & (keys[None, None, :] < context_lens[:, None, None])
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=query_positions.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias[:, None, None]
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.matmul_qk = Matmul()
+        self.softmax = Softmax()
+        self.matmul_av = Matmul()
+        self.k_cache = KVCache()
+        self.v_cache = KVCache()
+        self.k_cache_tensor: torch.Tensor | None = None
+        self.v_cache_tensor: torch.Tensor | None = None
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache_tensor, self.v_cache_tensor = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads * d]
+        if self.k_cache_tensor is None:
+            raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
+        self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
+        self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
+        keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, meta.max_context_len, q.dtype)
+        values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, meta.max_context_len, q.dtype)
+
+        b, L, s, d = meta.batch_size, meta.max_query_len, meta.max_context_len, self.head_dim
+        kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        # Heads that share a KV head are stacked along the query axis: no K/V duplication.
+        qp = q[meta.query_index].view(b, L, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * L, d)
+        scores = self.matmul_qk(qp, keys.permute(0, 2, 3, 1))                 # [B, kvh, g*L, S]
+        scores = scores.view(b, kvh, g, L, s) * self.scale + meta.attn_bias
+        probs = self.softmax(scores, dim=-1).view(b, kvh, g * L, s)
+        out = self.matmul_av(probs, values.transpose(1, 2))                     # [B, kvh, g*L, d]
+        out = out.view(b, kvh, g, L, d).permute(0, 3, 1, 2, 4).reshape(b * L, kvh * g * d)
+        return out[meta.flat_index]

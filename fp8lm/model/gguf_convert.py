@@ -1,0 +1,154 @@
+"""Convert a llama.cpp GGUF file (Llama architecture) into an HF-style folder.
+
+Weights are dequantized to float32 and q/k are un-permuted (llama.cpp interleaves the rotary
+halves of each head; HF keeps them split). The folder is built next to its destination and
+renamed into place, so an interrupted conversion never leaves a half folder behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fp8lm.errors import ModelLoadError
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors on bad files
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader, path: Path) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; fp8lm runs 'llama'")
+    a = "llama."
+    heads = int(_field(reader, a + "attention.head_count"))
+    hidden = int(_field(reader, a + "embedding_length"))
+    names = {t.name for t in reader.tensors}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, a + "feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, a + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
+        "vocab_size": int(_field(reader, a + "vocab_size", 0)) or len(_field(reader, "tokenizer.ggml.tokens")),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+        "gguf_source": {"file": path.name, "name": _field(reader, "general.name")},
+    }
+    factor = _field(reader, a + "rope.scaling.factor")
+    if _field(reader, a + "rope.scaling.type") == "linear" and factor:
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    return cfg
+
+
+def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    # llama.cpp stores each head's rows as (pairs, 2); HF as (2, pairs).
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        parts = base.split(".")
+        if parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+        elif base in _GLOBAL_NAMES:
+            name = f"{_GLOBAL_NAMES[base]}.{suffix}"
+        else:
+            continue  # e.g. rope_freqs: derived from the config
+        try:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from None
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if name.endswith("q_proj.weight"):
+            w = _unpermute(w, cfg["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            w = _unpermute(w, cfg["num_key_value_heads"])
+        out[name] = torch.tensor(w)  # a copy: GGUF memory maps are read-only
+    return out
+
+
+def save_gguf_tokenizer(path: Path, dest: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.save_pretrained(str(dest))
+    # Keep the chat template inside tokenizer_config.json too, where most loaders look for it.
+    cfg_path = dest / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if tok.chat_template and "chat_template" not in cfg:
+        cfg["chat_template"] = tok.chat_template
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def convert_gguf(path: Path, dest: Path) -> Path:
+    """Writes dest/{config.json, model.safetensors, tokenizer files}; returns dest. Idempotent."""
+    path, dest = Path(path), Path(dest)
+    if (dest / "config.json").is_file():
+        return dest
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    reader = open_gguf(path)
+    cfg = gguf_config(reader, path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        save_file(gguf_tensors(reader, cfg, path), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_gguf_tokenizer(path, tmp)
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        # config.json last: its presence marks a complete folder.
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a concurrent converter that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

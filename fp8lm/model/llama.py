@@ -1,0 +1,117 @@
+"""The Llama model in plain PyTorch. Input is a flat list of tokens from many sequences
+(`input_ids`, `positions`: [T]); `AttentionMetadata` says which sequence each belongs to."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lm.model.attention import AttentionMetadata, PagedAttention
+from fp8lm.model.config import ModelConfig
+from fp8lm.model.layers import ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear, VocabEmbedding
+from fp8lm.model.rope import RotaryEmbedding
+
+
+class TensorParallel:
+    """This process's place in a tensor-parallel group (rank 0 of 1 without parallelism)."""
+
+    def __init__(self, rank: int = 0, size: int = 1, group=None):
+        self.rank, self.size, self.group = rank, size, group
+
+    def linear_args(self) -> dict:
+        return {"tp_rank": self.rank, "tp_size": self.size}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        if config.num_attention_heads % tp.size or config.num_key_value_heads % tp.size:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} and num_key_value_heads="
+                f"{config.num_key_value_heads} must both divide by tensor_parallel_size={tp.size}")
+        self.num_heads = config.num_attention_heads // tp.size
+        self.num_kv_heads = config.num_key_value_heads // tp.size
+        self.head_dim = d
+        bias = bool(config.raw.get("attention_bias", False))
+        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, bias, **tp.linear_args())
+        self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
+        self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, bias, process_group=tp.group,
+                                        **tp.linear_args())
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        bias = bool(config.raw.get("mlp_bias", False))
+        self.gate_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
+        self.up_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
+        self.down_proj = RowParallelLinear(i, h, bias, process_group=tp.group, **tp.linear_args())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, tp)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, tp) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None):
+        super().__init__()
+        self.config = config
+        self.tp = tp or TensorParallel()
+        self.rotary = RotaryEmbedding(config)
+        self.model = LlamaModel(config, self.rotary, self.tp)
+        # Replicated on every rank: logits need no gather before sampling.
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden]; `compute_logits` turns selected rows into logits."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
