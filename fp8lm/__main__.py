@@ -1,0 +1,3 @@
+from fp8lm.entrypoints.cli import main
+
+raise SystemExit(main())

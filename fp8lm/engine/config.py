@@ -1,0 +1,124 @@
+"""Engine settings: one validated object, built from LLM(...) keywords or CLI flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fp8lm.errors import FP8LMError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
+          "float": torch.float32}
+KV_CACHE_DTYPES = ("auto", "fp8_inc")
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+def env_value(name: str, default: str | None = None) -> str | None:
+    """FP8LM_<X>, or the seed's VLLM_<X> alias, so recipes written for vLLM work unchanged."""
+    value = os.environ.get(f"FP8LM_{name}")
+    if value is None:
+        value = os.environ.get(f"VLLM_{name}")
+    return default if value is None or value == "" else value
+
+
+def env_flag(name: str) -> bool:
+    return (env_value(name, "") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FP8LMError(f"device={device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise FP8LMError(f"device={device!r}: allowed devices are cpu, cuda, cuda:N and auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise FP8LMError(f"dtype={dtype}: allowed dtypes are auto, float32, bfloat16, float16")
+        return dtype
+    if dtype == "auto":
+        # float32 is the fast path on CPUs without AMX; bfloat16 on GPUs.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise FP8LMError(f"dtype={dtype!r}: allowed dtypes are auto, float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def parse_memory(value: int | float | str | None, what: str) -> int | float | None:
+    """Bytes (int or '4GiB'/'512MB') or a fraction in (0, 1]."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is not None and value <= 0:
+            raise FP8LMError(f"{what}={value!r}: must be positive (bytes, or a fraction in (0, 1])")
+        return value
+    text = str(value).strip().lower()
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    try:
+        number = float(text)
+    except ValueError:
+        raise FP8LMError(f"{what}={value!r}: expected bytes (e.g. 4GiB, 512MB, 1000000) or a fraction in (0, 1]") from None
+    return parse_memory(number if number <= 1 else int(number), what)
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory: int | float | str | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    skip_warmup: bool | None = None
+    iteration_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
+            if int(getattr(self, name)) < 1:
+                raise FP8LMError(f"{name}={getattr(self, name)!r}: must be at least 1")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise FP8LMError(f"{name}={value!r}: must be at least 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise FP8LMError(f"kv_cache_dtype={self.kv_cache_dtype!r}: allowed values are {', '.join(KV_CACHE_DTYPES)}")
+        self.kv_cache_memory = parse_memory(self.kv_cache_memory, "kv_cache_memory")
+        if self.skip_warmup is None:
+            self.skip_warmup = env_flag("SKIP_WARMUP")
+        if self.iteration_timeout_s is None:
+            timeout = env_value("ENGINE_ITERATION_TIMEOUT_S", "60")
+            try:
+                self.iteration_timeout_s = float(timeout)
+            except ValueError:
+                raise FP8LMError(f"FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout!r}: expected a number of seconds") from None
+        self._refuse_unbuilt_features()
+
+    def _refuse_unbuilt_features(self) -> None:
+        # Named options that later work implements must never be silently ignored.
+        if self.quantization is not None:
+            raise FP8LMError(f"quantization={self.quantization!r}: FP8 quantization is not supported yet "
+                             "in this build of fp8lm")
+        if self.kv_cache_dtype != "auto":
+            raise FP8LMError(f"kv_cache_dtype={self.kv_cache_dtype!r}: the FP8 KV cache is not supported yet "
+                             "in this build of fp8lm")
+        if self.tensor_parallel_size != 1:
+            raise FP8LMError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
+                             "supported yet in this build of fp8lm")

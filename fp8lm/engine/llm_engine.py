@@ -1,0 +1,352 @@
+"""The engine: requests in, batched model steps, sampled tokens out."""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fp8lm.engine.block_manager import BlockManager
+from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
+from fp8lm.engine.model_runner import ModelRunner
+from fp8lm.engine.outputs import CompletionOutput, RequestOutput
+from fp8lm.engine.sampler import Sampler, top_logprobs
+from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
+from fp8lm.engine.scheduler import Scheduler
+from fp8lm.engine.sequence import Logprob, Sequence
+from fp8lm.engine.step_worker import StepWorker
+from fp8lm.errors import EngineDeadError, FP8LMError
+from fp8lm.model.config import ModelConfig
+from fp8lm.model.loader import load_model
+from fp8lm.model.registry import resolve_model
+from fp8lm.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+WARMUP_PREFILL_TOKENS = 256
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path: Path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = self._max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise FP8LMError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
+                             f"max_model_len={self.max_model_len}: a full-length prompt could never be scheduled")
+        self.tokenizer = Tokenizer.from_folder(self.model_path)
+        start = time.perf_counter()
+        self.model = load_model(self.model_path, self.dtype, self.device)
+        log.info("loaded %s in %.2f s (%s, %s)", self.model_path, time.perf_counter() - start, self.device, self.dtype)
+        kv_dtype = self.dtype
+        self.num_kv_blocks = self._num_kv_blocks(kv_dtype)
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.max_model_len,
+                                  self.device, self.dtype, kv_dtype)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
+        self.eos_token_ids = tuple(sorted(eos))
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+        self._worker = StepWorker()
+        self.dead_reason: str | None = None
+        self.last_step_started: float | None = None
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        if config.skip_warmup:
+            log.info("warm-up skipped (FP8LM_SKIP_WARMUP)")
+        else:
+            self.warmup()
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        value = self.config.max_model_len or limit
+        if value > limit:
+            raise FP8LMError(f"max_model_len={value} exceeds the model's max_position_embeddings={limit} "
+                             f"({self.model_path}/config.json)")
+        return value
+
+    def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
+        bs = self.config.block_size
+        elem = torch.empty((), dtype=kv_dtype).element_size()
+        bytes_per_block = bs * self.model_config.kv_elements_per_token * elem
+        per_seq = -(-self.max_model_len // bs)
+        if self.config.num_kv_blocks:
+            num = self.config.num_kv_blocks
+        else:
+            budget = self.config.kv_cache_memory
+            if budget is None:
+                budget = DEFAULT_CPU_KV_CACHE_BYTES if self.device.type == "cpu" else 0.8
+            if isinstance(budget, float):
+                budget = int(budget * available_memory(self.device))
+            # More blocks than max_num_seqs full-length sequences could ever use is waste.
+            num = min(budget // bytes_per_block, self.config.max_num_seqs * per_seq)
+        if num < per_seq:
+            raise FP8LMError(
+                f"the KV cache holds {num} blocks of {bs} tokens ({num * bytes_per_block / 2**20:.1f} MiB), fewer than "
+                f"the {per_seq} one sequence of max_model_len={self.max_model_len} needs: raise kv_cache_memory "
+                f"/ num_kv_blocks or lower max_model_len")
+        log.info("KV cache: %d blocks x %d tokens, %s, %.1f MiB", num, bs, str(kv_dtype).replace("torch.", ""),
+                 num * bytes_per_block / 2**20)
+        return num
+
+    def warmup(self) -> None:
+        """Runs the largest prefill and decode batches once so first requests do not pay for it."""
+        start = time.perf_counter()
+        params = SamplingParams(temperature=0, max_tokens=1)
+        prefill_len = min(WARMUP_PREFILL_TOKENS, self.max_model_len - 1)
+        batches = [([Sequence(-1, "warmup", 0, [0] * prefill_len, params, None)], True)]
+        num_decode = min(self.config.max_num_seqs, self.block_manager.num_free_blocks)
+        batches.append(([Sequence(-1, "warmup", i, [0], params, None) for i in range(num_decode)], False))
+        for seqs, is_prefill in batches:
+            for seq in seqs:
+                self.block_manager.allocate(seq)
+            self.runner.run(seqs, is_prefill)
+            for seq in seqs:
+                self.block_manager.free(seq)
+        log.info("warm-up: prefill of %d tokens and decode of %d sequences in %.2f s",
+                 prefill_len, num_decode, time.perf_counter() - start)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_text: str | None = None) -> Request:
+        """prompt: text to tokenize, or token ids (then `prompt_text` is what outputs show as the prompt)."""
+        self._check_alive()
+        if request_id in self.requests:
+            raise FP8LMError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        text = prompt_text if text is None else text
+        self._validate_prompt(token_ids, params)
+        seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
+                for i in range(params.n)]
+        request = Request(request_id, text, token_ids, params, seqs)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise FP8LMError(f"{self.model_path}: this model folder has no tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise SamplingParamsError("prompt", "is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise SamplingParamsError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise SamplingParamsError(
+                "prompt", f"has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which must leave "
+                          f"room for at least one generated token")
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise SamplingParamsError(
+                "max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                              f"max_model_len={self.max_model_len}")
+        if params.n > self.config.max_num_seqs:
+            raise SamplingParamsError("n", f"{params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        if params.seed is None:
+            seed = int(torch.randint(0, 2**62, (), generator=self._rng))
+        else:
+            seed = (params.seed + index * 0x9E3779B97F4A7C15) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+
+    def step(self) -> list[RequestOutput]:
+        """One model step; returns the current output of every request it advanced."""
+        self._check_alive()
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        want_prompt = {s.seq_id for s in seqs if is_prefill and s.index == 0 and s.params.prompt_logprobs is not None
+                       and self.requests[s.request_id].prompt_logprobs is None}
+        out = self._run(seqs, is_prefill, want_prompt)
+        tokens = self.sampler(out.logits, seqs)
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            request = self.requests[seq.request_id]
+            if seq.seq_id in out.prompt_logits:
+                request.prompt_logprobs = self._prompt_logprobs(request, out.prompt_logits[seq.seq_id])
+            self._append_token(seq, token, out.logits[row])
+            request.first_token_time = request.first_token_time or now
+            touched[request.request_id] = request
+        self.stats["generation_tokens"] += len(seqs)
+        if is_prefill:
+            self.stats["prompt_tokens"] += sum(s.num_tokens - 1 for s in seqs)
+        results = [self.request_output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        return results
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool, want_prompt: set[int]):
+        timeout = self.config.iteration_timeout_s or None
+        self.last_step_started = time.monotonic()
+        try:
+            return self._worker.call(self.runner.run, seqs, is_prefill, want_prompt, timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self._die(f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
+                      f"stopped (raise the timeout for slow first steps)")
+        except Exception as e:
+            self._die(f"a model step failed: {type(e).__name__}: {e}")
+        finally:
+            self.last_step_started = None
+
+    def _die(self, reason: str):
+        self.dead_reason = reason
+        for request in list(self.requests.values()):
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish("abort")
+        log.error(reason)
+        raise EngineDeadError(reason)
+
+    def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        seq.token_ids.append(token)
+        p = seq.params
+        if seq.logprobs is not None:
+            entry = top_logprobs(torch.log_softmax(logits, dim=-1), token, p.logprobs)
+            self._decode_logprob_tokens(entry)
+            seq.logprobs.append(entry)
+        reason = self._stop_reason(seq)
+        if reason is not None:
+            seq.finish(*reason)
+            self.scheduler.finish(seq)
+
+    def _stop_reason(self, seq: Sequence) -> tuple[str, int | str | None] | None:
+        p, token = seq.params, seq.token_ids[-1]
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop", token
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if p.stop_strings and self.tokenizer is not None:
+                hit = self._find_stop_string(seq)
+                if hit is not None:
+                    return "stop", hit
+        max_tokens = p.max_tokens or self.max_model_len
+        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _find_stop_string(self, seq: Sequence) -> str | None:
+        text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        # Only a stop string that ends inside the newest token's text can be new.
+        window = len(seq.text) - max(len(s) for s in seq.params.stop_strings)
+        seq.text = text
+        best = None
+        for stop in seq.params.stop_strings:
+            at = text.find(stop, max(0, window))
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return None
+        at, stop = best
+        seq.text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+        return stop
+
+    def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
+        if self.tokenizer is not None:
+            for token, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[dict[int, Logprob] | None]:
+        lps = torch.log_softmax(logits, dim=-1)
+        k = request.params.prompt_logprobs
+        result: list[dict[int, Logprob] | None] = [None]
+        for row, token in enumerate(request.prompt_token_ids[1:]):
+            entry = top_logprobs(lps[row], token, k)
+            self._decode_logprob_tokens(entry)
+            result.append(entry)
+        return result
+
+    def request_output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            if seq.finish_reason == "stop" and isinstance(seq.stop_reason, str):
+                text = seq.text
+            elif self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            else:
+                text = ""
+            cumulative = None if seq.logprobs is None else sum(
+                e[t].logprob for e, t in zip(seq.logprobs, seq.output_token_ids))
+            outputs.append(CompletionOutput(seq.index, text, seq.output_token_ids, cumulative, seq.logprobs,
+                                            seq.finish_reason, seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,
+                             outputs, request.finished)
+
+    def shutdown(self) -> None:
+        self._worker.stop()
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

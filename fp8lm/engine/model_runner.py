@@ -1,0 +1,99 @@
+"""The only place that turns scheduled sequences into tensors: it owns the KV cache, builds each
+step's inputs and attention metadata, runs the model and returns logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8lm.engine.sequence import Sequence
+from fp8lm.model.attention import AttentionMetadata, build_attn_bias
+from fp8lm.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor                      # [B, V] float32: next-token logits per sequence
+    prompt_logits: dict[int, torch.Tensor]    # seq_id -> [prompt_len - 1, V] for prompt_logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.block_size, self.num_blocks = block_size, num_blocks
+        model.rotary.build_cache(max_model_len, device, dtype)
+        self.kv_caches = self._allocate_kv_cache(kv_cache_dtype)
+
+    def _allocate_kv_cache(self, kv_dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        caches = []
+        for attn in self.model.attention_layers():
+            shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            # Zeroed, not empty: masked attention weights are 0, and 0 * NaN garbage would be NaN.
+            k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
+            v = torch.zeros(shape, dtype=kv_dtype, device=self.device)
+            attn.bind_cache(k, v)
+            caches.append((k, v))
+        return caches
+
+    def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _metadata(self, seqs: list[Sequence], query_lens: list[int], positions: list[int],
+                  slots: list[int]) -> AttentionMetadata:
+        max_q = max(query_lens)
+        context_lens = [s.num_tokens for s in seqs]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        query_index, query_pos, flat_index = [], [], []
+        start = 0
+        for i, q in enumerate(query_lens):
+            pad = max_q - q
+            query_index.append(list(range(start, start + q)) + [start] * pad)
+            query_pos.append(positions[start:start + q] + [0] * pad)
+            flat_index.extend(range(i * max_q, i * max_q + q))
+            start += q
+        max_ctx = max(context_lens)
+        return AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(block_tables),
+            max_context_len=max_ctx,
+            query_index=self._tensor(query_index),
+            flat_index=self._tensor(flat_index),
+            attn_bias=build_attn_bias(self._tensor(query_pos), self._tensor(context_lens), max_ctx, self.dtype),
+        )
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        ids, positions, slots, query_lens = [], [], [], []
+        for seq in seqs:
+            n = seq.num_tokens
+            ids.extend(seq.token_ids)
+            positions.extend(range(n))
+            slots.extend(self._slot(seq, p) for p in range(n))
+            query_lens.append(n)
+        meta = self._metadata(seqs, query_lens, positions, slots)
+        return self._tensor(ids), self._tensor(positions), meta, query_lens
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        ids = [s.token_ids[-1] for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
+        meta = self._metadata(seqs, [1] * len(seqs), positions, slots)
+        return self._tensor(ids), self._tensor(positions), meta, [1] * len(seqs)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool, want_prompt_logits: set[int] = frozenset()) -> StepOutput:
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, meta, query_lens = prepare(seqs)
+        hidden = self.model(input_ids, positions, meta)
+        ends = torch.tensor(query_lens).cumsum(0)
+        logits = self.model.compute_logits(hidden[(ends - 1).to(self.device)])
+        prompt_logits = {}
+        for seq, end, q in zip(seqs, ends.tolist(), query_lens):
+            if seq.seq_id in want_prompt_logits:
+                # Rows 0..n-2 predict prompt tokens 1..n-1.
+                prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[end - q:end - 1])
+        return StepOutput(logits, prompt_logits)

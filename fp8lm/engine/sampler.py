@@ -1,0 +1,92 @@
+"""Turns one row of logits per sequence into the next token: penalties, min_tokens, temperature,
+top-k / top-p / min-p, then greedy or seeded sampling. Each sequence samples with its own
+generator, so a seeded request gives the same tokens whatever else is in the batch."""
+from __future__ import annotations
+
+import torch
+
+from fp8lm.engine.sequence import Logprob, Sequence
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]):
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits: [B, V] float32, one row per sequence; not modified."""
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._mask_stops_before_min_tokens(logits, seqs)
+        greedy = [s.params.greedy for s in seqs]
+        tokens = [0] * len(seqs)
+        if any(greedy):
+            argmax = logits.argmax(dim=-1).tolist()
+            for i, g in enumerate(greedy):
+                if g:
+                    tokens[i] = argmax[i]
+        if not all(greedy):
+            rows = [i for i, g in enumerate(greedy) if not g]
+            probs = self._filtered_probs(logits[rows], [seqs[i] for i in rows])
+            for row, i in enumerate(rows):
+                tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+        return tokens
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            p, seq = seqs[i].params, seqs[i]
+            out_counts = torch.bincount(torch.tensor(seq.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                # Like HF/vLLM: applies to prompt and output tokens, dividing positive logits.
+                seen = torch.zeros(vocab, dtype=torch.bool)
+                seen[torch.tensor(seq.token_ids, dtype=torch.long)] = True
+                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row = torch.where(seen, penalized, row)
+            row = row - p.frequency_penalty * out_counts - p.presence_penalty * (out_counts > 0).float()
+            logits[i] = row
+        return logits
+
+    def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            stops = list(seqs[i].params.stop_token_ids) + ([] if seqs[i].params.ignore_eos else self.eos_token_ids)
+            if stops:
+                logits[i, stops] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+        logits = logits / temps[:, None]
+        vocab = logits.shape[1]
+        top_k = torch.tensor([s.params.top_k or vocab for s in seqs])
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
+        if (top_k < vocab).any() or (top_p < 1).any() or (min_p > 0).any():
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab)[None, :]
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = ranks >= top_k[:, None]
+            drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]   # keeps the first token always
+            drop |= probs < min_p[:, None] * probs[:, :1]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        return torch.softmax(logits, dim=-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
+    """vLLM's shape: the chosen token plus the top-k, each with its rank (1 = most likely)."""
+    chosen = float(logprobs[token])
+    result = {token: Logprob(chosen, int((logprobs > chosen).sum()) + 1)}
+    if k > 0:
+        values, ids = logprobs.topk(k)
+        for rank, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            result.setdefault(t, Logprob(v, rank))
+    return result

@@ -1,0 +1,115 @@
+"""The `fp8lm` command. Each subcommand is a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from fp8lm.errors import FP8LMError
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three prime numbers greater than 10.",
+]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="alias (smollm2-135m-instruct), HF-style folder or .gguf file")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="bytes (e.g. 2GiB) or a fraction of free memory")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--quantization", default=None, help="inc: FP8 with QUANT_CONFIG")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_inc")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from fp8lm.model.registry import pull
+
+    print(pull(args.alias))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fp8lm import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fp8lm import LLM, SamplingParams
+
+    llm = LLM(args.model, max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    start = time.perf_counter()
+    outs = llm.chat([[{"role": "user", "content": p}] for p in DEMO_PROMPTS], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(DEMO_PROMPTS, outs):
+        print(f"\n>>> {prompt}\n{out.outputs[0].text.strip()}")
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"\n{len(outs)} prompts, {num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tokens/s "
+          f"(batched, greedy, {llm.engine.dtype}, {llm.engine.device})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fp8lm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="obtain a known model and convert it once into the cache")
+    p.add_argument("alias")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    add_engine_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the README's demo: generate answers with SmolLM2")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except FP8LMError as e:
+        if args.debug:
+            raise
+        print(f"fp8lm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fp8lm: interrupted", file=sys.stderr)
+        return 130

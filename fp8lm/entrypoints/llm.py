@@ -1,0 +1,101 @@
+"""The offline API, shaped like vLLM's: LLM(model, ...).generate(prompts, sampling_params)."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from fp8lm.engine.config import EngineConfig
+from fp8lm.engine.llm_engine import LLMEngine
+from fp8lm.engine.outputs import RequestOutput
+from fp8lm.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory: int | float | str | None = None, num_kv_blocks: int | None = None,
+                 seed: int = 0, quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 tensor_parallel_size: int = 1, skip_warmup: bool | None = None, **unsupported):
+        if unsupported:
+            raise TypeError(f"LLM() got unsupported options: {', '.join(sorted(unsupported))}")
+        self.engine = LLMEngine(EngineConfig(
+            model=model, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, seed=seed, quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup))
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, {"prompt_token_ids": [...]}, or a list of those."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = []
+        try:
+            for (text, prompt), p in zip(prompts, params):
+                request_id = str(next(self._request_ids))
+                self.engine.add_request(request_id, prompt, p, prompt_text=text)
+                ids.append(request_id)
+            return self._run(ids, use_tqdm)
+        finally:
+            for request_id in ids:
+                self.engine.abort_request(request_id)  # no-op for finished ones; frees blocks on error
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        prompts = [{"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt),
+                                                         add_special_tokens=False),
+                    "prompt": tokenizer.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        with tqdm(total=len(request_ids), desc="generating", disable=not use_tqdm) as bar:
+            while len(done) < len(request_ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts) -> list[tuple[str | None, str | list[int]]]:
+    """(text shown in the output or None, what is tokenized or the token ids) per prompt."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    result = []
+    for p in prompts:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                result.append((p.get("prompt"), list(p["prompt_token_ids"])))
+            elif "prompt" in p:
+                result.append((None, p["prompt"]))
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        else:
+            result.append((None, p))
+    return result
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+    return params

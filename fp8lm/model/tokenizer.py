@@ -1,0 +1,45 @@
+"""The model folder's tokenizer and chat template (transformers' fast tokenizer underneath)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fp8lm.errors import FP8LMError
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Tokenizer | None:
+        """None when the folder has no tokenizer files (token-id prompts still work)."""
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return None
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(folder)))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [] if self.hf.eos_token_id is None else [self.hf.eos_token_id]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.hf.chat_template:
+            raise FP8LMError("this model's tokenizer has no chat template; use a plain prompt")
+        _check_messages(messages)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise FP8LMError("messages: expected a non-empty list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise FP8LMError(f"messages[{i}]: expected an object with 'role' and 'content'")

@@ -1,0 +1,73 @@
+"""Shared fixtures. Tiny random Llama folders are built in-process (fast); SmolLM2 is converted
+once per machine into the fp8lm cache and shared by every slow test."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def write_char_tokenizer(folder: Path) -> int:
+    """A character-level tokenizer (ids 3.. for printable ASCII); returns its vocabulary size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}))
+    return len(vocab)
+
+
+def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: bool = True, max_shard_size: str | None = None,
+                    **overrides) -> Path:
+    """Saves a random transformers LlamaForCausalLM (and a char tokenizer) into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_char_tokenizer(folder) if tokenizer else 128
+    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               initializer_range=0.1)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
+    # Random norms too, so that a wrong RMSNorm weight cannot hide behind all-ones.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from fp8lm.model.registry import pull
+
+    return pull("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' own model of the converted folder (float32), the independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()

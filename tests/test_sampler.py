@@ -1,0 +1,63 @@
+"""The sampler's transformations against values written by hand from their definitions."""
+import math
+
+import torch
+
+from fp8lm import SamplingParams
+from fp8lm.engine.sampler import Sampler
+from fp8lm.engine.sequence import Sequence
+
+
+def seq(prompt, output, **params):
+    s = Sequence(0, "r", 0, prompt, SamplingParams(**params), torch.Generator().manual_seed(0))
+    s.token_ids.extend(output)
+    return s
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    s = seq([0], [1, 1, 2], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    out = Sampler((4,))._apply_penalties(logits, [s])[0]
+    # token 0: in prompt, positive -> 2/2 = 1; no output occurrences.
+    # token 1: in output twice, negative -> -1*2 = -2, then -0.5*2 - 0.25 = -3.25
+    # token 2: once -> 0.5/2 = 0.25, then -0.5 - 0.25 = -0.5
+    # tokens 3, 4: untouched
+    assert torch.allclose(out, torch.tensor([1.0, -3.25, -0.5, 3.0, 0.0]))
+    assert logits[0, 0] == 2.0  # input not modified
+
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    logits = torch.zeros(1, 6)
+    s = seq([0], [1], min_tokens=3, stop_token_ids=[5])
+    out = Sampler((4,))._mask_stops_before_min_tokens(logits, [s])[0]
+    assert out[4] == float("-inf") and out[5] == float("-inf") and out[:4].eq(0).all()
+
+
+def test_top_k_top_p_min_p_filters_by_hand():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = probs.log()[None]
+    def kept(**params):
+        return (Sampler(())._filtered_probs(logits, [seq([0], [], **params)])[0] > 0).tolist()
+    assert kept(top_k=2) == [True, True, False, False, False]
+    # top_p 0.8: 0.4 + 0.3 = 0.7 < 0.8, so the third token (cumulative 0.85) is still needed.
+    assert kept(top_p=0.8) == [True, True, True, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False, False]
+    # min_p 0.3: keep p >= 0.3 * 0.4 = 0.12
+    assert kept(min_p=0.3) == [True, True, True, False, False]
+    renorm = Sampler(())._filtered_probs(logits, [seq([0], [], top_k=2)])[0]
+    assert torch.allclose(renorm[:2], torch.tensor([0.4, 0.3]) / 0.7)
+
+
+def test_temperature_sampling_matches_distribution():
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    temperature = 0.5
+    expected = torch.softmax(logits[0] / temperature, 0)
+    s = seq([0], [], temperature=temperature, seed=3)
+    counts = torch.zeros(3)
+    sampler = Sampler(())
+    for _ in range(4000):
+        counts[sampler(logits, [s])[0]] += 1
+    freq = counts / counts.sum()
+    # 4000 draws: standard error <= sqrt(0.25/4000) = 0.008; allow 4 sigma.
+    assert (freq - expected).abs().max() < 0.032
+    assert math.isclose(float(expected.sum()), 1.0, rel_tol=1e-6)
