@@ -11,13 +11,14 @@ def full_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tens
     n = len(token_ids)
     num_blocks = -(-n // block_size)
     for attn in model.attention_layers():
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        shape = (attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
         attn.bind_cache(torch.zeros(shape), torch.zeros(shape))
     model.rotary.build_cache(max(n, 2), torch.device("cpu"), torch.float32)
     pos = torch.arange(n)
+    padded = num_blocks * block_size
     meta = AttentionMetadata(
-        slot_mapping=pos, block_tables=torch.arange(num_blocks)[None], max_context_len=n,
+        slot_mapping=pos, block_tables=torch.arange(num_blocks)[None], max_context_len=padded,
         query_index=pos[None], flat_index=pos,
-        attn_bias=build_attn_bias(pos[None], torch.tensor([n]), n, torch.float32))
+        attn_bias=build_attn_bias(pos[None], torch.tensor([n]), padded, torch.float32))
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(token_ids), pos, meta))

@@ -21,6 +21,7 @@ from fp8lm.engine.sequence import Logprob, Sequence
 from fp8lm.engine.step_worker import StepWorker
 from fp8lm.errors import EngineDeadError, FP8LMError
 from fp8lm.model.config import ModelConfig
+from fp8lm.model.layers import pack_linears_for_cpu
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
@@ -60,6 +61,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         start = time.perf_counter()
         self.model = load_model(self.model_path, self.dtype, self.device)
+        if self.device.type == "cpu":
+            pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
         log.info("loaded %s in %.2f s (%s, %s)", self.model_path, time.perf_counter() - start, self.device, self.dtype)
         kv_dtype = self.dtype
         self.num_kv_blocks = self._num_kv_blocks(kv_dtype)

@@ -28,7 +28,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, kv_dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = []
         for attn in self.model.attention_layers():
-            shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            shape = (attn.num_kv_heads, self.num_blocks, self.block_size, attn.head_dim)
             # Zeroed, not empty: masked attention weights are 0, and 0 * NaN garbage would be NaN.
             k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             v = torch.zeros(shape, dtype=kv_dtype, device=self.device)
@@ -53,7 +53,7 @@ class ModelRunner:
             query_pos.append(positions[start:start + q] + [0] * pad)
             flat_index.extend(range(i * max_q, i * max_q + q))
             start += q
-        max_ctx = max(context_lens)
+        max_ctx = max_blocks * self.block_size
         return AttentionMetadata(
             slot_mapping=self._tensor(slots),
             block_tables=self._tensor(block_tables),

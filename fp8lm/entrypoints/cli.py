@@ -76,6 +76,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fp8lm.eval import throughput
+
+    benchmarks = {"throughput": throughput.main}
+    benchmarks[args.which](args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8lm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -92,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")
+    p.add_argument("which", choices=["throughput"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (--help)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the README's demo: generate answers with SmolLM2")
     p.add_argument("--model", default="smollm2-135m-instruct")

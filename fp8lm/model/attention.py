@@ -19,10 +19,10 @@ from fp8lm.model.layers import KVCache, Matmul, Softmax
 class AttentionMetadata:
     slot_mapping: torch.Tensor     # [T] cache slot of each new token
     block_tables: torch.Tensor     # [B, max_blocks] (padding: block 0)
-    max_context_len: int           # longest context in the batch, new tokens included
+    max_context_len: int           # keys attended per sequence: max_blocks * block_size (padding masked)
     query_index: torch.Tensor      # [B, max_query_len] index of each padded query in the flat tokens
     flat_index: torch.Tensor       # [T] index of each flat token in the padded [B * max_query_len]
-    attn_bias: torch.Tensor        # [B, 1, 1, max_query_len, max_context_len], 0 or -inf
+    attn_bias: torch.Tensor        # [1, B, 1, max_query_len, max_context_len], 0 or -inf
 
     @property
     def batch_size(self) -> int:
@@ -40,7 +40,7 @@ def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, m
     allowed = (keys[None, None, :] <= query_positions[:, :, None]) & (keys[None, None, :] < context_lens[:, None, None])
     bias = torch.zeros(allowed.shape, dtype=dtype, device=query_positions.device)
     bias.masked_fill_(~allowed, float("-inf"))
-    return bias[:, None, None]
+    return bias[None, :, None]
 
 
 class PagedAttention(nn.Module):
@@ -65,16 +65,16 @@ class PagedAttention(nn.Module):
             raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
-        keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, meta.max_context_len, q.dtype)
-        values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, meta.max_context_len, q.dtype)
+        keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]
+        values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, q.dtype)
 
         b, L, s, d = meta.batch_size, meta.max_query_len, meta.max_context_len, self.head_dim
         kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
         # Heads that share a KV head are stacked along the query axis: no K/V duplication.
-        qp = q[meta.query_index].view(b, L, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * L, d)
-        scores = self.matmul_qk(qp, keys.permute(0, 2, 3, 1))                 # [B, kvh, g*L, S]
-        scores = scores.view(b, kvh, g, L, s) * self.scale + meta.attn_bias
-        probs = self.softmax(scores, dim=-1).view(b, kvh, g * L, s)
-        out = self.matmul_av(probs, values.transpose(1, 2))                     # [B, kvh, g*L, d]
-        out = out.view(b, kvh, g, L, d).permute(0, 3, 1, 2, 4).reshape(b * L, kvh * g * d)
+        qp = (q * self.scale)[meta.query_index].view(b, L, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh, b, g * L, d)
+        scores = self.matmul_qk(qp, keys.transpose(-1, -2))                     # [kvh, B, g*L, S]
+        scores = scores.view(kvh, b, g, L, s) + meta.attn_bias
+        probs = self.softmax(scores, dim=-1).view(kvh, b, g * L, s)
+        out = self.matmul_av(probs, values)                                     # [kvh, B, g*L, d]
+        out = out.view(kvh, b, g, L, d).permute(1, 3, 0, 2, 4).reshape(b * L, kvh * g * d)
         return out[meta.flat_index]

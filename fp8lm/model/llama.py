@@ -9,7 +9,7 @@ from torch import nn
 from fp8lm.model.attention import AttentionMetadata, PagedAttention
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.layers import ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear, VocabEmbedding
-from fp8lm.model.rope import RotaryEmbedding
+from fp8lm.model.rope import RotaryEmbedding, apply_rotary
 
 
 class TensorParallel:
@@ -23,7 +23,7 @@ class TensorParallel:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         if config.num_attention_heads % tp.size or config.num_key_value_heads % tp.size:
@@ -39,15 +39,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, bias, process_group=tp.group,
                                         **tp.linear_args())
-        self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *rope)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -65,29 +63,31 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, tp)
+        self.self_attn = LlamaAttention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
+        self.rotary = RotaryEmbedding(config)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, tp) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions)
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.norm(x)
 
 
@@ -96,8 +96,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tp = tp or TensorParallel()
-        self.rotary = RotaryEmbedding(config)
-        self.model = LlamaModel(config, self.rotary, self.tp)
+        self.model = LlamaModel(config, self.tp)
+        self.rotary = self.model.rotary
         # Replicated on every rank: logits need no gather before sampling.
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
