@@ -29,8 +29,8 @@ def test_conversion_matches_transformers_gguf_loader(smollm2):
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]
     ours = full_logits(load_model(smollm2, torch.float32), ids)
-    assert (ours - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
-    assert torch.equal(ours.argmax(-1), expected.argmax(-1))
+    # float32 over 30 layers with logits up to ~35: differences are summation-order rounding only.
+    assert (ours - expected).abs().max().item() < 2e-4
 
 
 def test_folder_has_hf_layout(smollm2):
@@ -63,7 +63,7 @@ def test_prompt_logprobs_match_transformers(llm, smollm2_hf):
     assert worst < 1e-4
 
 
-def test_load_time_is_recorded_small(smollm2):
+def test_loading_does_not_regress(smollm2):
     import time
 
     start = time.perf_counter()
