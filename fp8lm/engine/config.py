@@ -1,6 +1,7 @@
 """Engine settings: one validated object, built from LLM(...) keywords or CLI flags."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -8,10 +9,13 @@ import torch
 
 from fp8lm.errors import FP8LMError
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
           "float": torch.float32}
 KV_CACHE_DTYPES = ("auto", "fp8_inc")
+QUANTIZATIONS = ("inc",)
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
@@ -85,6 +89,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
+    quant_config: str | dict | None = None       # QUANT_CONFIG path or dict; None: the environment variable
     tensor_parallel_size: int = 1
     seed: int = 0
     skip_warmup: bool | None = None
@@ -109,16 +114,27 @@ class EngineConfig:
                 self.iteration_timeout_s = float(timeout)
             except ValueError:
                 raise FP8LMError(f"FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout!r}: expected a number of seconds") from None
+        self.quant = self._load_quant_config()
         self._refuse_unbuilt_features()
+
+    def _load_quant_config(self):
+        if self.quantization is None:
+            if os.environ.get("QUANT_CONFIG"):
+                log.warning("QUANT_CONFIG is set but quantization is not 'inc': running unquantized")
+            if self.kv_cache_dtype == "fp8_inc":
+                raise FP8LMError("kv_cache_dtype='fp8_inc' needs quantization='inc' and a QUANT_CONFIG")
+            return None
+        if self.quantization not in QUANTIZATIONS:
+            raise FP8LMError(f"quantization={self.quantization!r}: allowed values are {', '.join(QUANTIZATIONS)}")
+        from fp8lm.quant.config import load_quant_config
+
+        return load_quant_config(self.quant_config)
 
     def _refuse_unbuilt_features(self) -> None:
         # Named options that later work implements must never be silently ignored.
-        if self.quantization is not None:
-            raise FP8LMError(f"quantization={self.quantization!r}: FP8 quantization is not supported yet "
-                             "in this build of fp8lm")
-        if self.kv_cache_dtype != "auto":
-            raise FP8LMError(f"kv_cache_dtype={self.kv_cache_dtype!r}: the FP8 KV cache is not supported yet "
-                             "in this build of fp8lm")
+        if self.quant is not None and self.quant.mode != "MEASURE":
+            raise FP8LMError(f"QUANT_CONFIG mode {self.quant.mode}: FP8 inference is not supported yet in this "
+                             "build of fp8lm (MEASURE works)")
         if self.tensor_parallel_size != 1:
             raise FP8LMError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
                              "supported yet in this build of fp8lm")

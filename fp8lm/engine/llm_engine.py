@@ -20,11 +20,14 @@ from fp8lm.engine.scheduler import Scheduler
 from fp8lm.engine.sequence import Logprob, Sequence
 from fp8lm.engine.step_worker import StepWorker
 from fp8lm.errors import EngineDeadError, FP8LMError
+from fp8lm.fp8.formats import device_tag
 from fp8lm.model.config import ModelConfig
+from fp8lm.model.fingerprint import model_fingerprint
 from fp8lm.model.layers import pack_linears_for_cpu
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
+from fp8lm.quant.measure import Measurement
 
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = 256
@@ -61,6 +64,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         start = time.perf_counter()
         self.model = load_model(self.model_path, self.dtype, self.device)
+        self.measurement = self._start_measurement()
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
         log.info("loaded %s in %.2f s (%s, %s)", self.model_path, time.perf_counter() - start, self.device, self.dtype)
@@ -80,10 +84,27 @@ class LLMEngine:
         self.dead_reason: str | None = None
         self.last_step_started: float | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
-        if config.skip_warmup:
-            log.info("warm-up skipped (FP8LM_SKIP_WARMUP)")
+        if config.skip_warmup or self.measurement is not None:
+            log.info("warm-up skipped (%s)", "measuring" if self.measurement else "FP8LM_SKIP_WARMUP")
         else:
             self.warmup()
+
+    def _start_measurement(self) -> Measurement | None:
+        quant = self.config.quant
+        if quant is None or quant.mode != "MEASURE":
+            return None
+        metadata = {"device": device_tag(self.device), "compute_dtype": str(self.dtype).replace("torch.", ""),
+                    "model": model_fingerprint(self.model_path)}
+        return Measurement(self.model, quant, metadata)
+
+    def finalize_calibration(self) -> list[Path]:
+        """Writes the measurement files (MEASURE mode) and stops measuring; returns the files written."""
+        if self.measurement is None:
+            raise FP8LMError("finalize_calibration() needs quantization='inc' with a MEASURE QUANT_CONFIG")
+        paths = self.measurement.write()
+        self.measurement.detach()
+        self.measurement = None
+        return paths
 
     # ---- set-up -----------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -151,6 +172,8 @@ class LLMEngine:
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
+        if self.measurement is not None:
+            self.measurement.num_samples += 1
         return request
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -232,8 +255,11 @@ class LLMEngine:
             request.first_token_time = request.first_token_time or now
             touched[request.request_id] = request
         self.stats["generation_tokens"] += len(seqs)
+        num_processed = sum(s.num_tokens - 1 for s in seqs) if is_prefill else len(seqs)
         if is_prefill:
-            self.stats["prompt_tokens"] += sum(s.num_tokens - 1 for s in seqs)
+            self.stats["prompt_tokens"] += num_processed
+        if self.measurement is not None:
+            self.measurement.num_tokens += num_processed
         results = [self.request_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:

@@ -1,7 +1,10 @@
 """The offline API, shaped like vLLM's: LLM(model, ...).generate(prompts, sampling_params)."""
 from __future__ import annotations
 
+import atexit
 import itertools
+import logging
+import weakref
 from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
@@ -18,7 +21,8 @@ class LLM:
     def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | float | str | None = None, num_kv_blocks: int | None = None,
-                 seed: int = 0, quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 seed: int = 0, quantization: str | None = None, quant_config: str | dict | None = None,
+                 kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1, skip_warmup: bool | None = None, **unsupported):
         if unsupported:
             raise TypeError(f"LLM() got unsupported options: {', '.join(sorted(unsupported))}")
@@ -26,8 +30,16 @@ class LLM:
             model=model, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, seed=seed, quantization=quantization,
+            quant_config=quant_config,
             kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup))
         self._request_ids = itertools.count()
+        if self.engine.measurement is not None:
+            # INC writes its measurements at interpreter exit too; so does fp8lm.
+            atexit.register(_finalize_at_exit, weakref.ref(self))
+
+    def finalize_calibration(self) -> list:
+        """Writes the MEASURE-mode files now (also done at interpreter exit); returns their paths."""
+        return self.engine.finalize_calibration()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -70,6 +82,15 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[r] for r in request_ids]
+
+
+def _finalize_at_exit(ref) -> None:
+    llm = ref()
+    if llm is not None and llm.engine.measurement is not None:
+        try:
+            llm.finalize_calibration()
+        except Exception as e:  # at exit there is no caller left to raise to
+            logging.getLogger(__name__).error("could not write measurements at exit: %s", e)
 
 
 def _as_prompt_list(prompts) -> list[tuple[str | None, str | list[int]]]:
