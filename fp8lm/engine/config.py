@@ -126,9 +126,12 @@ class EngineConfig:
             return None
         if self.quantization not in QUANTIZATIONS:
             raise FP8LMError(f"quantization={self.quantization!r}: allowed values are {', '.join(QUANTIZATIONS)}")
-        from fp8lm.quant.config import load_quant_config
+        from fp8lm.quant.config import check_stats_path_writable, load_quant_config
 
-        return load_quant_config(self.quant_config)
+        quant = load_quant_config(self.quant_config)
+        if quant.mode == "MEASURE":
+            check_stats_path_writable(quant)   # before the model loads, not after a long calibration
+        return quant
 
     def _refuse_unbuilt_features(self) -> None:
         # Named options that later work implements must never be silently ignored.

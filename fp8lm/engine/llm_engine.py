@@ -97,6 +97,12 @@ class LLMEngine:
                     "model": model_fingerprint(self.model_path)}
         return Measurement(self.model, quant, metadata)
 
+    def discard_measurement(self) -> None:
+        """Stops measuring without writing anything (an interrupted calibration)."""
+        if self.measurement is not None:
+            self.measurement.detach()
+            self.measurement = None
+
     def finalize_calibration(self) -> list[Path]:
         """Writes the measurement files (MEASURE mode) and stops measuring; returns the files written."""
         if self.measurement is None:

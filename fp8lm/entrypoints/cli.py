@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from fp8lm.errors import FP8LMError
 
@@ -76,6 +77,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fp8lm.entrypoints.calibrate import calibrate
+
+    result = calibrate(args.model, args.dataset, Path(args.output), num_samples=args.num_samples,
+                       max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                       device=args.device, dtype=args.dtype)
+    print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
+    for path in result.measurement_files:
+        print(f"  {path}")
+    print(f"QUANTIZE config: {result.quant_config}\n\nNext, run the FP8 model:\n"
+          f"  QUANT_CONFIG={result.quant_config} fp8lm generate {args.model} --quantization inc "
+          f"--kv-cache-dtype fp8_inc --prompt 'Hello'")
+    return 0
+
+
+def cmd_unify(args: argparse.Namespace) -> int:
+    from fp8lm.quant.unify import unify_measurements
+
+    for path in unify_measurements(Path(args.input), args.target_world_size, args.output and Path(args.output),
+                                   args.observer):
+        print(path)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fp8lm.eval import throughput
 
@@ -100,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="MEASURE mode over a dataset; writes measurements and a QUANTIZE config")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="builtin", help="a .jsonl ({'text'} or {'messages'}), a text file, or builtin")
+    p.add_argument("--num-samples", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=1024, help="longer samples are truncated (with a warning)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per sample while measuring")
+    p.add_argument("--output", required=True, help="folder for the measurement files and configs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("unify-measurements", help="turn per-rank measurements of N ranks into M")
+    p.add_argument("--input", required=True, help="the dump_stats_path prefix of the per-rank files")
+    p.add_argument("--target-world-size", type=int, required=True)
+    p.add_argument("--output", default=None, help="prefix of the unified files (default: the input prefix)")
+    p.add_argument("--observer", default="maxabs")
+    p.set_defaults(func=cmd_unify)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")
     p.add_argument("which", choices=["throughput"])

@@ -91,6 +91,18 @@ class QuantConfig:
         return self.measure_exclude not in ("PARAMS", "ALL")
 
 
+def check_stats_path_writable(config: QuantConfig) -> None:
+    folder = config.stats_prefix.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fp8lm-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FP8LMError(f"{config.source}: key 'dump_stats_path': {config.dump_stats_path!r} is not writable "
+                         f"({e.strerror or e})") from None
+
+
 def load_quant_config(source: str | os.PathLike | dict | None) -> QuantConfig:
     """From a path, a dict, or (source None) the QUANT_CONFIG environment variable."""
     if source is None:

@@ -1,0 +1,97 @@
+"""`fp8lm calibrate`: bad input before the model loads; a real calibration of SmolLM2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fp8lm.entrypoints.calibrate import calibrate
+from fp8lm.errors import FP8LMError
+from fp8lm.quant.dataset import load_samples
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fp8lm", "calibrate", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "FP8LM_SKIP_WARMUP": "1"})
+
+
+def one_error_line(result, *needles):
+    assert result.returncode == 2, result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("fp8lm: error:")]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), result.stderr
+    assert "loaded" not in result.stderr      # refused before the model loaded
+
+
+def test_missing_dataset(tmp_path, tiny_model):
+    one_error_line(run(str(tiny_model), "--dataset", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")),
+                   "none.jsonl", "no such file")
+
+
+def test_empty_dataset(tmp_path, tiny_model):
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    one_error_line(run(str(tiny_model), "--dataset", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "o")),
+                   "empty.txt", "no samples")
+
+
+def test_bad_jsonl_line(tmp_path, tiny_model):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    one_error_line(run(str(tiny_model), "--dataset", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "o")),
+                   "d.jsonl", "line 2")
+
+
+def test_unwritable_output(tmp_path, tiny_model):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_error_line(run(str(tiny_model), "--output", str(blocker / "out")), "--output", "not writable")
+
+
+def test_dataset_formats(tmp_path):
+    (tmp_path / "t.txt").write_text("first paragraph\nstill first\n\nsecond one\n")
+    assert load_samples(str(tmp_path / "t.txt")) == ["first paragraph\nstill first", "second one"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert load_samples(str(tmp_path / "c.jsonl")) == [[{"role": "user", "content": "hi"}]]
+    builtin = load_samples("builtin")
+    assert len(builtin) >= 30 and any(isinstance(s, list) for s in builtin) and any("def " in s for s in builtin
+                                                                                 if isinstance(s, str))
+
+
+def test_long_samples_are_truncated_with_a_warning(tmp_path, tiny_model, caplog):
+    (tmp_path / "long.txt").write_text("x" * 300 + "\n\nshort")
+    result = calibrate(str(tiny_model), str(tmp_path / "long.txt"), tmp_path / "out", max_seq_len=50,
+                       max_tokens=2, batch_size=2, use_tqdm=False)
+    assert result.num_truncated == 1 and "truncated" in caplog.text
+    assert result.measurement_files[0].name == "inc_output_hooks_maxabs.json"
+
+
+def test_interrupted_calibration_writes_nothing(tmp_path, tiny_model, monkeypatch):
+    from fp8lm.entrypoints.llm import LLM
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(str(tiny_model), "builtin", tmp_path / "out", max_tokens=2, num_samples=4, use_tqdm=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_builtin_calibration(tmp_path, smollm2):
+    result = run(str(smollm2), "--output", str(tmp_path / "cal"), "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    quant_cfg = json.loads((tmp_path / "cal" / "maxabs_quant_cpu.json").read_text())
+    assert quant_cfg["mode"] == "QUANTIZE" and quant_cfg["dump_stats_path"] == str(tmp_path / "cal" / "inc_output")
+    assert f"QUANT_CONFIG={tmp_path / 'cal' / 'maxabs_quant_cpu.json'}" in result.stdout
+    data = json.loads((tmp_path / "cal" / "inc_output_hooks_maxabs.json").read_text())
+    nodes = data["Nodes"]
+    expected = {f"model.layers.{i}.{m}" for i in range(30) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj", "self_attn.attn.matmul_qk", "self_attn.attn.softmax",
+        "self_attn.attn.matmul_av", "self_attn.attn.k_cache", "self_attn.attn.v_cache")} | {"lm_head"}
+    assert set(nodes) == expected
+    for name, node in nodes.items():
+        for v in node["inputs"] + node.get("outputs", []) + list(node.get("params", {}).values()):
+            assert 0 < v[0][0] < float("inf"), name
+    meta = data["Fp8lmMetadata"]
+    assert meta["num_samples"] == 32 and meta["num_tokens"] > 1000 and meta["model"]["name"] == smollm2.name
