@@ -40,7 +40,7 @@ def test_nodes_cover_every_quantizable_module(tiny_model, tmp_path):
     meta = data["Fp8lmMetadata"]
     assert meta["device"] == "cpu" and meta["compute_dtype"] == "float32"
     assert meta["num_samples"] == 4 and meta["num_tokens"] == sum(len(p) for p in PROMPTS) + 4 * 3
-    assert meta["model"]["weights_blake2b"] and meta["model"]["config_sha256"]
+    assert meta["model"]["weights_checksum"] and meta["model"]["config_sha256"]
     assert meta["fp8lm_version"] and meta["time"]
     assert data["Mode"] == "DynamicRange" and data["LocalRank"] is None
 

@@ -129,15 +129,19 @@ class EngineConfig:
         from fp8lm.quant.config import check_stats_path_writable, load_quant_config
 
         quant = load_quant_config(self.quant_config)
+        if quant.mode == "AUTO":
+            from fp8lm.quant.measure_files import find_measurement
+
+            # AUTO: quantize with the measurements if they exist, otherwise take them.
+            found = find_measurement(quant.stats_prefix, quant.observer, 0, self.tensor_parallel_size)
+            quant.mode = "QUANTIZE" if found else "MEASURE"
+            log.info("QUANT_CONFIG mode AUTO -> %s", quant.mode)
         if quant.mode == "MEASURE":
             check_stats_path_writable(quant)   # before the model loads, not after a long calibration
         return quant
 
     def _refuse_unbuilt_features(self) -> None:
         # Named options that later work implements must never be silently ignored.
-        if self.quant is not None and self.quant.mode != "MEASURE":
-            raise FP8LMError(f"QUANT_CONFIG mode {self.quant.mode}: FP8 inference is not supported yet in this "
-                             "build of fp8lm (MEASURE works)")
         if self.tensor_parallel_size != 1:
             raise FP8LMError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
                              "supported yet in this build of fp8lm")

@@ -28,6 +28,7 @@ from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
 from fp8lm.quant.measure import Measurement
+from fp8lm.quant.quantize import Quantizer
 
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = 256
@@ -63,15 +64,18 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}: a full-length prompt could never be scheduled")
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         start = time.perf_counter()
-        self.model = load_model(self.model_path, self.dtype, self.device)
+        self.quantizer = self._make_quantizer()
+        self.model = load_model(self.model_path, self.dtype, self.device,
+                                transform=self.quantizer.patch if self.quantizer else None)
+        if self.quantizer is not None:
+            self.quantizer.finish(self.model)
         self.measurement = self._start_measurement()
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
         log.info("loaded %s in %.2f s (%s, %s)", self.model_path, time.perf_counter() - start, self.device, self.dtype)
-        kv_dtype = self.dtype
-        self.num_kv_blocks = self._num_kv_blocks(kv_dtype)
+        self.num_kv_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.max_model_len,
-                                  self.device, self.dtype, kv_dtype)
+                                  self.device, self.dtype)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
@@ -88,6 +92,16 @@ class LLMEngine:
             log.info("warm-up skipped (%s)", "measuring" if self.measurement else "FP8LM_SKIP_WARMUP")
         else:
             self.warmup()
+
+    def _make_quantizer(self) -> Quantizer | None:
+        quant = self.config.quant
+        if quant is None or quant.mode == "MEASURE":
+            return None
+        if quant.mode == "LOAD":
+            raise FP8LMError(f"{quant.source}: mode LOAD reloads a checkpoint written by `fp8lm quantize`: pass its "
+                             f"folder as the model (no QUANT_CONFIG needed)")
+        return Quantizer(quant, self.device, self.dtype, model_fingerprint(self.model_path),
+                         kv_cache_fp8=self.config.kv_cache_dtype == "fp8_inc")
 
     def _start_measurement(self) -> Measurement | None:
         quant = self.config.quant
@@ -121,10 +135,10 @@ class LLMEngine:
                              f"({self.model_path}/config.json)")
         return value
 
-    def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
+    def _num_kv_blocks(self) -> int:
         bs = self.config.block_size
-        elem = torch.empty((), dtype=kv_dtype).element_size()
-        bytes_per_block = bs * self.model_config.kv_elements_per_token * elem
+        bytes_per_block = sum(2 * bs * a.num_kv_heads * a.head_dim * a.cache_dtype(self.dtype).itemsize
+                              for a in self.model.attention_layers())
         per_seq = -(-self.max_model_len // bs)
         if self.config.num_kv_blocks:
             num = self.config.num_kv_blocks
@@ -141,7 +155,8 @@ class LLMEngine:
                 f"the KV cache holds {num} blocks of {bs} tokens ({num * bytes_per_block / 2**20:.1f} MiB), fewer than "
                 f"the {per_seq} one sequence of max_model_len={self.max_model_len} needs: raise kv_cache_memory "
                 f"/ num_kv_blocks or lower max_model_len")
-        log.info("KV cache: %d blocks x %d tokens, %s, %.1f MiB", num, bs, str(kv_dtype).replace("torch.", ""),
+        kv_dtypes = sorted({str(a.cache_dtype(self.dtype)).replace("torch.", "") for a in self.model.attention_layers()})
+        log.info("KV cache: %d blocks x %d tokens, %s, %.1f MiB", num, bs, "/".join(kv_dtypes),
                  num * bytes_per_block / 2**20)
         return num
 

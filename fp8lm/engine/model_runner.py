@@ -19,16 +19,17 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         model.rotary.build_cache(max_model_len, device, dtype)
-        self.kv_caches = self._allocate_kv_cache(kv_cache_dtype)
+        self.kv_caches = self._allocate_kv_cache()
 
-    def _allocate_kv_cache(self, kv_dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = []
         for attn in self.model.attention_layers():
             shape = (attn.num_kv_heads, self.num_blocks, self.block_size, attn.head_dim)
+            kv_dtype = attn.cache_dtype(self.dtype)
             # Zeroed, not empty: masked attention weights are 0, and 0 * NaN garbage would be NaN.
             k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             v = torch.zeros(shape, dtype=kv_dtype, device=self.device)

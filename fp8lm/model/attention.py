@@ -56,6 +56,10 @@ class PagedAttention(nn.Module):
         self.k_cache_tensor: torch.Tensor | None = None
         self.v_cache_tensor: torch.Tensor | None = None
 
+    def cache_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """What this layer's K/V cache stores: FP8 once its KVCache modules are quantized."""
+        return self.k_cache.cache_dtype or compute_dtype
+
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache_tensor, self.v_cache_tensor = k_cache, v_cache
 

@@ -89,11 +89,6 @@ class ModelConfig:
                 f"{source}: rope_scaling type {rope_type!r} is not supported; "
                 f"allowed: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
-    @property
-    def kv_elements_per_token(self) -> int:
-        """K and V elements one token occupies over all layers (times the element size for bytes)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
-
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     # transformers 5 writes rope_parameters; older configs rope_theta + rope_scaling.

@@ -3,7 +3,7 @@ module so that calibration can observe it and FP8 patching can replace it (INC's
 Softmax and KVCache types).
 
 Linear layers know how they are sharded across tensor-parallel ranks and load their own shard
-(`weight_loader`), so the model code never deals with sharding.
+(`load_tensor`), so the model code never deals with sharding.
 """
 from __future__ import annotations
 
@@ -55,23 +55,24 @@ class ParallelLinear(nn.Module):
         self.in_features, self.out_features = shape[1], shape[0]
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
-        self.weight.weight_loader = self.load_weight_shard
         self.packed_weight: torch.Tensor | None = None  # see pack_for_onednn
         self.bias = None
         if bias:
             bias_shape = shape[0] if self.shard_dim == 0 else full[0]
             self.bias = nn.Parameter(torch.empty(bias_shape), requires_grad=False)
-            self.bias.weight_loader = self.load_bias_shard
 
     def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         size = full.shape[dim] // self.tp_size
         return full.narrow(dim, self.tp_rank * size, size)
 
-    def load_weight_shard(self, param: nn.Parameter, full: torch.Tensor) -> None:
-        copy_exact(param, self.shard(full, self.shard_dim), full.shape)
-
-    def load_bias_shard(self, param: nn.Parameter, full: torch.Tensor) -> None:
-        copy_exact(param, self.shard(full, 0) if self.shard_dim == 0 else full, full.shape)
+    def load_tensor(self, name: str, full: torch.Tensor) -> None:
+        """Loads this rank's shard of the full checkpoint tensor for parameter `name`."""
+        if name == "weight":
+            copy_exact(self.weight, self.shard(full, self.shard_dim), full.shape)
+        elif name == "bias":
+            copy_exact(self.bias, self.shard(full, 0) if self.shard_dim == 0 else full, full.shape)
+        else:
+            raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias."""
@@ -139,6 +140,8 @@ class KVCache(nn.Module):
     Heads come first so that gathering a batch's blocks yields [kv_heads, B, S, head_dim], the
     layout the attention matmuls consume, with a single copy.
     """
+
+    cache_dtype: torch.dtype | None = None   # None: the model's compute dtype
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         # x: [T, kv_heads, head_dim]; returns x so that observers see what was written.

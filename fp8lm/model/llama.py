@@ -103,7 +103,8 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # Only a plain LM head shares the embedding's tensor; a quantized one keeps its own copy.
+        if self.config.tie_word_embeddings and type(self.lm_head) is LMHead:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_layers(self) -> list[PagedAttention]:

@@ -1,7 +1,9 @@
 """Build a model without allocating it, then stream weights from safetensors straight into place."""
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,17 +45,48 @@ def iter_checkpoint(folder: Path):
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+               tp: TensorParallel | None = None, transform: Callable[[nn.Module], None] | None = None
+               ) -> LlamaForCausalLM:
+    """`transform` edits the model while it is still on the meta device (FP8 patching). Then its
+    weights load on the CPU, one checkpoint tensor at a time, and the result moves to `device`."""
     folder = Path(folder)
     config = ModelConfig.from_folder(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), default_dtype(dtype):
         model = LlamaForCausalLM(config, tp)
-    model.to_empty(device=device)
-    model.to(dtype)
+    if transform is not None:
+        transform(model)
+    staging = torch.device("cpu") if transform is not None else torch.device(device)
+    model.to_empty(device=staging)
     model.tie_weights()
     load_weights(model, iter_checkpoint(folder), source=str(folder))
+    if staging != torch.device(device):
+        model.to(device)
     return model.eval()
+
+
+def _load_one(model: nn.Module, target: str, tensor: torch.Tensor, where: str) -> None:
+    """Modules that shard or quantize their parameters load them themselves (`load_tensor`)."""
+    module_name, _, param_name = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    try:
+        with torch.no_grad():
+            if hasattr(module, "load_tensor"):
+                module.load_tensor(param_name, tensor)
+            else:
+                copy_exact(getattr(module, param_name), tensor, tensor.shape)
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
 
 
 def load_weights(model: nn.Module, weights, source: str) -> None:
@@ -63,21 +96,13 @@ def load_weights(model: nn.Module, weights, source: str) -> None:
     for name, tensor in weights:
         if tied and name == "lm_head.weight":
             continue
-        param = params.get(name)
-        if param is None:
-            continue  # e.g. rotary_emb.inv_freq in old checkpoints: derived, not loaded
-        loader = getattr(param, "weight_loader", None)
-        try:
-            with torch.no_grad():
-                if loader is not None:
-                    loader(param, tensor)
-                else:
-                    copy_exact(param, tensor, tensor.shape)
-        except ValueError as e:
-            raise ModelLoadError(f"{source}: {name}: {e}") from None
-        loaded.add(name)
-    if tied:
-        loaded.add("lm_head.weight")
+        # A tied LM head loads from the embedding (it may be a separate FP8 copy of it).
+        targets = [name, "lm_head.weight"] if tied and name == "model.embed_tokens.weight" else [name]
+        for target in targets:
+            if target not in params:
+                continue  # e.g. rotary_emb.inv_freq in old checkpoints: derived, not loaded
+            _load_one(model, target, tensor, f"{source}: {target}")
+            loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

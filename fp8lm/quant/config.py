@@ -23,7 +23,8 @@ HP_DTYPES = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float3
 MEASURE_EXCLUDE = ("NONE", "INPUT", "OUTPUT", "PARAMS", "ALL")
 SCALE_FORMATS = ("CONST", "SCALAR")
 BOOL_KEYS = ("ignore_modules_wo_measures", "recalc_scales", "use_qdq", "fake_quant", "measure_on_hpu",
-             "dynamic_quantization", "seperate_measure_files", "row_parallel_linear_allreduce_quantization")
+             "dynamic_quantization", "seperate_measure_files", "row_parallel_linear_allreduce_quantization",
+             "allow_measurement_mismatch")   # the last one is fp8lm's: use measurements taken elsewhere
 # Accepted for compatibility with existing files; they have no effect (as in INC itself).
 LEGACY_KEYS = ("method", "quantize_weight", "measure_device")
 KNOWN_KEYS = {"mode", "observer", "scale_method", "allowlist", "blocklist", "whitelist", "blacklist",

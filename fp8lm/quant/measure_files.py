@@ -90,8 +90,9 @@ def _sigint_deferred():
             raise KeyboardInterrupt
 
 
-def write_files(base: Path, payload: dict) -> list[Path]:
-    """Writes base.json, base.npz and base_mod_list.json atomically; returns their paths."""
+def write_files(base: Path, payload: dict, backup: bool = True) -> list[Path]:
+    """Writes base.json, base.npz and base_mod_list.json atomically; returns their paths.
+    Files already there are moved to a backup name first, unless `backup` is False (caches)."""
     base = Path(base)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def write_files(base: Path, payload: dict) -> list[Path]:
         with _sigint_deferred():
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for target in targets:
-                if target.exists():
+                if backup and target.exists():
                     backup = target.with_name(f"backup_{stamp}_{target.name}")
                     os.replace(target, backup)
                     log.info("moved existing %s to %s", target.name, backup.name)

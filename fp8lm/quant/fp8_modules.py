@@ -1,0 +1,202 @@
+"""The FP8 modules the patcher swaps in for Linear, Matmul, Softmax and KVCache.
+
+Scales follow the convention value ≈ fp8 * scale. With scale_format SCALAR they are Python
+floats; with CONST (forced for per-channel and dynamic scales) registered buffers. Both give the
+same outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lm.fp8.matmul import native_fp8_available, scaled_mm
+from fp8lm.fp8.numerics import fake_quant, to_fp8
+from fp8lm.fp8.scale_methods import ScaleSpec
+from fp8lm.fp8.formats import DeviceProfile
+from fp8lm.fp8.scales import dynamic_token_scales
+from fp8lm.fp8.scales import weight_scale as compute_weight_scale
+from fp8lm.model.layers import KVCache, Matmul, ParallelLinear, RowParallelLinear, Softmax, copy_exact
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    dtype: torch.dtype
+    limit: float                 # the profile's full scale (240 for gaudi2 E4M3, 448 otherwise)
+    scale_format: str = "SCALAR"
+
+
+def set_scale(module: nn.Module, name: str, value, fmt: FP8Format) -> None:
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if fmt.scale_format == "CONST" or t.numel() > 1:
+        module.register_buffer(name, t.clone())
+    else:
+        setattr(module, name, float(t.reshape(())))
+
+
+def inverse(scale):
+    return 1.0 / scale
+
+
+class FP8Linear(nn.Module):
+    """FP8 weight with a per-tensor or per-channel scale; the input cast to FP8 with its static scale
+    (or per token at run time when `input_scale` is None); bias and output in high precision."""
+
+    def __init__(self, src: ParallelLinear, fmt: FP8Format, input_scale: float | None,
+                 weight_scale: torch.Tensor | None, weight_spec: ScaleSpec, dynamic_spec: ScaleSpec | None,
+                 profile: DeviceProfile):
+        super().__init__()
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self.tp_rank, self.tp_size, self.shard_dim = src.tp_rank, src.tp_size, src.shard_dim
+        self.process_group = getattr(src, "process_group", None)
+        self.is_row_parallel = isinstance(src, RowParallelLinear)
+        self.fmt, self.weight_spec, self.dynamic_spec, self.profile = fmt, weight_spec, dynamic_spec, profile
+        self.weight = nn.Parameter(torch.empty(src.weight.shape, dtype=fmt.dtype, device=src.weight.device),
+                                   requires_grad=False)
+        self.bias = src.bias
+        if weight_scale is not None:
+            set_scale(self, "weight_scale", weight_scale, fmt)
+        else:
+            self.weight_scale = None           # computed from the checkpoint tensor at load time
+        if input_scale is not None:
+            set_scale(self, "input_scale", input_scale, fmt)
+        else:
+            self.input_scale = None            # dynamic, per token
+        self.backend = "emulated"
+        self.compute_weight: torch.Tensor | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.input_scale is None
+
+    def load_tensor(self, name: str, full: torch.Tensor) -> None:
+        if name == "bias":
+            size = full.shape[0] // self.tp_size
+            copy_exact(self.bias, full.narrow(0, self.tp_rank * size, size) if self.shard_dim == 0 else full,
+                       full.shape)
+        elif name != "weight":
+            raise ValueError(f"FP8Linear has no parameter {name!r}")
+        elif full.dtype == self.fmt.dtype:
+            self._load_fp8_weight(full)
+        else:
+            self._quantize_weight(full)
+
+    def _quantize_weight(self, full: torch.Tensor) -> None:
+        """Quantizes a high-precision checkpoint tensor on the CPU; only FP8 bytes are kept."""
+        full = full.to("cpu", torch.float32)
+        if self.weight_scale is None:
+            set_scale(self, "weight_scale", compute_weight_scale(full, None, self.weight_spec, self.profile,
+                                                                 self.fmt.dtype), self.fmt)
+        scale = torch.as_tensor(self.weight_scale, dtype=torch.float32)
+        size = full.shape[self.shard_dim] // self.tp_size
+        shard = full.narrow(self.shard_dim, self.tp_rank * size, size)
+        if scale.numel() > 1 and self.shard_dim == 0 and scale.shape[0] == full.shape[0]:
+            scale = scale.narrow(0, self.tp_rank * size, size)
+            set_scale(self, "weight_scale", scale, self.fmt)
+        copy_exact(self.weight, to_fp8(shard, 1 / scale, self.fmt.dtype, self.fmt.limit), full.shape)
+
+    def _load_fp8_weight(self, full: torch.Tensor) -> None:
+        """An FP8 checkpoint tensor, already quantized with this module's weight scale."""
+        size = full.shape[self.shard_dim] // self.tp_size
+        copy_exact(self.weight, full.narrow(self.shard_dim, self.tp_rank * size, size), full.shape)
+
+    def prepare(self, device: torch.device, compute_dtype: torch.dtype) -> None:
+        """Chooses the backend once, after loading: native FP8 where the GPU has it, else emulation
+        over a dequantized copy of the (exact) FP8 weight values."""
+        if native_fp8_available(device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            self.backend = "native"
+            return
+        w = self.weight.float() * torch.as_tensor(self.weight_scale, dtype=torch.float32, device=self.weight.device)
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            self.compute_weight = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+            self.backend = "emulated-onednn"
+        else:
+            self.compute_weight = w
+            self.backend = "emulated"
+
+    def _input_scale(self, x: torch.Tensor):
+        if self.input_scale is None:
+            return dynamic_token_scales(x, self.dynamic_spec, self.profile, self.fmt.dtype)
+        return self.input_scale
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        s_in = self._input_scale(x)
+        if self.backend == "native":
+            x8 = to_fp8(x, inverse(s_in), self.fmt.dtype, self.fmt.limit)
+            s_in_t = torch.as_tensor(s_in, dtype=torch.float32, device=x.device)
+            s_w = torch.as_tensor(self.weight_scale, dtype=torch.float32, device=x.device)
+            y = scaled_mm(x8, self.weight, s_in_t, s_w, x.dtype)
+        else:
+            xq = fake_quant(x, inverse(s_in), self.fmt.dtype, self.fmt.limit)
+            if self.backend == "emulated-onednn":
+                y = torch.ops.mkldnn._linear_pointwise(xq, self.compute_weight, None, "none", [], "")
+            else:
+                y = F.linear(xq, self.compute_weight)
+            y = (y * s_in).to(x.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        if self.is_row_parallel and self.tp_size > 1:
+            torch.distributed.all_reduce(y, group=self.process_group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        gran = "per-channel" if torch.as_tensor(self.weight_scale if self.weight_scale is not None else 0).numel() > 1 \
+            else "per-tensor"
+        act = "dynamic per-token" if self.dynamic else "static"
+        return (f"in={self.in_features}, out={self.out_features}, {str(self.fmt.dtype).replace('torch.', '')} "
+                f"weight {gran}, {act} input, backend={self.backend}")
+
+
+class FP8Matmul(Matmul):
+    """Both inputs cast to FP8 with their scales; float32 accumulation, output in the input dtype."""
+
+    def __init__(self, fmt: FP8Format, scale_a: float, scale_b: float):
+        super().__init__()
+        self.fmt = fmt
+        set_scale(self, "scale_a", scale_a, fmt)
+        set_scale(self, "scale_b", scale_b, fmt)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        aq = fake_quant(a, inverse(self.scale_a), self.fmt.dtype, self.fmt.limit)
+        bq = fake_quant(b, inverse(self.scale_b), self.fmt.dtype, self.fmt.limit)
+        return (torch.matmul(aq, bq) * (self.scale_a * self.scale_b)).to(a.dtype)
+
+
+class FP8Softmax(Softmax):
+    """Softmax whose output is cast to FP8 with its measured scale (and read back)."""
+
+    def __init__(self, fmt: FP8Format, output_scale: float):
+        super().__init__()
+        self.fmt = fmt
+        set_scale(self, "output_scale", output_scale, fmt)
+
+    def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        y = torch.softmax(x, dim=dim)
+        return (fake_quant(y, inverse(self.output_scale), self.fmt.dtype, self.fmt.limit) * self.output_scale).to(x.dtype)
+
+
+class FP8KVCache(KVCache):
+    """Stores K or V as FP8 in the paged cache; reads back only the blocks a step uses."""
+
+    def __init__(self, fmt: FP8Format, scale: float):
+        super().__init__()
+        self.fmt = fmt
+        self.cache_dtype = fmt.dtype
+        set_scale(self, "scale", scale, fmt)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        q = to_fp8(x.transpose(0, 1), inverse(self.scale), self.fmt.dtype, self.fmt.limit).contiguous()
+        flat = cache.view(cache.shape[0], -1, cache.shape[-1])
+        # index_copy_ has no float8 kernel on the CPU; bytes are bytes.
+        flat.view(torch.uint8).index_copy_(1, slot_mapping, q.view(torch.uint8))
+        return x
+
+    def fetch(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        blocks = super().fetch(cache, block_tables, torch.float32)
+        return (blocks * self.scale).to(dtype)

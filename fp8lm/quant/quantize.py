@@ -1,0 +1,193 @@
+"""QUANTIZE mode: measurements -> scales -> FP8 modules swapped into the (not yet loaded) model.
+
+`Quantizer` reads and checks the measurement before the model loads; `patch` runs on the model
+built on the meta device, so that weights arriving from the checkpoint are quantized one tensor
+at a time on the CPU; `finish` chooses each module's backend and writes the scale cache.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp8lm.errors import FP8LMError
+from fp8lm.fp8.formats import DeviceProfile, device_tag, profile_for
+from fp8lm.fp8.scale_methods import MethodSpec
+from fp8lm.fp8.scales import activation_scale, weight_scale
+from fp8lm.quant.config import QuantConfig
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.measure_files import METADATA_KEY, file_payload, find_measurement, read_files, write_files
+from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules
+
+log = logging.getLogger(__name__)
+
+def _is_fixed(spec) -> bool:
+    return spec.value_type in ("FIXED_VALUE", "DUMMY_SCALES")
+
+
+class Quantizer:
+    def __init__(self, config: QuantConfig, device: torch.device, dtype: torch.dtype, model_fingerprint: dict | None,
+                 kv_cache_fp8: bool, rank: int = 0, world_size: int = 1):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.kv_cache_fp8, self.rank, self.world_size = kv_cache_fp8, rank, world_size
+        self.profile: DeviceProfile = profile_for(device, config.device_for_scales)
+        self.fmt = FP8Format(config.fp8_dtype, self.profile.fullscale(config.fp8_dtype), config.scale_format)
+        self.nodes, self.measurement_path = self._read_measurement(model_fingerprint)
+        self.quantized: dict[str, dict] = {}
+        self.kept_high_precision: list[str] = []
+
+    # ---- before the model loads --------------------------------------------------------------
+    def _read_measurement(self, fingerprint: dict | None) -> tuple[dict, Path | None]:
+        cfg = self.config
+        base = find_measurement(cfg.stats_prefix, cfg.observer, self.rank, self.world_size)
+        if base is None:
+            if cfg.scale_method.name == "unit_scale":
+                return {}, None            # unit scales need no calibration
+            suffix = f"_{self.rank}_{self.world_size}" if self.world_size > 1 else ""
+            raise FP8LMError(f"{cfg.source}: no measurement file {cfg.stats_prefix}_hooks_{cfg.observer}{suffix}.json "
+                             f"(dump_stats_path); run calibration first (fp8lm calibrate)")
+        payload = read_files(base)
+        self._check_provenance(payload.get(METADATA_KEY), base, fingerprint)
+        return payload["Nodes"], base
+
+    def _check_provenance(self, meta: dict | None, base: Path, fingerprint: dict | None) -> None:
+        if meta is None:
+            log.warning("%s.json has no fp8lm metadata (written by INC?): device, dtype and model cannot be "
+                        "checked", base)
+            return
+        here = {"device": device_tag(self.device).split(":")[0], "compute_dtype": str(self.dtype).replace("torch.", "")}
+        there = {"device": str(meta.get("device", "")).split(":")[0], "compute_dtype": meta.get("compute_dtype")}
+        problems = [f"{k} {there[k]} (measured) vs {here[k]} (now)" for k in here if there[k] != here[k]]
+        if fingerprint and meta.get("model") and any(meta["model"].get(k) != fingerprint.get(k)
+                                                       for k in ("config_sha256", "weights_checksum")):
+            problems.append(f"model {meta['model'].get('name')} (measured) vs {fingerprint.get('name')} (now): "
+                            "different weights or config")
+        if problems and not self.config.flag("allow_measurement_mismatch"):
+            raise FP8LMError(f"{base}.json was measured differently: {'; '.join(problems)}. Measure again on this "
+                             f"device/dtype/model, or set \"allow_measurement_mismatch\": true in QUANT_CONFIG "
+                             f"({self.config.source}) to use it anyway")
+        if problems:
+            log.warning("using measurements that differ: %s (allow_measurement_mismatch)", "; ".join(problems))
+
+    # ---- on the meta model ---------------------------------------------------------------------
+    def patch(self, model: nn.Module) -> None:
+        missing = []
+        cached = self._cached_weight_scales()
+        for name, module, types, kind in list(quantizable_modules(model)):
+            if not self.config.should_quantize(name, types) or (kind is KV_CACHE and not self.kv_cache_fp8):
+                self.kept_high_precision.append(name)
+                continue
+            spec = self.config.scale_method.for_node(name, types)
+            node = self.nodes.get(name)
+            needs_measurement = not _is_fixed(spec.activation) and not (kind is LINEAR and spec.activation.dynamic)
+            if node is None and needs_measurement:
+                missing.append(name)
+                continue
+            _replace(model, name, self._fp8_module(name, module, kind, spec, node or {}, cached.get(name)))
+        if missing and not self.config.flag("ignore_modules_wo_measures"):
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise FP8LMError(f"{shown}: allowlisted but not measured in {self.measurement_path}.json; measure "
+                             f"them, blocklist them, or set \"ignore_modules_wo_measures\": true")
+        if missing:
+            log.warning("kept %d unmeasured modules in high precision (ignore_modules_wo_measures): %s",
+                        len(missing), ", ".join(missing[:5]))
+            self.kept_high_precision.extend(missing)
+        log.info("FP8: %d modules quantized (%s, profile %s), %d kept in %s", len(self.quantized),
+                 self.config.scale_method.name, self.profile.name, len(self.kept_high_precision),
+                 str(self.dtype).replace("torch.", ""))
+
+    def _act(self, spec: MethodSpec, node: dict, group: str, index: int) -> float:
+        if _is_fixed(spec.activation):
+            return activation_scale(None, spec.activation, self.profile, self.fmt.dtype)
+        values = node.get(group) or []
+        if index >= len(values):
+            raise FP8LMError(f"measurement {self.measurement_path}.json lacks {group}[{index}] for a module "
+                             "that needs it (was it measured with measure_exclude?)")
+        return activation_scale(values[index], spec.activation, self.profile, self.fmt.dtype)
+
+    def _fp8_module(self, name: str, module: nn.Module, kind, spec: MethodSpec, node: dict,
+                    cached_weight_scale) -> nn.Module:
+        """The FP8 replacement; records its scales for the scale file (weights once loaded)."""
+        if kind is LINEAR:
+            s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0)
+            w_scale = cached_weight_scale if cached_weight_scale is not None else self._weight_scale(spec, node)
+            fp8 = FP8Linear(module, self.fmt, s_in, w_scale, spec.weight,
+                            spec.activation if spec.activation.dynamic else None, self.profile)
+            self.quantized[name] = {"inputs": ["dynamic" if s_in is None else s_in], "linear": fp8}
+        elif kind is MATMUL:
+            a, b = self._act(spec, node, "inputs", 0), self._act(spec, node, "inputs", 1)
+            fp8 = FP8Matmul(self.fmt, a, b)
+            self.quantized[name] = {"inputs": [a, b], "outputs": [a * b]}
+        elif kind is SOFTMAX:
+            s = self._act(spec, node, "outputs", 0)
+            fp8 = FP8Softmax(self.fmt, s)
+            self.quantized[name] = {"inputs": [1.0], "outputs": [s]}
+        else:
+            s = self._act(spec, node, "inputs", 0)
+            fp8 = FP8KVCache(self.fmt, s)
+            self.quantized[name] = {"inputs": [s], "outputs": [s]}
+        return fp8
+
+    def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
+        """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
+        measured = node.get("params", {}).get("weight")
+        if spec.weight.value_type == "OPT" or (measured is None and not _is_fixed(spec.weight)):
+            return None
+        return weight_scale(None, None if measured is None else torch.as_tensor(measured), spec.weight,
+                            self.profile, self.fmt.dtype)
+
+    def _cached_weight_scales(self) -> dict:
+        """Weight scales from an up-to-date scale file (they can be costly: OPT searches)."""
+        base = self.scale_file_base()
+        path = Path(f"{base}.json")
+        if (self.measurement_path is None or self.config.flag("recalc_scales") or not path.is_file()
+                or path.stat().st_mtime < Path(f"{self.measurement_path}.json").stat().st_mtime):
+            return {}
+        try:
+            nodes = read_files(base)["Nodes"]
+        except FP8LMError as e:
+            log.warning("ignoring the scale cache: %s", e)
+            return {}
+        log.info("reusing weight scales from %s", path)
+        return {k: torch.as_tensor(v["params"]["weight"]) for k, v in nodes.items() if "weight" in v.get("params", {})}
+
+    # ---- after loading -----------------------------------------------------------------------
+    def finish(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                module.prepare(self.device, self.dtype)
+        if self.measurement_path is not None:
+            self._write_scale_file()
+
+    def scale_file_base(self) -> Path:
+        """<prefix>_hooks_<observer>_<METHOD>_<PROFILE>[_rank_world]: INC's name plus the device profile."""
+        cfg = self.config
+        suffix = f"_{self.rank}_{self.world_size}" if self.world_size > 1 else ""
+        return Path(f"{cfg.stats_prefix}_hooks_{cfg.observer}_{cfg.scale_method.file_tag}_"
+                    f"{self.profile.name.upper()}{suffix}")
+
+    def _write_scale_file(self) -> None:
+        nodes = {}
+        for name, entry in self.quantized.items():
+            node = {k: v for k, v in entry.items() if k != "linear"}
+            linear = entry.get("linear")
+            if linear is not None:
+                w = torch.as_tensor(linear.weight_scale, dtype=torch.float32)
+                node["params"] = {"weight": w.reshape(-1, 1).tolist() if w.numel() > 1 else float(w)}
+                if not linear.dynamic and w.numel() == 1:
+                    node["outputs"] = [node["inputs"][0] * float(w)]
+            nodes[name] = node
+        meta = {"scale_method": self.config.scale_method.name, "profile": self.profile.name,
+                "device": device_tag(self.device), "measurement": str(self.measurement_path)}
+        try:
+            write_files(self.scale_file_base(), file_payload(nodes, "Scale", self.rank, self.world_size, 0, meta),
+                        backup=False)
+        except FP8LMError as e:
+            log.warning("scale cache not written: %s", e)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
