@@ -71,3 +71,26 @@ def test_inc_quantize_accepts_fp8lm_measurements(both_measured, tiny_model):
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "PatchedLinear" and q.weight.dtype == torch.float8_e4m3fn
     assert (both_measured / "ours" / "out_hooks_maxabs_MAXABS_POW2.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["maxabs_pow2", "maxabs_arbitrary", "unit_scale"])
+def test_same_linear_outputs_as_inc_quantize(both_measured, tiny_model, method, caplog):
+    """fp8lm QUANTIZE reads INC's measurement file; both quantized models' Linears agree."""
+    prefix = both_measured / "inc" / "out"
+    inc_model = inc_run(tiny_model, {"mode": "QUANTIZE", "observer": "maxabs", "scale_method": method,
+                                     "dump_stats_path": str(prefix)}, both_measured / f"inc_{method}.json")
+    ours = LLM(str(tiny_model), quantization="inc", max_model_len=64, skip_warmup=True,
+               quant_config={"mode": "QUANTIZE", "scale_method": method, "dump_stats_path": str(prefix),
+                             # INC measures Linears only on the CPU
+                             "blocklist": {"types": ["Matmul", "Softmax"]}})
+    assert "no fp8lm metadata" in caplog.text or method == "unit_scale"
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)) * 2
+    names = [n for n, m in inc_model.named_modules() if type(m).__name__ == "PatchedLinear"]
+    assert len(names) == 15
+    for name in names:
+        theirs = inc_model.get_submodule(name)
+        mine = ours.engine.model.get_submodule(name)
+        xi = x[:, : mine.in_features] if mine.in_features <= 64 else torch.randn(5, mine.in_features) * 2
+        with torch.no_grad():
+            expected = theirs(xi)
+        assert torch.allclose(mine(xi), expected, rtol=1e-5, atol=1e-5), name

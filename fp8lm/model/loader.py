@@ -55,6 +55,21 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocates (uninitialized) every tensor still on the meta device. Unlike `to_empty`, it keeps
+    tensors that already hold values (scales set by a transform) and keeps shared ones shared."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    fresh = torch.empty_like(t, device=device)
+                    made[id(t)] = nn.Parameter(fresh, requires_grad=False) if isinstance(t, nn.Parameter) else fresh
+                store[name] = made[id(t)]
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
                tp: TensorParallel | None = None, transform: Callable[[nn.Module], None] | None = None
                ) -> LlamaForCausalLM:
@@ -67,7 +82,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "c
     if transform is not None:
         transform(model)
     staging = torch.device("cpu") if transform is not None else torch.device(device)
-    model.to_empty(device=staging)
+    materialize(model, staging)
     model.tie_weights()
     load_weights(model, iter_checkpoint(folder), source=str(folder))
     if staging != torch.device(device):

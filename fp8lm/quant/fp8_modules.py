@@ -30,6 +30,10 @@ class FP8Format:
 
 def set_scale(module: nn.Module, name: str, value, fmt: FP8Format) -> None:
     t = torch.as_tensor(value, dtype=torch.float32)
+    if name in module._buffers:
+        del module._buffers[name]
+    elif hasattr(module, name):
+        delattr(module, name)
     if fmt.scale_format == "CONST" or t.numel() > 1:
         module.register_buffer(name, t.clone())
     else:

@@ -115,7 +115,7 @@ class Quantizer:
             w_scale = cached_weight_scale if cached_weight_scale is not None else self._weight_scale(spec, node)
             fp8 = FP8Linear(module, self.fmt, s_in, w_scale, spec.weight,
                             spec.activation if spec.activation.dynamic else None, self.profile)
-            self.quantized[name] = {"inputs": ["dynamic" if s_in is None else s_in], "linear": fp8}
+            self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": fp8}   # dynamic: none
         elif kind is MATMUL:
             a, b = self._act(spec, node, "inputs", 0), self._act(spec, node, "inputs", 1)
             fp8 = FP8Matmul(self.fmt, a, b)

@@ -1,0 +1,155 @@
+"""QUANTIZE mode on a tiny Llama: FP8 modules, their arithmetic, the KV cache, the guards."""
+import json
+
+import pytest
+import torch
+
+from fp8lm import LLM, SamplingParams
+from fp8lm.errors import FP8LMError
+from fp8lm.model.layers import LMHead
+from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+
+PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
+           for n in (6, 19, 31, 11, 25)]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("measure") / "inc_output"
+    llm = LLM(str(tiny_model), quantization="inc", max_model_len=64,
+              quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
+    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm.finalize_calibration()
+    return prefix
+
+
+def quantized(tiny_model, prefix, kv="fp8_inc", **cfg):
+    config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(prefix), **cfg}
+    return LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype=kv, max_model_len=64,
+               skip_warmup=True, kv_cache_memory=1 << 18)
+
+
+def test_modules_are_swapped_and_outputs_stay_close(tiny_model, measured):
+    llm = quantized(tiny_model, measured)
+    model = llm.engine.model
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, FP8Linear) and attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(attn.attn.matmul_qk, FP8Matmul) and isinstance(attn.attn.softmax, FP8Softmax)
+    assert isinstance(attn.attn.k_cache, FP8KVCache)
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
+    a = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
+    b = ref.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
+    agree = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
+    assert agree >= 4
+
+
+def test_fp8_kv_cache_holds_four_times_the_blocks(tiny_model, measured):
+    fp8 = quantized(tiny_model, measured)
+    hp = LLM(str(tiny_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 18)
+    assert fp8.engine.num_kv_blocks == 4 * hp.engine.num_kv_blocks
+
+
+def test_linear_arithmetic_equals_torch_float8_reference(tiny_model, measured):
+    llm = quantized(tiny_model, measured, kv="auto")
+    q = llm.engine.model.model.layers[1].mlp.down_proj
+    x = torch.randn(7, q.in_features) * 3
+    s_in, s_w = q.input_scale, torch.as_tensor(q.weight_scale)
+    # Independent: torch's own float8 casts, dequantize, float64 matmul.
+    xq = (x * (1 / s_in)).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s_in
+    wq = q.weight.double() * s_w.double()
+    expected = xq @ wq.T
+    assert torch.allclose(q(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_formats_give_identical_outputs(tiny_model, measured):
+    outs = {}
+    for fmt in ("SCALAR", "CONST"):
+        llm = quantized(tiny_model, measured, scale_format=fmt)
+        outs[fmt] = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True),
+                                 use_tqdm=False)
+        q = llm.engine.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q.input_scale, torch.Tensor) == (fmt == "CONST")
+    for a, b in zip(outs["SCALAR"], outs["CONST"]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert {k: v.logprob for k, v in la.items()} == {k: v.logprob for k, v in lb.items()}
+
+
+def test_fp8_batching_is_exact(tiny_model, measured):
+    llm = quantized(tiny_model, measured)
+    together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    alone = [llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    assert together == alone
+
+
+def test_blocklist_keeps_lm_head_in_high_precision(tiny_model, measured):
+    llm = quantized(tiny_model, measured, blocklist={"names": ["lm_head"], "types": ["Softmax"]})
+    assert type(llm.engine.model.lm_head) is LMHead
+    assert not isinstance(llm.engine.model.model.layers[0].self_attn.attn.softmax, FP8Softmax)
+
+
+@pytest.mark.parametrize("method", ["maxabs_pow2", "maxabs_arbitrary", "maxabs_hw_opt_weight",
+                                    "act_maxabs_hw_weights_pcs_maxabs_pow2", "act_maxabs_pow2_weights_pcs_opt_pow2",
+                                    "maxabs_pcs_pow2", "hw_aligned_single_scale"])
+def test_every_method_runs(tiny_model, measured, method):
+    llm = quantized(tiny_model, measured, scale_method=method, kv="auto")
+    out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+    assert (measured.parent / f"{measured.name}_hooks_maxabs_{method.upper()}_CPU.json").is_file()
+
+
+def test_unit_scale_needs_no_measurement(tiny_model, tmp_path):
+    llm = quantized(tiny_model, tmp_path / "none", scale_method="unit_scale")
+    assert isinstance(llm.engine.model.lm_head, FP8Linear) and llm.engine.model.lm_head.input_scale == 1.0
+
+
+def edit_measurement(prefix, tmp_path, edit):
+    data = json.loads((prefix.parent / f"{prefix.name}_hooks_maxabs.json").read_text())
+    edit(data)
+    out = tmp_path / "edited"
+    (tmp_path / "edited_hooks_maxabs.json").write_text(json.dumps(data))
+    return out
+
+
+def test_unmeasured_module_is_named(tiny_model, measured, tmp_path):
+    prefix = edit_measurement(measured, tmp_path, lambda d: d["Nodes"].pop("model.layers.1.mlp.up_proj"))
+    with pytest.raises(FP8LMError, match=r"model\.layers\.1\.mlp\.up_proj: allowlisted but not measured"):
+        quantized(tiny_model, prefix)
+    llm = quantized(tiny_model, prefix, ignore_modules_wo_measures=True)
+    assert not isinstance(llm.engine.model.model.layers[1].mlp.up_proj, FP8Linear)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("compute_dtype", "bfloat16", "compute_dtype bfloat16 (measured) vs float32 (now)"),
+    ("device", "cuda:sm90", "device cuda (measured) vs cpu (now)"),
+])
+def test_measurements_from_elsewhere_are_refused(tiny_model, measured, tmp_path, field, value, needle):
+    prefix = edit_measurement(measured, tmp_path, lambda d: d["Fp8lmMetadata"].__setitem__(field, value))
+    with pytest.raises(FP8LMError) as e:
+        quantized(tiny_model, prefix)
+    assert needle in str(e.value) and "allow_measurement_mismatch" in str(e.value)
+    quantized(tiny_model, prefix, allow_measurement_mismatch=True)
+
+
+def test_measurements_of_another_model_are_refused(tiny_model, measured, tmp_path):
+    prefix = edit_measurement(measured, tmp_path,
+                              lambda d: d["Fp8lmMetadata"]["model"].__setitem__("weights_checksum", "0" * 32))
+    with pytest.raises(FP8LMError, match="different weights or config"):
+        quantized(tiny_model, prefix)
+
+
+def test_missing_measurement_file(tiny_model, tmp_path):
+    with pytest.raises(FP8LMError, match="no measurement file.*fp8lm calibrate"):
+        quantized(tiny_model, tmp_path / "nothing")
+
+
+def test_auto_mode_measures_then_quantizes(tiny_model, tmp_path):
+    cfg = {"mode": "AUTO", "dump_stats_path": str(tmp_path / "auto")}
+    first = LLM(str(tiny_model), quantization="inc", quant_config=cfg, max_model_len=64)
+    assert first.engine.measurement is not None
+    first.generate(PROMPTS, GREEDY, use_tqdm=False)
+    first.finalize_calibration()
+    second = LLM(str(tiny_model), quantization="inc", quant_config=cfg, max_model_len=64)
+    assert isinstance(second.engine.model.lm_head, FP8Linear)
