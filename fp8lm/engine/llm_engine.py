@@ -368,6 +368,24 @@ class LLMEngine:
             result.append(entry)
         return result
 
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [n - 1, vocab] predicting tokens 1..n-1 of one sequence (perplexity, KL, reports).
+        Runs one prefill outside the scheduler, so it needs an idle engine."""
+        self._check_alive()
+        if self.scheduler.has_unfinished():
+            raise FP8LMError("score() needs an idle engine (requests are in flight)")
+        if not 2 <= len(token_ids) <= self.max_model_len:
+            raise FP8LMError(f"score(): {len(token_ids)} tokens; need 2..max_model_len={self.max_model_len}")
+        seq = Sequence(-1, "score", 0, list(token_ids), SamplingParams(temperature=0, max_tokens=1), None)
+        if not self.block_manager.can_allocate(seq):
+            raise FP8LMError("score(): the KV cache cannot hold the sequence")
+        self.block_manager.allocate(seq)
+        try:
+            out = self.runner.run([seq], True, {seq.seq_id})
+        finally:
+            self.block_manager.free(seq)
+        return out.prompt_logits[seq.seq_id]
+
     def request_output(self, request: Request) -> RequestOutput:
         outputs = []
         for seq in request.seqs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -31,6 +32,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_inc")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default="builtin", help="text file to score (default: fp8lm's held-out text)")
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    p.add_argument("--max-windows", type=int, default=None)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -101,6 +108,54 @@ def cmd_unify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring_llm(args: argparse.Namespace, quantized: bool):
+    """An engine sized for scoring one window at a time."""
+    from fp8lm import LLM
+
+    kwargs = engine_kwargs(args)
+    kwargs.update(max_model_len=args.window, max_num_seqs=1, num_kv_blocks=-(-args.window // args.block_size),
+                  skip_warmup=True)
+    if not quantized:
+        kwargs.update(quantization=None, kv_cache_dtype="auto")
+    return LLM(args.model, **kwargs)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fp8lm.eval.perplexity import compare, perplexity, read_text, token_windows
+
+    text = read_text(args.text)
+    candidate = _scoring_llm(args, quantized=True)
+    windows = token_windows(candidate.get_tokenizer(), text, args.window, args.max_windows)
+    label = "FP8" if args.quantization else "model"
+    if not args.compare:
+        ppl = perplexity(candidate.engine, windows)
+        print(f"{label} perplexity {ppl.value:.4f} over {ppl.num_tokens} tokens ({len(windows)} windows)")
+        return 0
+    reference = _scoring_llm(args, quantized=False)
+    print(compare(reference.engine, candidate.engine, windows).summary())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fp8lm.eval.perplexity import read_text, token_windows
+    from fp8lm.eval.report import module_sqnr, sensitivity, write_sqnr_report
+
+    if not args.quantization:
+        raise FP8LMError("report compares FP8 with high precision: pass --quantization inc (and QUANT_CONFIG)")
+    candidate, reference = _scoring_llm(args, quantized=True), _scoring_llm(args, quantized=False)
+    windows = token_windows(candidate.get_tokenizer(), read_text(args.text), args.window, args.max_windows)
+    md, png = write_sqnr_report(module_sqnr(reference.engine, candidate.engine, windows), args.output)
+    print(f"per-module SQNR: {md}, chart: {png}")
+    if args.sensitivity:
+        result = sensitivity(reference.engine, candidate.engine, windows, args.max_ppl_increase)
+        for unit, pct in sorted(result.unit_cost_pct.items(), key=lambda kv: -kv[1]):
+            print(f"  {unit:22s} {pct:+.3f}% perplexity when only it is FP8")
+        print(f"all FP8: {result.all_fp8_pct:+.2f}%; keeping {len(result.blocklist)} in high precision: "
+              f"{result.with_blocklist_pct:+.2f}%")
+        print('blocklist: {"names": ' + json.dumps(result.blocklist_names()) + "}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fp8lm.eval import throughput
 
@@ -144,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="prefix of the unified files (default: the input prefix)")
     p.add_argument("--observer", default="maxabs")
     p.set_defaults(func=cmd_unify)
+
+    p = sub.add_parser("eval", help="perplexity; --compare: FP8 vs unquantized (change, KL, top-1 agreement)")
+    add_engine_args(p)
+    add_scoring_args(p)
+    p.add_argument("--compare", action="store_true", help="also run the unquantized model and compare")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="per-module SQNR table and chart; --sensitivity: per-layer perplexity cost")
+    add_engine_args(p)
+    add_scoring_args(p)
+    p.add_argument("--output", default="fp8_report", help="path prefix of the .md table and .png chart")
+    p.add_argument("--sensitivity", action="store_true")
+    p.add_argument("--max-ppl-increase", type=float, default=1.0, help="target for the suggested blocklist (%%)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")
     p.add_argument("which", choices=["throughput"])

@@ -112,7 +112,8 @@ class Quantizer:
         """The FP8 replacement; records its scales for the scale file (weights once loaded)."""
         if kind is LINEAR:
             s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0)
-            w_scale = cached_weight_scale if cached_weight_scale is not None else self._weight_scale(spec, node)
+            fits = cached_weight_scale is not None and (cached_weight_scale.numel() > 1) == (spec.weight.granularity == "PCS")
+            w_scale = cached_weight_scale if fits else self._weight_scale(spec, node)
             fp8 = FP8Linear(module, self.fmt, s_in, w_scale, spec.weight,
                             spec.activation if spec.activation.dynamic else None, self.profile)
             self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": fp8}   # dynamic: none
@@ -133,6 +134,8 @@ class Quantizer:
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
         """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
         measured = node.get("params", {}).get("weight")
+        if measured is not None and spec.weight.granularity == "PCS" and torch.as_tensor(measured).numel() == 1:
+            measured = None   # a per-tensor measurement cannot give per-channel scales: use the weight
         if spec.weight.value_type == "OPT" or (measured is None and not _is_fixed(spec.weight)):
             return None
         return weight_scale(None, None if measured is None else torch.as_tensor(measured), spec.weight,
