@@ -27,6 +27,7 @@ from fp8lm.model.layers import pack_linears_for_cpu
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
+from fp8lm.quant.checkpoint import CheckpointQuantization
 from fp8lm.quant.measure import Measurement
 from fp8lm.quant.quantize import Quantizer
 
@@ -66,7 +67,8 @@ class LLMEngine:
         start = time.perf_counter()
         self.quantizer = self._make_quantizer()
         self.model = load_model(self.model_path, self.dtype, self.device,
-                                transform=self.quantizer.patch if self.quantizer else None)
+                                transform=self.quantizer.patch if self.quantizer else None,
+                                rename=self.quantizer.rename if self.quantizer else None)
         if self.quantizer is not None:
             self.quantizer.finish(self.model)
         self.measurement = self._start_measurement()
@@ -93,8 +95,14 @@ class LLMEngine:
         else:
             self.warmup()
 
-    def _make_quantizer(self) -> Quantizer | None:
+    def _make_quantizer(self) -> Quantizer | CheckpointQuantization | None:
         quant = self.config.quant
+        saved = self.model_config.raw.get("quantization_config")
+        if saved is not None:
+            if quant is not None:
+                raise FP8LMError(f"{self.model_path} is already quantized ({saved.get('quant_method')}); run it "
+                                 "without --quantization / QUANT_CONFIG")
+            return CheckpointQuantization(self.model_path, saved, self.device, self.dtype)
         if quant is None or quant.mode == "MEASURE":
             return None
         if quant.mode == "LOAD":

@@ -156,6 +156,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+
+    folder = quantize_to_folder(args.model, Path(args.output), args.quant_config, args.kv_cache_dtype, args.dtype)
+    print(f"wrote {folder}\nrun it with: fp8lm generate {folder} --prompt 'Hello'")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fp8lm.eval import throughput
 
@@ -213,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", action="store_true")
     p.add_argument("--max-ppl-increase", type=float, default=1.0, help="target for the suggested blocklist (%%)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint (compressed-tensors) using QUANT_CONFIG")
+    p.add_argument("model")
+    p.add_argument("--output", required=True)
+    p.add_argument("--quant-config", default=None, help="QUANT_CONFIG file (default: the environment variable)")
+    p.add_argument("--kv-cache-dtype", default="fp8_inc", help="fp8_inc (FP8 KV scales in the folder) or auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")
     p.add_argument("which", choices=["throughput"])

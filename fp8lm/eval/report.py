@@ -12,6 +12,7 @@ from torch import nn
 from fp8lm.eval.perplexity import perplexity
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.modules import replace_module
 
 FP8_TYPES = (FP8Linear, FP8Matmul, FP8Softmax, FP8KVCache)
 
@@ -95,12 +96,7 @@ class ModuleSwapper:
     def use_fp8(self, units_in_fp8: set[str]) -> None:
         for name in self.twins:
             in_fp8 = any(name.startswith(u) if u != "lm_head" else name == "lm_head" for u in units_in_fp8)
-            _set(self.reference, name, self.twins[name] if in_fp8 else self.originals[name])
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+            replace_module(self.reference, name, self.twins[name] if in_fp8 else self.originals[name])
 
 
 @dataclass

@@ -84,6 +84,10 @@ class ParallelLinear(nn.Module):
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias
 
+    def dense_weight(self) -> torch.Tensor:
+        """W as a plain tensor, also after packing (for checkpoints and reports)."""
+        return self.packed_weight.to_dense() if self.packed_weight is not None else self.weight.detach()
+
     def pack_for_onednn(self, batch_hint: int) -> None:
         """Replaces W by a oneDNN-packed copy (2-3x faster than torch's CPU mm on these machines).
         The plain weight is released unless another module shares it (tied embeddings)."""

@@ -71,10 +71,11 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-               tp: TensorParallel | None = None, transform: Callable[[nn.Module], None] | None = None
-               ) -> LlamaForCausalLM:
+               tp: TensorParallel | None = None, transform: Callable[[nn.Module], None] | None = None,
+               rename: Callable[[str], str] | None = None) -> LlamaForCausalLM:
     """`transform` edits the model while it is still on the meta device (FP8 patching). Then its
-    weights load on the CPU, one checkpoint tensor at a time, and the result moves to `device`."""
+    weights load on the CPU, one checkpoint tensor at a time (`rename` maps checkpoint names to
+    model names), and the result moves to `device`."""
     folder = Path(folder)
     config = ModelConfig.from_folder(folder)
     with torch.device("meta"), default_dtype(dtype):
@@ -82,9 +83,13 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "c
     if transform is not None:
         transform(model)
     staging = torch.device("cpu") if transform is not None else torch.device(device)
+    required = {n for n, t in _named_tensors(model).items() if t.is_meta}
     materialize(model, staging)
     model.tie_weights()
-    load_weights(model, iter_checkpoint(folder), source=str(folder))
+    weights = iter_checkpoint(folder)
+    if rename is not None:
+        weights = ((rename(n), t) for n, t in weights)
+    load_weights(model, weights, source=str(folder), required=required)
     if staging != torch.device(device):
         model.to(device)
     return model.eval()
@@ -104,8 +109,13 @@ def _load_one(model: nn.Module, target: str, tensor: torch.Tensor, where: str) -
         raise ModelLoadError(f"{where}: {e}") from None
 
 
-def load_weights(model: nn.Module, weights, source: str) -> None:
-    params = dict(model.named_parameters(remove_duplicate=False))
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def load_weights(model: nn.Module, weights, source: str, required: set[str] | None = None) -> None:
+    """Loads (name, tensor) pairs; every name in `required` (default: all parameters) must come."""
+    params = _named_tensors(model)
     loaded: set[str] = set()
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     for name, tensor in weights:
@@ -118,7 +128,9 @@ def load_weights(model: nn.Module, weights, source: str) -> None:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints: derived, not loaded
             _load_one(model, target, tensor, f"{source}: {target}")
             loaded.add(target)
-    missing = sorted(set(params) - loaded)
+    if required is None:
+        required = set(dict(model.named_parameters(remove_duplicate=False)))
+    missing = sorted(required - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{source}: checkpoint lacks {shown}")

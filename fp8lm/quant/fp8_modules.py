@@ -76,7 +76,15 @@ class FP8Linear(nn.Module):
         return self.input_scale is None
 
     def load_tensor(self, name: str, full: torch.Tensor) -> None:
-        if name == "bias":
+        """Checkpoint tensors: a high-precision weight (quantized here), or an FP8 weight with its
+        weight_scale / input_scale (compressed-tensors checkpoints)."""
+        if name in ("weight_scale", "input_scale"):
+            value = full.float().reshape(-1, 1) if full.numel() > 1 else full.float().reshape(())
+            if name == "weight_scale" and value.numel() > 1 and self.shard_dim == 0 and self.tp_size > 1:
+                size = value.shape[0] // self.tp_size
+                value = value.narrow(0, self.tp_rank * size, size)
+            set_scale(self, name, value, self.fmt)
+        elif name == "bias":
             size = full.shape[0] // self.tp_size
             copy_exact(self.bias, full.narrow(0, self.tp_rank * size, size) if self.shard_dim == 0 else full,
                        full.shape)
@@ -193,6 +201,11 @@ class FP8KVCache(KVCache):
         self.fmt = fmt
         self.cache_dtype = fmt.dtype
         set_scale(self, "scale", scale, fmt)
+
+    def load_tensor(self, name: str, full: torch.Tensor) -> None:
+        if name != "scale" or full.numel() != 1:
+            raise ValueError(f"expected one KV scale, got {name} of shape {tuple(full.shape)}")
+        set_scale(self, "scale", full.float().reshape(()), self.fmt)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         q = to_fp8(x.transpose(0, 1), inverse(self.scale), self.fmt.dtype, self.fmt.limit).contiguous()

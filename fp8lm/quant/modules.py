@@ -42,3 +42,8 @@ def quantizable_modules(model: nn.Module):
         entry = _TYPES.get(type(module))
         if entry is not None:
             yield name, module, entry[0], entry[1]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -19,7 +19,7 @@ from fp8lm.fp8.scales import activation_scale, weight_scale
 from fp8lm.quant.config import QuantConfig
 from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
 from fp8lm.quant.measure_files import METADATA_KEY, file_payload, find_measurement, read_files, write_files
-from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules
+from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Quantizer:
             if node is None and needs_measurement:
                 missing.append(name)
                 continue
-            _replace(model, name, self._fp8_module(name, module, kind, spec, node or {}, cached.get(name)))
+            replace_module(model, name, self._fp8_module(name, module, kind, spec, node or {}, cached.get(name)))
         if missing and not self.config.flag("ignore_modules_wo_measures"):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FP8LMError(f"{shown}: allowlisted but not measured in {self.measurement_path}.json; measure "
@@ -156,6 +156,9 @@ class Quantizer:
         log.info("reusing weight scales from %s", path)
         return {k: torch.as_tensor(v["params"]["weight"]) for k, v in nodes.items() if "weight" in v.get("params", {})}
 
+    def rename(self, name: str) -> str:
+        return name
+
     # ---- after loading -----------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
         for module in model.modules():
@@ -189,8 +192,3 @@ class Quantizer:
                         backup=False)
         except FP8LMError as e:
             log.warning("scale cache not written: %s", e)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

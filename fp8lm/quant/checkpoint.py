@@ -1,0 +1,225 @@
+"""Quantized checkpoints in the compressed-tensors format (what llm-compressor writes and vLLM,
+SGLang and transformers read), plus what only fp8lm needs in a sidecar file.
+
+    config.json  quantization_config: {quant_method: compressed-tensors, format: float-quantized,
+                 config_groups, ignore, kv_cache_scheme}
+    <linear>.weight (F8_E4M3), <linear>.weight_scale, <linear>.input_scale (static only),
+    model.layers.N.self_attn.k_scale / v_scale; convention value ≈ fp8 * scale.
+    fp8lm_quant.json  attention matmul / softmax scales (other loaders ignore the file) and the
+                 measurement's provenance (device, dtype, model fingerprint, scale method).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.fp8.formats import CPU, DeviceProfile
+from fp8lm.fp8.scale_methods import ScaleSpec
+from fp8lm.model.layers import ParallelLinear
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
+
+SIDECAR = "fp8lm_quant.json"
+_KV_RE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.attn\.([kv])_cache$")
+_DYNAMIC_TOKEN = ScaleSpec(granularity="PCS", rounding="IDENTITY", dynamic=True)
+
+
+def _float_args(strategy: str, dynamic: bool) -> dict:
+    return {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": None if dynamic else "minmax",
+            "observer_kwargs": {}}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def quantization_config(model: nn.Module) -> dict:
+    groups: dict[tuple[str, bool], list[str]] = {}
+    ignore = []
+    for name, module, _, kind in quantizable_modules(model):
+        if kind is LINEAR:
+            ignore.append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            strategy = "channel" if torch.as_tensor(module.weight_scale).numel() > 1 else "tensor"
+            groups.setdefault((strategy, module.dynamic), []).append(name)
+    config_groups = {}
+    single = len(groups) == 1
+    for i, ((strategy, dynamic), names) in enumerate(sorted(groups.items())):
+        config_groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else [f"re:^{re.escape(n)}$" for n in names],
+            "weights": _float_args(strategy, False),
+            "input_activations": _float_args("token" if dynamic else "tensor", dynamic),
+            "output_activations": None,
+        }
+    kv = any(isinstance(m, FP8KVCache) for m in model.modules())
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "global_compression_ratio": None, "config_groups": config_groups, "ignore": sorted(ignore),
+            "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                "symmetric": True} if kv else None}
+
+
+def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors under their checkpoint names, and the sidecar's attention scales."""
+    tensors: dict[str, torch.Tensor] = {}
+    attention: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, FP8Linear):
+            tensors[prefix + "weight"] = module.weight.detach().cpu()
+            ws = torch.as_tensor(module.weight_scale, dtype=torch.float32).cpu()
+            tensors[prefix + "weight_scale"] = ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(1)
+            if not module.dynamic:
+                tensors[prefix + "input_scale"] = torch.tensor([float(module.input_scale)])
+            if module.bias is not None:
+                tensors[prefix + "bias"] = module.bias.detach().cpu()
+        elif isinstance(module, FP8KVCache):
+            attn, which = _KV_RE.match(name).groups()
+            tensors[f"{attn}.{which}_scale"] = torch.tensor(float(module.scale))
+        elif isinstance(module, ParallelLinear):
+            tensors[prefix + "weight"] = module.dense_weight().cpu()
+            if module.bias is not None:
+                tensors[prefix + "bias"] = module.bias.detach().cpu()
+        elif isinstance(module, FP8Matmul):
+            attention[name] = {"scale_a": float(module.scale_a), "scale_b": float(module.scale_b)}
+        elif isinstance(module, FP8Softmax):
+            attention[name] = {"output_scale": float(module.output_scale)}
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                if p.device.type != "meta":
+                    tensors.setdefault(prefix + pname, p.detach().cpu())
+    return {k: v.contiguous() for k, v in tensors.items()}, attention
+
+
+def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenance: dict) -> Path:
+    """Writes the folder next to its destination and renames it into place."""
+    output = Path(output).expanduser().resolve()
+    if output.exists() and any(output.iterdir()):
+        raise FP8LMError(f"--output {output}: exists and is not empty")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        tensors, attention = checkpoint_tensors(model)
+        config = json.loads((Path(source_folder) / "config.json").read_text())
+        if "lm_head.weight" in tensors and tensors["lm_head.weight"].dtype != tensors["model.embed_tokens.weight"].dtype:
+            config["tie_word_embeddings"] = False       # an FP8 LM head is its own tensor
+        elif config.get("tie_word_embeddings"):
+            tensors.pop("lm_head.weight", None)
+        config["quantization_config"] = quantization_config(model)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o644)
+        (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "provenance": provenance}, indent=2))
+        for name in os.listdir(source_folder):
+            if name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
+                                                         "special_tokens_map.json"):
+                shutil.copy(Path(source_folder) / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        os.chmod(tmp, 0o755)
+        if output.exists():
+            output.rmdir()
+        os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+class CheckpointQuantization:
+    """Builds the FP8 modules a compressed-tensors folder describes; scales arrive with the weights."""
+
+    def __init__(self, folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype,
+                 profile: DeviceProfile = CPU):
+        self.folder, self.qconfig, self.profile = Path(folder), qconfig, profile
+        self.device, self.dtype = device, dtype
+        if qconfig.get("quant_method") != "compressed-tensors":
+            raise ModelLoadError(f"{folder}/config.json: quant_method {qconfig.get('quant_method')!r} is not supported; "
+                                 "fp8lm reads compressed-tensors FP8 checkpoints")
+        fmt = qconfig.get("format")
+        if fmt not in ("float-quantized", "naive-quantized"):
+            raise ModelLoadError(f"{folder}/config.json: format {fmt!r} is not supported; fp8lm reads "
+                                 "float-quantized (FP8) checkpoints")
+        self.groups = list((qconfig.get("config_groups") or {}).items())
+        self.ignore = qconfig.get("ignore") or []
+        self.kv_fp8 = qconfig.get("kv_cache_scheme") is not None
+        if self.kv_fp8:
+            _check_kv_scheme(folder, qconfig["kv_cache_scheme"])
+        sidecar = self.folder / SIDECAR
+        self.attention = json.loads(sidecar.read_text())["attention_scales"] if sidecar.is_file() else {}
+        self.fmt = FP8Format(torch.float8_e4m3fn, 448.0, "CONST")
+
+    def _group_for(self, name: str) -> dict | None:
+        if any(_matches(t, name, "Linear") for t in self.ignore):
+            return None
+        for _, group in self.groups:
+            if any(_matches(t, name, "Linear") for t in group.get("targets", [])):
+                return group
+        return None
+
+    def patch(self, model: nn.Module) -> None:
+        for name, module, _, kind in list(quantizable_modules(model)):
+            if kind is LINEAR:
+                group = self._group_for(name)
+                if group is not None:
+                    replace_module(model, name, self._linear(name, module, group))
+            elif kind is KV_CACHE and self.kv_fp8:
+                replace_module(model, name, FP8KVCache(self.fmt, torch.empty((), device="meta")))
+            elif kind is MATMUL and name in self.attention:
+                s = self.attention[name]
+                replace_module(model, name, FP8Matmul(self.fmt, s["scale_a"], s["scale_b"]))
+            elif kind is SOFTMAX and name in self.attention:
+                replace_module(model, name, FP8Softmax(self.fmt, self.attention[name]["output_scale"]))
+
+    def _linear(self, name: str, module, group: dict) -> FP8Linear:
+        w, a = group.get("weights") or {}, group.get("input_activations")
+        scheme = f"weights {w.get('type')}{w.get('num_bits')} {w.get('strategy')}"
+        ok_weights = (w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") in ("tensor", "channel")
+                      and w.get("symmetric", True) and not w.get("dynamic"))
+        ok_acts = a is None or (a.get("type") == "float" and a.get("num_bits") == 8 and a.get("symmetric", True) and (
+            (a.get("strategy") == "tensor" and not a.get("dynamic")) or (a.get("strategy") == "token" and a.get("dynamic"))))
+        if not (ok_weights and ok_acts):
+            acts = "none" if a is None else f"{a.get('type')}{a.get('num_bits')} {a.get('strategy')} " \
+                                            f"{'dynamic' if a.get('dynamic') else 'static'}"
+            raise ModelLoadError(f"{self.folder}: layer {name}: scheme ({scheme}; input activations {acts}) is not "
+                                 "supported; fp8lm runs FP8 weights per tensor or channel with static per-tensor or "
+                                 "dynamic per-token FP8 inputs")
+        if a is None:
+            raise ModelLoadError(f"{self.folder}: layer {name}: weight-only FP8 (no input_activations) is not supported")
+        dynamic = bool(a.get("dynamic"))
+        # Scales are placeholders on the meta device: the loader fills them from the checkpoint and
+        # reports any it lacks.
+        w_shape = (module.out_features, 1) if w.get("strategy") == "channel" else (1,)
+        return FP8Linear(module, self.fmt, None if dynamic else torch.empty((), device="meta"),
+                         torch.empty(w_shape, device="meta"), ScaleSpec(), _DYNAMIC_TOKEN if dynamic else None,
+                         self.profile)
+
+    def rename(self, name: str) -> str:
+        """Checkpoint tensor name -> model tensor name (KV scales live on the cache modules)."""
+        m = re.match(r"^(model\.layers\.\d+\.self_attn)\.(?:[kv]_proj\.)?([kv])_scale$", name)
+        if m:
+            return f"{m.group(1)}.attn.{m.group(2)}_cache.scale"
+        return name
+
+    def finish(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                module.prepare(self.device, self.dtype)
+
+
+def _check_kv_scheme(folder: Path, scheme: dict) -> None:
+    if not (scheme.get("type") == "float" and scheme.get("num_bits") == 8 and scheme.get("strategy") == "tensor"):
+        raise ModelLoadError(f"{folder}: kv_cache_scheme {scheme} is not supported; fp8lm reads per-tensor FP8 KV scales")
+
+
+def _matches(target: str, name: str, type_name: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type_name
