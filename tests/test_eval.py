@@ -1,0 +1,73 @@
+"""Perplexity, FP8 comparison, SQNR report and sensitivity on a tiny Llama."""
+import math
+import struct
+
+import pytest
+import torch
+
+from fp8lm import LLM, SamplingParams
+from fp8lm.eval.perplexity import compare, perplexity
+from fp8lm.eval.report import module_sqnr, sensitivity, write_sqnr_report
+
+WINDOWS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))] for n in (40, 33)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("eval") / "m"
+    measure = LLM(str(tiny_model), quantization="inc", max_model_len=64,
+                  quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
+    measure.generate(WINDOWS, SamplingParams(max_tokens=2), use_tqdm=False)
+    measure.finalize_calibration()
+    ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
+    fp8 = LLM(str(tiny_model), max_model_len=64, skip_warmup=True, quantization="inc", kv_cache_dtype="fp8_inc",
+              quant_config={"mode": "QUANTIZE", "dump_stats_path": str(prefix)})
+    return ref.engine, fp8.engine
+
+
+def test_perplexity_matches_transformers(tiny_model, engines):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in WINDOWS:
+            lp = torch.log_softmax(model(torch.tensor([w])).logits[0, :-1], -1)
+            nll -= float(lp.gather(1, torch.tensor(w[1:])[:, None]).sum())
+            n += len(w) - 1
+    assert perplexity(engines[0], WINDOWS).value == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_comparison_with_itself_and_with_fp8(engines):
+    ref, fp8 = engines
+    same = compare(ref, ref, WINDOWS)
+    assert same.mean_kl == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0 and same.ppl_change_pct == 0
+    diff = compare(ref, fp8, WINDOWS)
+    assert diff.mean_kl > 0 and 0.5 < diff.top1_agreement <= 1.0
+    assert diff.reference.value == same.reference.value
+
+
+def test_sqnr_report_files(engines, tmp_path):
+    errors = module_sqnr(*engines, WINDOWS)
+    names = {e.name for e in errors}
+    assert "lm_head" in names and "model.layers.1.self_attn.attn.k_cache" in names
+    assert all(5 < e.sqnr_db < 80 for e in errors)
+    md, png = write_sqnr_report(errors, str(tmp_path / "r"))
+    rows = open(md).read().splitlines()[2:]
+    assert len(rows) == len(errors)
+    values = [float(r.split("|")[2]) for r in rows]
+    assert values == sorted(values)                          # worst first
+    data = open(png, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width == 520 and height > len(errors) * 6
+
+
+def test_sensitivity_blocklist_reduces_the_cost(engines):
+    before = perplexity(engines[0], WINDOWS).value
+    result = sensitivity(*engines, WINDOWS, max_increase_pct=0.0, max_units=2)
+    assert set(result.unit_cost_pct) == {"model.layers.0.", "model.layers.1.", "lm_head"}
+    assert len(result.blocklist) == 2
+    assert result.blocklist[0] == max(result.unit_cost_pct, key=result.unit_cost_pct.get)
+    assert result.baseline_ppl == before
+    assert perplexity(engines[0], WINDOWS).value == before     # the reference model is restored
