@@ -95,3 +95,11 @@ def test_smollm2_builtin_calibration(tmp_path, smollm2):
             assert 0 < v[0][0] < float("inf"), name
     meta = data["Fp8lmMetadata"]
     assert meta["num_samples"] == 32 and meta["num_tokens"] > 1000 and meta["model"]["name"] == smollm2.name
+
+
+def test_max_ppl_increase_writes_a_blocklist(tmp_path, tiny_model):
+    result = calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, max_seq_len=40, max_tokens=2,
+                       use_tqdm=False, max_ppl_increase=0.0)
+    cfg = json.loads(result.quant_config.read_text())
+    assert cfg["blocklist"]["names"] == result.blocklist and result.blocklist
+    assert all(n == "^lm_head$" or n.startswith("model\\.layers\\.") for n in result.blocklist)

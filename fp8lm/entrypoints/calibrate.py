@@ -27,6 +27,7 @@ class CalibrationResult:
     measure_config: Path
     num_samples: int
     num_truncated: int
+    blocklist: list[str]
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -48,7 +49,10 @@ def check_writable(folder: Path) -> None:
 
 def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, max_seq_len: int = 1024,
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
-              use_tqdm: bool = True, quant_overrides: dict | None = None) -> CalibrationResult:
+              use_tqdm: bool = True, quant_overrides: dict | None = None,
+              max_ppl_increase: float | None = None) -> CalibrationResult:
+    """MEASURE over the dataset; with `max_ppl_increase` (%), also a per-layer sensitivity pass on
+    the calibration samples whose blocklist goes into the generated QUANTIZE config."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
@@ -78,10 +82,31 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     except BaseException:
         llm.engine.discard_measurement()   # an interrupted calibration writes nothing
         raise
+    del llm
+    blocklist: list[str] = []
+    if max_ppl_increase is not None:
+        blocklist = suggest_blocklist(model, quant_cfg, prompts, max_ppl_increase, device, dtype)
+        quant_cfg["blocklist"]["names"] = list(quant_cfg["blocklist"]["names"]) + blocklist
     measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
     write_json_atomic(measure_path, measure_cfg)
     write_json_atomic(quant_path, quant_cfg)
-    return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated)
+    return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist)
+
+
+def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max_increase_pct: float,
+                      device: str, dtype: str, max_windows: int = 16) -> list[str]:
+    from fp8lm.eval.report import sensitivity
+
+    windows = [p for p in prompts if len(p) >= 2][:max_windows]
+    longest = max(len(w) for w in windows)
+    common = dict(device=device, dtype=dtype, max_model_len=longest, max_num_seqs=1, skip_warmup=True,
+                  num_kv_blocks=-(-longest // 16))
+    reference = LLM(model, **common)
+    candidate = LLM(model, quantization="inc", quant_config=quant_cfg, **common)
+    result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct)
+    log.info("sensitivity: all FP8 %+.2f%%, keeping %s in high precision %+.2f%% (calibration samples)",
+             result.all_fp8_pct, ", ".join(result.blocklist) or "nothing", result.with_blocklist_pct)
+    return result.blocklist_names()
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
