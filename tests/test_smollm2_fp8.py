@@ -1,0 +1,28 @@
+"""SmolLM2 in FP8 end to end: calibrate (builtin) -> QUANTIZE -> compare with float32 on held-out text."""
+import pytest
+
+from fp8lm import LLM
+from fp8lm.entrypoints.calibrate import calibrate
+from fp8lm.eval.perplexity import compare, read_text, token_windows
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2, tmp_path_factory):
+    return calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal"), num_samples=16, max_seq_len=256,
+                     max_tokens=8, use_tqdm=False)
+
+
+def scoring(model, **kw):
+    return LLM(str(model), max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
+
+
+def test_fp8_stays_close_to_float32(smollm2, calibration):
+    ref = scoring(smollm2)
+    fp8 = scoring(smollm2, quantization="inc", quant_config=str(calibration.quant_config), kv_cache_dtype="fp8_inc")
+    windows = token_windows(ref.get_tokenizer(), read_text(None), 512)
+    result = compare(ref.engine, fp8.engine, windows)
+    # Regression guards, far looser than the figures in docs/BENCHMARKS.md: a broken scale or cast
+    # sends KL above 1 and agreement below 50%.
+    assert result.mean_kl < 0.2 and result.top1_agreement > 0.7 and result.ppl_change_pct < 20
