@@ -187,12 +187,13 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_text: str | None = None) -> Request:
-        """prompt: text to tokenize, or token ids (then `prompt_text` is what outputs show as the prompt)."""
+                    prompt_text: str | None = None, add_special_tokens: bool = True) -> Request:
+        """prompt: text to tokenize, or token ids (then `prompt_text` is what outputs show as the prompt).
+        A rendered chat template already holds its special tokens: add_special_tokens=False."""
         self._check_alive()
         if request_id in self.requests:
             raise FP8LMError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self._tokenize(prompt, add_special_tokens)
         text = prompt_text if text is None else text
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
@@ -205,11 +206,14 @@ class LLMEngine:
             self.measurement.num_samples += 1
         return request
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise FP8LMError(f"{self.model_path}: this model folder has no tokenizer; pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            try:
+                return prompt, self.tokenizer.encode(prompt, add_special_tokens)
+            except (UnicodeError, ValueError, TypeError) as e:
+                raise SamplingParamsError("prompt", f"cannot be tokenized ({type(e).__name__})") from None
         return None, [int(t) for t in prompt]
 
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:

@@ -191,6 +191,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fp8lm.engine.config import EngineConfig
+    from fp8lm.entrypoints.openai.server import rpc_timeout_seconds, run_server
+    from fp8lm.model.config import ModelConfig
+    from fp8lm.model.registry import resolve_model
+
+    # Everything that can be checked without loading the model fails here, before the port opens.
+    folder = resolve_model(args.model)
+    ModelConfig.from_folder(folder)
+    rpc_timeout_seconds()
+    config = EngineConfig(model=str(folder), **engine_kwargs(args))
+    run_server(config, args.host, args.port, args.api_key, args.served_model_name or args.model)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fp8lm.eval import throughput
 
@@ -258,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="fp8_inc", help="fp8_inc (FP8 KV scales in the folder) or auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible server (QUANT_CONFIG from the environment)")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")
     p.add_argument("which", choices=["throughput"])

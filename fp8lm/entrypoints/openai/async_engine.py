@@ -1,0 +1,135 @@
+"""The engine on its own thread, fed by an asyncio server: requests go in through a queue, each
+request's outputs come back to its own asyncio queue."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fp8lm.engine.llm_engine import LLMEngine
+from fp8lm.engine.outputs import RequestOutput
+from fp8lm.engine.sampling_params import SamplingParams
+from fp8lm.errors import EngineDeadError, FP8LMError
+
+log = logging.getLogger(__name__)
+
+
+class RequestTimeout(FP8LMError):
+    """No output from the engine within FP8LM_RPC_TIMEOUT."""
+
+
+class AsyncEngine:
+    def __init__(self, make_engine: Callable[[], LLMEngine], rpc_timeout_s: float):
+        self._make_engine = make_engine
+        self.rpc_timeout_s = rpc_timeout_s
+        self.engine: LLMEngine | None = None
+        self.error: str | None = None
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, Callable] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
+        self.on_step: Callable[[list[RequestOutput], float], None] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.error is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._make_engine()
+        except Exception as e:  # reported by /health and every request; the process stays up to say so
+            self.error = f"engine failed to start: {e}"
+            log.error(self.error)
+            return
+        while not self._stopping.is_set():
+            self._drain(block=not self.engine.has_unfinished_requests())
+            if self._stopping.is_set() or not self.engine.has_unfinished_requests():
+                continue
+            try:
+                start = time.monotonic()
+                outputs = self.engine.step()
+            except EngineDeadError as e:
+                self.error = str(e)
+                break
+            if self.on_step is not None:
+                self.on_step(outputs, time.monotonic() - start)
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink(out)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+        self._fail_all(EngineDeadError(self.error or "the server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._execute(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt, params, kwargs, sink = command
+            try:
+                self.engine.add_request(request_id, prompt, params, **kwargs)
+            except Exception as e:   # invalid request: the client gets a 400
+                sink(e)
+                return
+            self._sinks[request_id] = sink
+        elif command[0] == "abort":
+            self._sinks.pop(command[1], None)
+            self.engine.abort_request(command[1])
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            sink(error)
+            if self.engine is not None:
+                self.engine.abort_request(request_id)
+        self._sinks.clear()
+
+    # ---- the asyncio side -------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       **kwargs) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
+        if self.error:
+            raise EngineDeadError(self.error)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", request_id, prompt, params, kwargs,
+                            lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)))
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(outputs.get(), timeout=self.rpc_timeout_s)
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"no output from the engine within FP8LM_RPC_TIMEOUT "
+                                         f"({self.rpc_timeout_s * 1000:.0f} ms)") from None
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
