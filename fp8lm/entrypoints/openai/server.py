@@ -348,8 +348,11 @@ async def _merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
             else:
                 yield index, item
     finally:
+        # Cancelling a pump throws into the generator it is iterating, which aborts its request;
+        # only once the pumps are done may the generators be closed from here.
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for gen, _ in started:
             await gen.aclose()
 
