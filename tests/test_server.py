@@ -206,3 +206,53 @@ def test_bad_flags_fail_before_listening(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fp8lm", "serve", str(tmp_path), "--tensor-parallel-size", "2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    """Fuzzes every operation of the server's own OpenAPI schema (bounded, to fit CI)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    r = subprocess.run([st, "run", f"{server.base_url}/openapi.json", "--max-examples", "25",
+                        "-c", "not_a_server_error,response_schema_conformance,content_type_conformance"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "passed" in r.stdout
+
+
+def test_hung_step_turns_health_503(tiny_model):
+    """FP8LM_ENGINE_ITERATION_TIMEOUT_S: /health reports a step that hangs, then the dead engine."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from fp8lm.engine.config import EngineConfig
+    from fp8lm.engine.llm_engine import LLMEngine
+    from fp8lm.entrypoints.openai.async_engine import AsyncEngine
+    from fp8lm.entrypoints.openai.server import build_app
+
+    def make():
+        engine = LLMEngine(EngineConfig(model=str(tiny_model), max_model_len=64, skip_warmup=True,
+                                        iteration_timeout_s=1.0))
+        engine.runner.run = lambda *a, **k: time.sleep(4)
+        return engine
+
+    engine = AsyncEngine(make, rpc_timeout_s=30)
+    engine.start()
+    with TestClient(build_app(engine, MODEL)) as http:
+        while http.get("/health").status_code != 200:
+            time.sleep(0.05)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            r=http.post("/v1/completions", json={"prompt": "hang", "max_tokens": 2})))
+        worker.start()
+        time.sleep(1.5)
+        health = http.get("/health")
+        assert health.status_code == 503 and "ENGINE_ITERATION_TIMEOUT_S" in health.text
+        worker.join(10)
+        assert result["r"].status_code == 503 and "ENGINE_ITERATION_TIMEOUT_S" in result["r"].json()["error"]["message"]
+        assert http.post("/v1/completions", json={"prompt": "again"}).status_code == 503
+    engine.stop()

@@ -233,6 +233,9 @@ class LLMEngine:
                               f"max_model_len={self.max_model_len}")
         if params.n > self.config.max_num_seqs:
             raise SamplingParamsError("n", f"{params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop:
+            raise SamplingParamsError("stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary [0, {vocab})")
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.greedy:
@@ -277,6 +280,15 @@ class LLMEngine:
         want_prompt = {s.seq_id for s in seqs if is_prefill and s.index == 0 and s.params.prompt_logprobs is not None
                        and self.requests[s.request_id].prompt_logprobs is None}
         out = self._run(seqs, is_prefill, want_prompt)
+        try:
+            return self._postprocess(seqs, is_prefill, out)
+        except EngineDeadError:
+            raise
+        except Exception as e:  # a bug here would otherwise leave requests waiting forever
+            log.exception("sampling failed")
+            self._die(f"sampling or output processing failed: {type(e).__name__}: {e}")
+
+    def _postprocess(self, seqs: list[Sequence], is_prefill: bool, out) -> list[RequestOutput]:
         tokens = self.sampler(out.logits, seqs)
         touched: dict[str, Request] = {}
         now = time.monotonic()

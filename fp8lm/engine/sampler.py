@@ -26,8 +26,14 @@ class Sampler:
         if not all(greedy):
             rows = [i for i, g in enumerate(greedy) if not g]
             probs = self._filtered_probs(logits[rows], [seqs[i] for i in rows])
+            # Extreme settings (a vanishing repetition penalty, say) can leave no valid distribution:
+            # such a row falls back to the most likely token rather than failing the batch.
+            valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
             for row, i in enumerate(rows):
-                tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+                if valid[row]:
+                    tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+                else:
+                    tokens[i] = int(logits[i].nan_to_num(nan=float("-inf")).argmax())
         return tokens
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

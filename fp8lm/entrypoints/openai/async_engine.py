@@ -60,8 +60,8 @@ class AsyncEngine:
             try:
                 start = time.monotonic()
                 outputs = self.engine.step()
-            except EngineDeadError as e:
-                self.error = str(e)
+            except Exception as e:   # EngineDeadError, or anything unforeseen: clearly dead, never hung
+                self.error = str(e) if isinstance(e, EngineDeadError) else f"engine failed: {type(e).__name__}: {e}"
                 break
             if self.on_step is not None:
                 self.on_step(outputs, time.monotonic() - start)
