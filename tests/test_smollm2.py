@@ -21,10 +21,10 @@ def test_conversion_matches_transformers_gguf_loader(smollm2):
     """transformers dequantizes the GGUF and un-permutes q/k by itself: an independent check."""
     from transformers import AutoModelForCausalLM
 
-    from fp8lm.model.registry import KNOWN_MODELS, _package_dir
+    from fp8lm.model.registry import gguf_file
 
-    _, module, filename = KNOWN_MODELS["smollm2-135m-instruct"]
-    ref = AutoModelForCausalLM.from_pretrained(_package_dir(module), gguf_file=filename, dtype=torch.float32).eval()
+    path = gguf_file("smollm2-135m-instruct")
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = [1, 504, 3575, 282, 4649, 314, 216, 30, 28, 3110, 28, 216, 31, 28, 216, 32]
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]

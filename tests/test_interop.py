@@ -1,0 +1,140 @@
+"""compressed-tensors interop on SmolLM2: fp8lm runs what llm-compressor writes, transformers runs
+what fp8lm writes. (llmcompressor and compressed-tensors are test extras.)
+
+Which arithmetic transformers runs for these folders: compressed-tensors decompresses each FP8 weight
+to fp8 * weight_scale and fake-quantizes every Linear's input (static: with input_scale; dynamic:
+per token, amax / 448), then an ordinary float32 matmul — the same W8A8 arithmetic as fp8lm's CPU
+emulation. So each Linear, given the same input, must agree to float32 rounding (checked module by
+module). Whole-model logits cannot be held to that: an input that differs in the last bit can round
+to a neighbouring FP8 value (6% apart), and 30 layers amplify it. End to end we require the same
+greedy tokens and the same argmax at almost every position.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fp8lm import LLM, SamplingParams
+from fp8lm.quant.fp8_modules import FP8Linear
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+NEAR_TIE = 1.5
+IDS = [504, 3575, 282, 4649, 314, 7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32]
+
+LLMC = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+src, scheme, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(src)
+recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+if scheme == "FP8":
+    from datasets import Dataset
+    texts = ["The quick brown fox jumps over the lazy dog.", "def f(x):\\n    return x * 2",
+             "Paris is the capital of France.", "1, 2, 3, 5, 8, 13, 21"] * 3
+    ds = Dataset.from_dict({"text": texts}).map(lambda e: tok(e["text"]), remove_columns=["text"])
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(texts))
+else:
+    oneshot(model=model, recipe=recipe)
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+@pytest.fixture(scope="module", params=["FP8", "FP8_DYNAMIC"])
+def llmc_folder(request, smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llmc") / request.param
+    r = subprocess.run([sys.executable, "-c", LLMC, str(smollm2), request.param, str(out)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def transformers_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_fp8lm_runs_llm_compressor_checkpoints(llmc_folder):
+    scheme = llmc_folder.name
+    hf = transformers_model(llmc_folder)
+    llm = LLM(str(llmc_folder), max_model_len=256, skip_warmup=True)
+    down = llm.engine.model.model.layers[3].mlp.down_proj
+    assert isinstance(down, FP8Linear) and down.dynamic == (scheme == "FP8_DYNAMIC")
+    assert not isinstance(llm.engine.model.lm_head, FP8Linear)        # ignored by the recipe
+
+    # Module by module: the same input gives the same output (float32 rounding).
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].detach(), output.detach())
+        return hook
+
+    for name, module in hf.named_modules():
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(keep(name))
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([IDS])).logits[0]
+    assert len(seen) == 210
+    for name, (x, y) in seen.items():
+        with torch.no_grad():
+            z = llm.engine.model.get_submodule(name)(x.reshape(-1, x.shape[-1])).reshape(y.shape)
+        diff, scale = (z - y).abs(), max(1.0, y.abs().max().item())
+        assert diff.median() <= 1e-6 * scale and diff.max() <= 1e-3 * scale, name
+
+    ours = llm.engine.score(IDS)                                    # logits of positions 0..n-2
+    assert (ours.argmax(-1) == ref_logits[:-1].argmax(-1)).float().mean() >= 0.9
+    assert_greedy_agrees(llm, hf)
+
+
+def assert_greedy_agrees(llm, hf) -> None:
+    tok = llm.get_tokenizer()
+    exact = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False)[0, len(ids):].tolist()
+        logits = llm.engine.score(ids + expected)[len(ids) - 1:]          # fp8lm's view of each step
+        ties = 0
+        for step, token in enumerate(expected):
+            best = int(logits[step].argmax())
+            if best != token:
+                ties += 1
+                margin = float(logits[step, best] - logits[step, token])
+                assert margin < NEAR_TIE, f"{prompt!r} step {step}: fp8lm prefers {best} by {margin:.3f}"
+        assert ties <= 4, f"{prompt!r}: {ties} steps disagree"
+        exact += len(expected) - ties
+        free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(free, expected)) if a != b), 16)
+        assert free[:first] == expected[:first]                          # identical up to the first tie
+    assert exact >= 38
+
+
+def test_transformers_runs_fp8lm_checkpoints(smollm2, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from fp8lm.entrypoints.calibrate import calibrate
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+
+    cal = calibrate(str(smollm2), "builtin", tmp_path / "cal", num_samples=16, max_seq_len=256, max_tokens=8,
+                    use_tqdm=False)
+    config = json.loads(cal.quant_config.read_text())
+    # Linear only: transformers does not run fp8lm's FP8 attention (those scales live in the sidecar).
+    config["blocklist"] = {"types": ["Matmul", "Softmax", "KVCache"], "names": []}
+    folder = quantize_to_folder(str(smollm2), tmp_path / "fp8", config, kv_cache_dtype="auto")
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qcfg)                       # compressed-tensors' own classes accept it
+    meta = json.loads((folder / "fp8lm_quant.json").read_text())["provenance"]
+    assert meta["measurement"]["model"]["name"] == smollm2.name and meta["scale_method"] == "maxabs_hw"
+
+    hf = transformers_model(folder)
+    llm = LLM(str(folder), max_model_len=256, skip_warmup=True)
+    assert_greedy_agrees(llm, hf)
