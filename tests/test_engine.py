@@ -138,9 +138,9 @@ def test_bad_requests_are_refused(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_unbuilt_options_are_refused(tiny_model):
-    with pytest.raises(FP8LMError, match="tensor_parallel_size"):
-        LLM(str(tiny_model), tensor_parallel_size=2)
+def test_tensor_parallel_size_that_does_not_divide_is_refused(tiny_model):
+    with pytest.raises(FP8LMError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=4"):
+        LLM(str(tiny_model), tensor_parallel_size=3)
 
 
 def test_hung_step_times_out_and_engine_reports_dead(tiny_model, monkeypatch):

@@ -115,7 +115,6 @@ class EngineConfig:
             except ValueError:
                 raise FP8LMError(f"FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout!r}: expected a number of seconds") from None
         self.quant = self._load_quant_config()
-        self._refuse_unbuilt_features()
 
     def _load_quant_config(self):
         if self.quantization is None:
@@ -139,9 +138,3 @@ class EngineConfig:
         if quant.mode == "MEASURE":
             check_stats_path_writable(quant)   # before the model loads, not after a long calibration
         return quant
-
-    def _refuse_unbuilt_features(self) -> None:
-        # Named options that later work implements must never be silently ignored.
-        if self.tensor_parallel_size != 1:
-            raise FP8LMError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
-                             "supported yet in this build of fp8lm")

@@ -1,6 +1,7 @@
 """The engine: requests in, batched model steps, sampled tokens out."""
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import logging
@@ -12,7 +13,9 @@ import torch
 
 from fp8lm.engine.block_manager import BlockManager
 from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
-from fp8lm.engine.model_runner import ModelRunner
+from fp8lm.engine.model_host import ModelHost
+from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
+                                   spawn_local_workers, torchrun_info)
 from fp8lm.engine.outputs import CompletionOutput, RequestOutput
 from fp8lm.engine.sampler import Sampler, top_logprobs
 from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -20,16 +23,9 @@ from fp8lm.engine.scheduler import Scheduler
 from fp8lm.engine.sequence import Logprob, Sequence
 from fp8lm.engine.step_worker import StepWorker
 from fp8lm.errors import EngineDeadError, FP8LMError
-from fp8lm.fp8.formats import device_tag
 from fp8lm.model.config import ModelConfig
-from fp8lm.model.fingerprint import model_fingerprint
-from fp8lm.model.layers import pack_linears_for_cpu
-from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
-from fp8lm.quant.checkpoint import CheckpointQuantization
-from fp8lm.quant.measure import Measurement
-from fp8lm.quant.quantize import Quantizer
 
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = 256
@@ -51,33 +47,21 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
 
-class LLMEngine:
+class LLMEngine(ModelHost):
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self.model_path: Path = resolve_model(config.model)
-        self.model_config = ModelConfig.from_folder(self.model_path)
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.max_model_len = self._max_model_len()
+        self.workers: list = []
+        dist_info = self._join_tensor_parallel_group(config)
+        super().__init__(config, dist_info)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         if self.max_num_batched_tokens < self.max_model_len:
             raise FP8LMError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
                              f"max_model_len={self.max_model_len}: a full-length prompt could never be scheduled")
         self.tokenizer = Tokenizer.from_folder(self.model_path)
-        start = time.perf_counter()
-        self.quantizer = self._make_quantizer()
-        self.model = load_model(self.model_path, self.dtype, self.device,
-                                transform=self.quantizer.patch if self.quantizer else None,
-                                rename=self.quantizer.rename if self.quantizer else None)
-        if self.quantizer is not None:
-            self.quantizer.finish(self.model)
-        self.measurement = self._start_measurement()
-        if self.device.type == "cpu":
-            pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
-        log.info("loaded %s in %.2f s (%s, %s)", self.model_path, time.perf_counter() - start, self.device, self.dtype)
         self.num_kv_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.max_model_len,
-                                  self.device, self.dtype)
+        self.channel = StepChannel() if self.world_size > 1 else None
+        if self.channel is not None:
+            self.channel.send(("init", self.num_kv_blocks))
+        self.runner = self.make_runner(self.num_kv_blocks, self.channel)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
@@ -95,54 +79,41 @@ class LLMEngine:
         else:
             self.warmup()
 
-    def _make_quantizer(self) -> Quantizer | CheckpointQuantization | None:
-        quant = self.config.quant
-        saved = self.model_config.raw.get("quantization_config")
-        if saved is not None:
-            if quant is not None:
-                raise FP8LMError(f"{self.model_path} is already quantized ({saved.get('quant_method')}); run it "
-                                 "without --quantization / QUANT_CONFIG")
-            return CheckpointQuantization(self.model_path, saved, self.device, self.dtype)
-        if quant is None or quant.mode == "MEASURE":
-            return None
-        if quant.mode == "LOAD":
-            raise FP8LMError(f"{quant.source}: mode LOAD reloads a checkpoint written by `fp8lm quantize`: pass its "
-                             f"folder as the model (no QUANT_CONFIG needed)")
-        return Quantizer(quant, self.device, self.dtype, model_fingerprint(self.model_path),
-                         kv_cache_fp8=self.config.kv_cache_dtype == "fp8_inc")
-
-    def _start_measurement(self) -> Measurement | None:
-        quant = self.config.quant
-        if quant is None or quant.mode != "MEASURE":
-            return None
-        metadata = {"device": device_tag(self.device), "compute_dtype": str(self.dtype).replace("torch.", ""),
-                    "model": model_fingerprint(self.model_path)}
-        return Measurement(self.model, quant, metadata)
-
     def discard_measurement(self) -> None:
         """Stops measuring without writing anything (an interrupted calibration)."""
-        if self.measurement is not None:
-            self.measurement.detach()
-            self.measurement = None
+        if self.measurement is not None and self.channel is not None:
+            self.channel.send(("discard",))
+        super().discard_measurement()
 
     def finalize_calibration(self) -> list[Path]:
-        """Writes the measurement files (MEASURE mode) and stops measuring; returns the files written."""
+        """Writes the measurement files (MEASURE mode; one per rank) and stops measuring."""
         if self.measurement is None:
             raise FP8LMError("finalize_calibration() needs quantization='inc' with a MEASURE QUANT_CONFIG")
-        paths = self.measurement.write()
-        self.measurement.detach()
-        self.measurement = None
-        return paths
+        if self.channel is not None:
+            self.channel.send(("finalize",))
+        return self.write_measurement()
+
+    # ---- tensor parallelism -------------------------------------------------------------------
+    def _join_tensor_parallel_group(self, config: EngineConfig) -> DistInfo | None:
+        world = config.tensor_parallel_size
+        launched = torchrun_info()
+        if world == 1 and launched is None:
+            return None
+        if launched is not None:
+            if launched.world_size != world:
+                raise FP8LMError(f"--tensor-parallel-size {world} but the launcher started {launched.world_size} "
+                                 "processes (WORLD_SIZE)")
+            init_group(backend_for(resolve_device(config.device)), 0, world, "env://")
+            atexit.register(self.shutdown)
+            return launched
+        check_divisible(ModelConfig.from_folder(resolve_model(config.model)), world)
+        address = free_tcp_address()
+        self.workers = spawn_local_workers(config, world, address)
+        init_group(backend_for(resolve_device(config.device)), 0, world, address)
+        atexit.register(self.shutdown)
+        return DistInfo(0, world, 0)
 
     # ---- set-up -----------------------------------------------------------------------------
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        value = self.config.max_model_len or limit
-        if value > limit:
-            raise FP8LMError(f"max_model_len={value} exceeds the model's max_position_embeddings={limit} "
-                             f"({self.model_path}/config.json)")
-        return value
-
     def _num_kv_blocks(self) -> int:
         bs = self.config.block_size
         bytes_per_block = sum(2 * bs * a.num_kv_heads * a.head_dim * a.cache_dtype(self.dtype).itemsize
@@ -427,7 +398,26 @@ class LLMEngine:
                              outputs, request.finished)
 
     def shutdown(self) -> None:
+        """Stops the step thread and, with tensor parallelism, every other rank."""
         self._worker.stop()
+        everyone_alive = all(p.is_alive() for p in self.workers)
+        if getattr(self, "channel", None) is not None and not self.dead_reason and everyone_alive:
+            try:
+                self.channel.send(("shutdown",))
+            except Exception:  # a rank already gone: the others are stopped below
+                pass
+        for proc in self.workers:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self.workers = []
+        if torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception as e:  # a broken group (a rank died) cannot always be torn down cleanly
+                log.warning("process group teardown: %s", e)
+        self.channel = None
 
 
 def available_memory(device: torch.device) -> int:

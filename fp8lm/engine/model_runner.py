@@ -19,8 +19,10 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, channel=None):
+        """`channel` (rank 0 under tensor parallelism) sends every step's inputs to the other ranks."""
         self.model, self.device, self.dtype = model, device, dtype
+        self.channel = channel
         self.block_size, self.num_blocks = block_size, num_blocks
         model.rotary.build_cache(max_model_len, device, dtype)
         self.kv_caches = self._allocate_kv_cache()
@@ -86,10 +88,17 @@ class ModelRunner:
         return self._tensor(ids), self._tensor(positions), meta, [1] * len(seqs)
 
     @torch.inference_mode()
+    def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One forward pass of this rank's shard (every rank runs it with the same inputs)."""
+        return self.model(input_ids.to(self.device), positions.to(self.device), _to_device(meta, self.device))
+
+    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, want_prompt_logits: set[int] = frozenset()) -> StepOutput:
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta, query_lens = prepare(seqs)
-        hidden = self.model(input_ids, positions, meta)
+        if self.channel is not None:
+            self.channel.send(("step", input_ids, positions, meta))
+        hidden = self.execute(input_ids, positions, meta)
         ends = torch.tensor(query_lens).cumsum(0)
         logits = self.model.compute_logits(hidden[(ends - 1).to(self.device)])
         prompt_logits = {}
@@ -98,3 +107,9 @@ class ModelRunner:
                 # Rows 0..n-2 predict prompt tokens 1..n-1.
                 prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[end - q:end - 1])
         return StepOutput(logits, prompt_logits)
+
+
+def _to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    if meta.slot_mapping.device == device:
+        return meta
+    return AttentionMetadata(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(meta).items()})

@@ -50,7 +50,7 @@ def check_writable(folder: Path) -> None:
 def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, max_seq_len: int = 1024,
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
               use_tqdm: bool = True, quant_overrides: dict | None = None,
-              max_ppl_increase: float | None = None) -> CalibrationResult:
+              max_ppl_increase: float | None = None, tensor_parallel_size: int = 1) -> CalibrationResult:
     """MEASURE over the dataset; with `max_ppl_increase` (%), also a per-layer sensitivity pass on
     the calibration samples whose blocklist goes into the generated QUANTIZE config."""
     if num_samples < 1:
@@ -70,7 +70,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                  "dump_stats_path": str(prefix), **(quant_overrides or {})}
 
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=measure_cfg,
-              max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size)
+              max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
+              tensor_parallel_size=tensor_parallel_size)
     try:
         prompts, truncated = _tokenize(llm, samples, max_seq_len)
         if truncated:
@@ -82,6 +83,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     except BaseException:
         llm.engine.discard_measurement()   # an interrupted calibration writes nothing
         raise
+    finally:
+        llm.engine.shutdown()
     del llm
     blocklist: list[str] = []
     if max_ppl_increase is not None:

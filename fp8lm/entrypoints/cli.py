@@ -114,7 +114,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     result = calibrate(args.model, args.dataset, Path(args.output), num_samples=args.num_samples,
                        max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                       device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase)
+                       device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase,
+                       tensor_parallel_size=args.tensor_parallel_size)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
     if args.max_ppl_increase is not None:
         print(f"blocklist for <= {args.max_ppl_increase}% perplexity: {result.blocklist}")
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the measurement files and configs")
     p.add_argument("--max-ppl-increase", type=float, default=None,
                    help="run a per-layer sensitivity pass and blocklist layers until FP8 costs at most this %%")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="measure on N ranks: one file per rank")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)
@@ -294,10 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_torchrun_worker(args: argparse.Namespace) -> int:
+    """Under torchrun every process runs the same command line; ranks > 0 serve rank 0's steps."""
+    from fp8lm.engine.config import EngineConfig
+    from fp8lm.engine.model_host import WorkerEngine
+    from fp8lm.engine.parallel import torchrun_info
+
+    if args.func not in (cmd_serve, cmd_generate):
+        raise FP8LMError(f"`fp8lm {args.command}` does not run under torchrun; serve and generate do")
+    WorkerEngine(EngineConfig(model=args.model, **engine_kwargs(args)), torchrun_info(), "env://").serve()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fp8lm.engine.parallel import torchrun_info
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    launched = torchrun_info()
+    prefix = f"[rank {launched.rank}] " if launched else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {prefix}%(name)s: %(message)s", stream=sys.stderr)
     try:
+        if launched is not None and launched.rank != 0:
+            return run_torchrun_worker(args)
         return args.func(args)
     except FP8LMError as e:
         if args.debug:

@@ -50,7 +50,10 @@ class Quantizer:
                              f"(dump_stats_path); run calibration first (fp8lm calibrate)")
         payload = read_files(base)
         self._check_provenance(payload.get(METADATA_KEY), base, fingerprint)
-        return payload["Nodes"], base
+        nodes = payload["Nodes"]
+        if self.world_size > 1:
+            nodes = _max_over_ranks(nodes)
+        return nodes, base
 
     def _check_provenance(self, meta: dict | None, base: Path, fingerprint: dict | None) -> None:
         if meta is None:
@@ -136,6 +139,10 @@ class Quantizer:
         measured = node.get("params", {}).get("weight")
         if measured is not None and spec.weight.granularity == "PCS" and torch.as_tensor(measured).numel() == 1:
             measured = None   # a per-tensor measurement cannot give per-channel scales: use the weight
+        if self.world_size > 1:
+            # A rank measured only its shard; the scale must be the same on every rank (per tensor:
+            # the maximum over shards), so it comes from the full checkpoint tensor at load time.
+            measured = None
         if spec.weight.value_type == "OPT" or (measured is None and not _is_fixed(spec.weight)):
             return None
         return weight_scale(None, None if measured is None else torch.as_tensor(measured), spec.weight,
@@ -192,3 +199,19 @@ class Quantizer:
                         backup=False)
         except FP8LMError as e:
             log.warning("scale cache not written: %s", e)
+
+
+def _max_over_ranks(nodes: dict) -> dict:
+    """Each rank measured its own shard; the ranks agree on one per-tensor activation maximum per
+    module (the largest), so that TP=N and the unified TP=1 quantize every activation alike."""
+    import numpy as np
+
+    slots = [(n, g, i) for n in sorted(nodes) for g in ("inputs", "outputs")
+             for i, v in enumerate(nodes[n].get(g, [])) if np.size(v) == 1]
+    flat = torch.tensor([float(np.max(nodes[n][g][i])) for n, g, i in slots], dtype=torch.float64)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+    merged = {n: {k: (list(v) if k in ("inputs", "outputs") else v) for k, v in node.items()}
+              for n, node in nodes.items()}
+    for (n, g, i), value in zip(slots, flat.tolist()):
+        merged[n][g][i] = np.full_like(nodes[n][g][i], value)
+    return merged

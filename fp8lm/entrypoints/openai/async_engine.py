@@ -42,9 +42,12 @@ class AsyncEngine:
         return self.engine is not None and self.error is None
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stops the engine thread, then the engine (and its tensor-parallel ranks)."""
         self._stopping.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def _run(self) -> None:
         try:

@@ -440,17 +440,29 @@ def run_server(engine_config, host: str, port: int, api_key: str | None, model_n
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=3))
 
-    def announce():
-        while not (engine.ready or engine.error) or not server.started:
-            if server.should_exit:
+    failure: list[str] = []
+
+    def supervise():
+        """Announces readiness; with tensor parallelism, ends the server when any rank is lost."""
+        announced = False
+        while not server.should_exit:
+            if engine.ready and server.started and not announced:
+                log.info("fp8lm server ready: http://%s:%d/v1 (model %s)", host, port, model_name)
+                announced = True
+            lost = [p for p in (engine.engine.workers if engine.engine else []) if not p.is_alive()]
+            if lost or (engine.error and engine_config.tensor_parallel_size > 1):
+                reason = engine.error or f"tensor-parallel worker {lost[0].name} exited with code {lost[0].exitcode}"
+                log.error("stopping the server: %s", reason)
+                failure.append(reason)
+                server.should_exit = True
                 return
-            time.sleep(0.1)
-        if engine.ready:
-            log.info("fp8lm server ready: http://%s:%d/v1 (model %s)", host, port, model_name)
+            time.sleep(0.2)
 
     engine.start()
-    threading.Thread(target=announce, daemon=True).start()
+    threading.Thread(target=supervise, daemon=True).start()
     try:
         server.run()
     finally:
         engine.stop()
+    if failure:
+        raise FP8LMError(f"the server stopped: {failure[0]}")

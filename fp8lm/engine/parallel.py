@@ -1,0 +1,107 @@
+"""Tensor parallelism over torch.distributed (gloo on CPUs, NCCL on GPUs).
+
+Rank 0 runs the engine: it schedules, samples, and sends each model step's inputs to the other
+ranks with a broadcast; every rank runs the same step on its shard of the model (row-parallel
+layers all-reduce their partial sums). On one host fp8lm starts the other ranks itself; across
+hosts `torchrun` starts them (env:// rendezvous) and every rank but 0 runs `worker_loop`.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fp8lm.errors import FP8LMError
+
+log = logging.getLogger(__name__)
+COLLECTIVE_TIMEOUT_S = 30.0     # a hung rank fails every other rank's next collective within this
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_info() -> DistInfo | None:
+    """The rank this process was given by torchrun (or another env:// launcher), if any."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    return None
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """One device per rank: cuda:<local rank> on GPUs, the CPU otherwise."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def init_group(backend: str, rank: int, world_size: int, init_method: str) -> None:
+    if backend == "gloo":
+        # Ranks on one host share its cores: more threads than cores would spin against each other.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def free_tcp_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def spawn_local_workers(engine_config, world_size: int, init_method: str) -> list:
+    """Starts ranks 1..N-1 on this host (fresh interpreters: no inherited threads or state)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for rank in range(1, world_size):
+        p = ctx.Process(target=worker_main, args=(engine_config, rank, world_size, init_method),
+                        name=f"fp8lm-tp-rank{rank}", daemon=True)
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def worker_main(engine_config, rank: int, world_size: int, init_method: str) -> None:
+    """Entry point of a rank > 0 started by fp8lm itself."""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
+    from fp8lm.engine.model_host import WorkerEngine
+
+    try:
+        WorkerEngine(engine_config, DistInfo(rank, world_size, rank), init_method).serve()
+    except Exception as e:
+        log.error("rank %d stopped: %s", rank, e)
+        raise SystemExit(1) from None
+
+
+class StepChannel:
+    """Rank 0 -> all ranks: one pickled message per call (commands and step inputs)."""
+
+    def send(self, message) -> None:
+        dist.broadcast_object_list([message], src=0)
+
+    def receive(self):
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def check_divisible(config, world_size: int) -> None:
+    sizes = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+             "intermediate_size": config.intermediate_size}
+    bad = {k: v for k, v in sizes.items() if v % world_size}
+    if bad:
+        raise FP8LMError(f"tensor_parallel_size={world_size} does not divide "
+                         + ", ".join(f"{k}={v}" for k, v in bad.items())
+                         + " of this model; it must divide all of "
+                         + ", ".join(f"{k}={v}" for k, v in sizes.items()))
