@@ -146,8 +146,10 @@ def test_torchrun_launch_equals_single_process(tiny_model):
     args = ["generate", str(tiny_model), "--prompt", "Hello", "--max-tokens", "8"]
     single = subprocess.run([sys.executable, "-m", "fp8lm", *args], capture_output=True, text=True, env=env,
                             timeout=120)
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fp8lm",
-                               *args, "--tensor-parallel-size", "2"], capture_output=True, text=True, env=env,
-                              timeout=300)
+    from server_util import free_port
+
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), "-m", "fp8lm", *args, "--tensor-parallel-size", "2"],
+                              capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0 and launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout == single.stdout
