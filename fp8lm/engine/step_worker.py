@@ -33,5 +33,9 @@ class StepWorker:
         self._jobs.put((fn, args, future))
         return future.result(timeout=timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ends the thread and waits for it (a daemon thread still unwinding native code while the
+        interpreter exits can abort the process). A hung step is not waited for past `timeout`."""
         self._jobs.put((None, None, None))
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

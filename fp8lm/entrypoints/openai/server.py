@@ -85,11 +85,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             "id": model_name, "object": "model", "created": state.started, "owned_by": "fp8lm",
             "root": str(engine.engine.model_path), "max_model_len": engine.engine.max_model_len}]}
 
-    @app.post("/v1/completions")
+    streamable = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                        "description": "A completion, or a stream of server-sent events when stream=true"}}
+
+    @app.post("/v1/completions", responses=streamable)
     async def completions(body: CompletionRequest, request: Request):
         return await state.completions(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=streamable)
     async def chat(body: ChatCompletionRequest, request: Request):
         return await state.chat(body, request)
 
