@@ -53,6 +53,17 @@ def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: bool = True, max_sha
     return folder
 
 
+def measure_tiny(model_dir: Path, prefix: Path, prompts) -> Path:
+    """MEASURE the tiny model over `prompts` (token id lists); returns the dump_stats_path prefix."""
+    from fp8lm import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), quantization="inc", max_model_len=64,
+              quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.finalize_calibration()
+    return prefix
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")

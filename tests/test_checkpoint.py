@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.quantize import quantize_to_folder
 from fp8lm.errors import FP8LMError, ModelLoadError
@@ -19,11 +20,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2
 
 @pytest.fixture(scope="module")
 def quant_config(tiny_model, tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("ckpt-measure") / "inc_output"
-    llm = LLM(str(tiny_model), quantization="inc", max_model_len=64,
-              quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
-    llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-    llm.finalize_calibration()
+    prefix = measure_tiny(tiny_model, tmp_path_factory.mktemp("ckpt-measure") / "inc_output", PROMPTS)
     return {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(prefix)}
 
 

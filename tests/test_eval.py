@@ -5,7 +5,8 @@ import struct
 import pytest
 import torch
 
-from fp8lm import LLM, SamplingParams
+from conftest import measure_tiny
+from fp8lm import LLM
 from fp8lm.eval.perplexity import compare, perplexity
 from fp8lm.eval.report import module_sqnr, sensitivity, write_sqnr_report
 
@@ -14,11 +15,7 @@ WINDOWS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("eval") / "m"
-    measure = LLM(str(tiny_model), quantization="inc", max_model_len=64,
-                  quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
-    measure.generate(WINDOWS, SamplingParams(max_tokens=2), use_tqdm=False)
-    measure.finalize_calibration()
+    prefix = measure_tiny(tiny_model, tmp_path_factory.mktemp("eval") / "m", WINDOWS)
     ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
     fp8 = LLM(str(tiny_model), max_model_len=64, skip_warmup=True, quantization="inc", kv_cache_dtype="fp8_inc",
               quant_config={"mode": "QUANTIZE", "dump_stats_path": str(prefix)})

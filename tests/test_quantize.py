@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError
 from fp8lm.model.layers import LMHead
@@ -16,12 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def measured(tiny_model, tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("measure") / "inc_output"
-    llm = LLM(str(tiny_model), quantization="inc", max_model_len=64,
-              quant_config={"mode": "MEASURE", "dump_stats_path": str(prefix)})
-    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    llm.finalize_calibration()
-    return prefix
+    return measure_tiny(tiny_model, tmp_path_factory.mktemp("measure") / "inc_output", PROMPTS)
 
 
 def quantized(tiny_model, prefix, kv="fp8_inc", **cfg):

@@ -1,12 +1,12 @@
 """The model's shape, read from an HF config.json and validated before anything is allocated."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fp8lm.errors import ModelLoadError
+from fp8lm.files import read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -70,10 +70,7 @@ class ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ModelLoadError(f"{folder}: no config.json in this folder")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        cfg = read_json(path, "model config", ModelLoadError)
         config = cls.from_dict(cfg, source=str(path))
         config.validate(str(path))
         return config

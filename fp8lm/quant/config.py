@@ -1,7 +1,6 @@
 """QUANT_CONFIG: the JSON file of the INC FP8 flow, loaded and validated before the model loads."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from fp8lm.errors import FP8LMError
+from fp8lm.files import read_json
 from fp8lm.fp8.formats import FP8_DTYPES, PROFILES
 from fp8lm.fp8.scale_methods import ScaleMethodConfig, parse_scale_method
 
@@ -114,12 +114,7 @@ def load_quant_config(source: str | os.PathLike | dict | None) -> QuantConfig:
     if isinstance(source, dict):
         return parse_quant_config(source, "<quant_config dict>", Path.cwd())
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise FP8LMError(f"QUANT_CONFIG {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FP8LMError(f"QUANT_CONFIG {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    data = read_json(path, "QUANT_CONFIG")
     if not isinstance(data, dict):
         raise FP8LMError(f"QUANT_CONFIG {path}: expected a JSON object at the top level")
     return parse_quant_config(data, str(path), Path.cwd())

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fp8lm.errors import FP8LMError
+from fp8lm.files import read_json
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "Fp8lmMetadata"
@@ -126,12 +127,7 @@ def write_files(base: Path, payload: dict, backup: bool = True) -> list[Path]:
 def read_files(base: Path) -> dict:
     """The JSON payload with every node's values as numpy arrays."""
     path = Path(f"{base}.json")
-    if not path.is_file():
-        raise FP8LMError(f"measurement file {path} does not exist")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FP8LMError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    payload = read_json(path, "measurement file")
     if "Nodes" not in payload or not isinstance(payload["Nodes"], dict):
         raise FP8LMError(f"{path}: not a measurement file (no 'Nodes' object)")
     payload["Nodes"] = {name: node_to_numpy(node) for name, node in payload["Nodes"].items()}
