@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from fp8lm.entrypoints.calibrate import calibrate
-from fp8lm.errors import FP8LMError
 from fp8lm.quant.dataset import load_samples
 
 

@@ -1,5 +1,4 @@
 """The OpenAI-compatible server, started for real, used through the official openai client."""
-import json
 import signal
 import time
 

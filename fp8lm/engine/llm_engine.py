@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fp8lm.engine.block_manager import BlockManager
-from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device, resolve_dtype
+from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device
 from fp8lm.engine.model_host import ModelHost
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
