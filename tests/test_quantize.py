@@ -8,6 +8,7 @@ from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError
 from fp8lm.model.layers import LMHead
+from fp8lm.quant import fp8_modules
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
@@ -149,3 +150,24 @@ def test_auto_mode_measures_then_quantizes(tiny_model, tmp_path):
     first.finalize_calibration()
     second = LLM(str(tiny_model), quantization="inc", quant_config=cfg, max_model_len=64)
     assert isinstance(second.engine.model.lm_head, FP8Linear)
+
+
+def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, monkeypatch):
+    """K/V read from the FP8 cache are not rounded again when q·kᵀ / p·v use the cache's scale."""
+    llm = quantized(tiny_model, measured)
+    for attn in llm.engine.model.attention_layers():        # make the shortcut apply everywhere
+        attn.matmul_qk.scale_b, attn.matmul_av.scale_b = attn.k_cache.scale, attn.v_cache.scale
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    rounded = []
+    original = fp8_modules.fake_quant
+    monkeypatch.setattr(fp8_modules, "fake_quant", lambda x, *a: rounded.append(x.shape) or original(x, *a))
+    fast = llm.generate(PROMPTS, params, use_tqdm=False)
+    calls_fast = len(rounded)
+    slow_forward = FP8Matmul.forward
+    monkeypatch.setattr(FP8Matmul, "forward", lambda self, a, b, b_grid_scale=None: slow_forward(self, a, b))
+    slow = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert len(rounded) - calls_fast > calls_fast      # the slow run rounded K and V again
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{k: v.logprob for k, v in e.items()} for e in a.outputs[0].logprobs] == \
+               [{k: v.logprob for k, v in e.items()} for e in b.outputs[0].logprobs]

@@ -76,9 +76,9 @@ class PagedAttention(nn.Module):
         kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
         # Heads that share a KV head are stacked along the query axis: no K/V duplication.
         qp = (q * self.scale)[meta.query_index].view(b, L, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh, b, g * L, d)
-        scores = self.matmul_qk(qp, keys.transpose(-1, -2))                     # [kvh, B, g*L, S]
+        scores = self.matmul_qk(qp, keys.transpose(-1, -2), b_grid_scale=self.k_cache.grid_scale)  # [kvh,B,gL,S]
         scores = scores.view(kvh, b, g, L, s) + meta.attn_bias
         probs = self.softmax(scores, dim=-1).view(kvh, b, g * L, s)
-        out = self.matmul_av(probs, values)                                     # [kvh, B, g*L, d]
+        out = self.matmul_av(probs, values, b_grid_scale=self.v_cache.grid_scale)  # [kvh, B, g*L, d]
         out = out.view(kvh, b, g, L, d).permute(1, 3, 0, 2, 4).reshape(b * L, kvh * g * d)
         return out[meta.flat_index]

@@ -126,9 +126,10 @@ class RowParallelLinear(ParallelLinear):
 
 
 class Matmul(nn.Module):
-    """A named batched matmul (q·kᵀ, p·v): the hook point for measuring and FP8-patching it."""
+    """A named batched matmul (q·kᵀ, p·v): the hook point for measuring and FP8-patching it.
+    `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
         return torch.matmul(a, b)
 
 
@@ -146,6 +147,7 @@ class KVCache(nn.Module):
     """
 
     cache_dtype: torch.dtype | None = None   # None: the model's compute dtype
+    grid_scale = None                         # FP8 caches: what fetched values are FP8 multiples of
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         # x: [T, kv_heads, head_dim]; returns x so that observers see what was written.

@@ -6,6 +6,7 @@ same outputs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,9 +175,16 @@ class FP8Matmul(Matmul):
         set_scale(self, "scale_a", scale_a, fmt)
         set_scale(self, "scale_b", scale_b, fmt)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
+        """`b_grid_scale`: b is known to be FP8 values times this scale (K/V read from an FP8 cache).
+        If it is this matmul's own power-of-two scale, rounding b again is the identity: skipped
+        (on SmolLM2 these are the largest tensors of a decode step)."""
         aq = fake_quant(a, inverse(self.scale_a), self.fmt.dtype, self.fmt.limit)
-        bq = fake_quant(b, inverse(self.scale_b), self.fmt.dtype, self.fmt.limit)
+        if b_grid_scale is not None and float(b_grid_scale) == float(self.scale_b) \
+                and math.frexp(float(self.scale_b))[0] == 0.5:
+            bq = b.float() * inverse(self.scale_b)
+        else:
+            bq = fake_quant(b, inverse(self.scale_b), self.fmt.dtype, self.fmt.limit)
         return (torch.matmul(aq, bq) * (self.scale_a * self.scale_b)).to(a.dtype)
 
 
@@ -201,6 +209,10 @@ class FP8KVCache(KVCache):
         self.fmt = fmt
         self.cache_dtype = fmt.dtype
         set_scale(self, "scale", scale, fmt)
+
+    @property
+    def grid_scale(self):
+        return self.scale
 
     def load_tensor(self, name: str, full: torch.Tensor) -> None:
         if name != "scale" or full.numel() != 1:
