@@ -6,7 +6,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
@@ -73,7 +71,7 @@ class LLMEngine(ModelHost):
         self._worker = StepWorker()
         self.dead_reason: str | None = None
         self.last_step_started: float | None = None
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         if config.skip_warmup or self.measurement is not None:
             log.info("warm-up skipped (%s)", "measuring" if self.measurement else "FP8LM_SKIP_WARMUP")
         else:
@@ -262,13 +260,11 @@ class LLMEngine(ModelHost):
     def _postprocess(self, seqs: list[Sequence], is_prefill: bool, out) -> list[RequestOutput]:
         tokens = self.sampler(out.logits, seqs)
         touched: dict[str, Request] = {}
-        now = time.monotonic()
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             request = self.requests[seq.request_id]
             if seq.seq_id in out.prompt_logits:
                 request.prompt_logprobs = self._prompt_logprobs(request, out.prompt_logits[seq.seq_id])
             self._append_token(seq, token, out.logits[row])
-            request.first_token_time = request.first_token_time or now
             touched[request.request_id] = request
         self.stats["generation_tokens"] += len(seqs)
         num_processed = sum(s.num_tokens - 1 for s in seqs) if is_prefill else len(seqs)
