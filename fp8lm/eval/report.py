@@ -28,13 +28,13 @@ class ModuleError:
         return math.inf if self.noise == 0 else 10 * math.log10(self.signal / self.noise)
 
 
-def fp8_twins(reference: nn.Module, quantized: nn.Module) -> dict[str, nn.Module]:
+def fp8_twins(quantized: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in quantized.named_modules() if isinstance(m, FP8_TYPES)}
 
 
 def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError]:
     """Runs the reference model; at every quantized module, its FP8 twin sees the same input."""
-    twins = fp8_twins(reference_engine.model, quantized_engine.model)
+    twins = fp8_twins(quantized_engine.model)
     errors = {name: ModuleError(name) for name in twins}
     handles = []
     for name, twin in twins.items():
@@ -90,7 +90,7 @@ class ModuleSwapper:
 
     def __init__(self, reference: nn.Module, quantized: nn.Module):
         self.reference = reference
-        self.twins = {n: m for n, m in fp8_twins(reference, quantized).items() if not isinstance(m, FP8KVCache)}
+        self.twins = {n: m for n, m in fp8_twins(quantized).items() if not isinstance(m, FP8KVCache)}
         self.originals = {n: reference.get_submodule(n) for n in self.twins}
 
     def use_fp8(self, units_in_fp8: set[str]) -> None:
