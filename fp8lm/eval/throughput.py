@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="fp8lm's ranks (gloo on the CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -84,14 +85,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from fp8lm import LLM
 
-    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=args.num_prompts, max_model_len=1024)
+    llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=args.num_prompts, max_model_len=1024,
+              tensor_parallel_size=args.tensor_parallel_size)
     tok = llm.get_tokenizer()
     prompts = make_prompts(tok, args.num_prompts)
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
         llm.engine.model_path, dtype=torch.float32).eval()
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}; model {llm.engine.model_path.name}, float32")
+          f"torch {torch.__version__}; model {llm.engine.model_path.name}, float32, "
+          f"tensor_parallel_size {args.tensor_parallel_size}")
     rows = []
     for label, batch in ((f"{args.num_prompts} prompts x {args.max_tokens} tokens", prompts), ("batch-1 decode", prompts[:1])):
         t_ours, n_ours = run_fp8lm(llm, batch, args.max_tokens)
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     roofline = bw * 1e9 / per_token
     print(f"roofline: {per_token / 1e6:.0f} MB of weights per decode step, read bandwidth {bw:.1f} GB/s "
           f"-> {roofline:.0f} tok/s; batch-1 reaches {rows[-1][1] / roofline:.0%} of it")
+    llm.engine.shutdown()
 
 
 if __name__ == "__main__":
