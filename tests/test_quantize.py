@@ -34,7 +34,7 @@ def test_modules_are_swapped_and_outputs_stay_close(tiny_model, measured):
     assert isinstance(attn.q_proj, FP8Linear) and attn.q_proj.weight.dtype == torch.float8_e4m3fn
     assert isinstance(attn.attn.matmul_qk, FP8Matmul) and isinstance(attn.attn.softmax, FP8Softmax)
     assert isinstance(attn.attn.k_cache, FP8KVCache)
-    assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert attn.attn.k_cache_tensor.dtype == torch.float8_e4m3fn
     ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
     a = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
     b = ref.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)

@@ -25,10 +25,10 @@ class ModelRunner:
         self.channel = channel
         self.block_size, self.num_blocks = block_size, num_blocks
         model.rotary.build_cache(max_model_len, device, dtype)
-        self.kv_caches = self._allocate_kv_cache()
+        self._allocate_kv_cache()
 
-    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        caches = []
+    def _allocate_kv_cache(self) -> None:
+        """One K and one V cache per layer, bound to the layer's attention."""
         for attn in self.model.attention_layers():
             shape = (attn.num_kv_heads, self.num_blocks, self.block_size, attn.head_dim)
             kv_dtype = attn.cache_dtype(self.dtype)
@@ -36,8 +36,6 @@ class ModelRunner:
             k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             v = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             attn.bind_cache(k, v)
-            caches.append((k, v))
-        return caches
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -62,6 +62,7 @@ class ParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(bias_shape), requires_grad=False)
 
     def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of `full` along `dim` (the whole tensor without parallelism)."""
         size = full.shape[dim] // self.tp_size
         return full.narrow(dim, self.tp_rank * size, size)
 

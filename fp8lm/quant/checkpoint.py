@@ -25,7 +25,8 @@ from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.layers import ParallelLinear
-from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
+                                      prepare_fp8_linears)
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 SIDECAR = "fp8lm_quant.json"
@@ -209,9 +210,7 @@ class CheckpointQuantization:
         return name
 
     def finish(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module, FP8Linear):
-                module.prepare(self.device, self.dtype)
+        prepare_fp8_linears(model, self.device, self.dtype)
 
 
 def _check_kv_scheme(folder: Path, scheme: dict) -> None:

@@ -76,19 +76,18 @@ class FP8Linear(nn.Module):
     def dynamic(self) -> bool:
         return self.input_scale is None
 
+    shard = ParallelLinear.shard   # the same slicing as the layer it replaces
+
     def load_tensor(self, name: str, full: torch.Tensor) -> None:
         """Checkpoint tensors: a high-precision weight (quantized here), or an FP8 weight with its
         weight_scale / input_scale (compressed-tensors checkpoints)."""
         if name in ("weight_scale", "input_scale"):
             value = full.float().reshape(-1, 1) if full.numel() > 1 else full.float().reshape(())
-            if name == "weight_scale" and value.numel() > 1 and self.shard_dim == 0 and self.tp_size > 1:
-                size = value.shape[0] // self.tp_size
-                value = value.narrow(0, self.tp_rank * size, size)
+            if name == "weight_scale" and value.numel() > 1 and self.shard_dim == 0:
+                value = self.shard(value, 0)
             set_scale(self, name, value, self.fmt)
         elif name == "bias":
-            size = full.shape[0] // self.tp_size
-            copy_exact(self.bias, full.narrow(0, self.tp_rank * size, size) if self.shard_dim == 0 else full,
-                       full.shape)
+            copy_exact(self.bias, self.shard(full, 0) if self.shard_dim == 0 else full, full.shape)
         elif name != "weight":
             raise ValueError(f"FP8Linear has no parameter {name!r}")
         elif full.dtype == self.fmt.dtype:
@@ -103,17 +102,15 @@ class FP8Linear(nn.Module):
             set_scale(self, "weight_scale", compute_weight_scale(full, None, self.weight_spec, self.profile,
                                                                  self.fmt.dtype), self.fmt)
         scale = torch.as_tensor(self.weight_scale, dtype=torch.float32)
-        size = full.shape[self.shard_dim] // self.tp_size
-        shard = full.narrow(self.shard_dim, self.tp_rank * size, size)
         if scale.numel() > 1 and self.shard_dim == 0 and scale.shape[0] == full.shape[0]:
-            scale = scale.narrow(0, self.tp_rank * size, size)
+            scale = self.shard(scale, 0)
             set_scale(self, "weight_scale", scale, self.fmt)
+        shard = self.shard(full, self.shard_dim)
         copy_exact(self.weight, to_fp8(shard, 1 / scale, self.fmt.dtype, self.fmt.limit), full.shape)
 
     def _load_fp8_weight(self, full: torch.Tensor) -> None:
         """An FP8 checkpoint tensor, already quantized with this module's weight scale."""
-        size = full.shape[self.shard_dim] // self.tp_size
-        copy_exact(self.weight, full.narrow(self.shard_dim, self.tp_rank * size, size), full.shape)
+        copy_exact(self.weight, self.shard(full, self.shard_dim), full.shape)
 
     def prepare(self, device: torch.device, compute_dtype: torch.dtype) -> None:
         """Chooses the backend once, after loading: native FP8 where the GPU has it, else emulation
@@ -186,6 +183,13 @@ class FP8Matmul(Matmul):
         else:
             bq = fake_quant(b, inverse(self.scale_b), self.fmt.dtype, self.fmt.limit)
         return (torch.matmul(aq, bq) * (self.scale_a * self.scale_b)).to(a.dtype)
+
+
+def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Picks each FP8 Linear's backend once its weights are loaded."""
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.prepare(device, dtype)
 
 
 class FP8Softmax(Softmax):

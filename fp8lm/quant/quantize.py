@@ -17,8 +17,10 @@ from fp8lm.fp8.formats import DeviceProfile, device_tag, profile_for
 from fp8lm.fp8.scale_methods import MethodSpec
 from fp8lm.fp8.scales import activation_scale, weight_scale
 from fp8lm.quant.config import QuantConfig
-from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
-from fp8lm.quant.measure_files import METADATA_KEY, file_payload, find_measurement, read_files, write_files
+from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
+                                      prepare_fp8_linears)
+from fp8lm.quant.measure_files import (METADATA_KEY, file_payload, find_measurement, measurement_base, rank_suffix,
+                                      read_files, write_files)
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,8 @@ class Quantizer:
         if base is None:
             if cfg.scale_method.name == "unit_scale":
                 return {}, None            # unit scales need no calibration
-            suffix = f"_{self.rank}_{self.world_size}" if self.world_size > 1 else ""
-            raise FP8LMError(f"{cfg.source}: no measurement file {cfg.stats_prefix}_hooks_{cfg.observer}{suffix}.json "
+            expected = measurement_base(cfg.stats_prefix, cfg.observer, self.rank, self.world_size)
+            raise FP8LMError(f"{cfg.source}: no measurement file {expected}.json "
                              f"(dump_stats_path); run calibration first (fp8lm calibrate)")
         payload = read_files(base)
         self._check_provenance(payload.get(METADATA_KEY), base, fingerprint)
@@ -168,18 +170,15 @@ class Quantizer:
 
     # ---- after loading -----------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module, FP8Linear):
-                module.prepare(self.device, self.dtype)
+        prepare_fp8_linears(model, self.device, self.dtype)
         if self.measurement_path is not None:
             self._write_scale_file()
 
     def scale_file_base(self) -> Path:
         """<prefix>_hooks_<observer>_<METHOD>_<PROFILE>[_rank_world]: INC's name plus the device profile."""
         cfg = self.config
-        suffix = f"_{self.rank}_{self.world_size}" if self.world_size > 1 else ""
         return Path(f"{cfg.stats_prefix}_hooks_{cfg.observer}_{cfg.scale_method.file_tag}_"
-                    f"{self.profile.name.upper()}{suffix}")
+                    f"{self.profile.name.upper()}{rank_suffix(self.rank, self.world_size)}")
 
     def _write_scale_file(self) -> None:
         nodes = {}
