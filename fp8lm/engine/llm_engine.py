@@ -48,6 +48,7 @@ class Request:
 class LLMEngine(ModelHost):
     def __init__(self, config: EngineConfig):
         self.workers: list = []
+        self._threads_before_tp = torch.get_num_threads()   # the gloo ranks share the cores; restored at shutdown
         dist_info = self._join_tensor_parallel_group(config)
         super().__init__(config, dist_info)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
@@ -413,6 +414,7 @@ class LLMEngine(ModelHost):
                 torch.distributed.destroy_process_group()
             except Exception as e:  # a broken group (a rank died) cannot always be torn down cleanly
                 log.warning("process group teardown: %s", e)
+            torch.set_num_threads(self._threads_before_tp)
         self.channel = None
 
 
