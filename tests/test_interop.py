@@ -101,7 +101,8 @@ def assert_greedy_agrees(llm, hf) -> None:
         ids = tok.encode(prompt)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
                                do_sample=False)[0, len(ids):].tolist()
-        logits = llm.engine.score(ids + expected)[len(ids) - 1:]          # fp8lm's view of each step
+        logits = llm.engine.score(ids + expected)[len(ids) - 1:].clone()  # fp8lm's view of each step
+        logits[:, list(llm.engine.eos_token_ids)] = float("-inf")      # as min_new_tokens does for transformers
         ties = 0
         for step, token in enumerate(expected):
             best = int(logits[step].argmax())
