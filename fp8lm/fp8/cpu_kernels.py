@@ -1,0 +1,140 @@
+"""fp8lm's compiled CPU FP8 kernels (csrc/): an FP8-weight matmul that reads 1 byte per weight.
+
+The C++ extension is compiled on first use into the fp8lm cache folder (about 20-30 s, once per
+machine and torch version) and loaded from there afterwards. Wherever it cannot be built or run
+(no compiler, not x86-64, no AVX2), `cpu_kernels()` returns None and FP8 layers keep the PyTorch
+reference path; one log line says which path runs. FP8LM_CPU_KERNELS picks it by hand:
+auto (default), avx512, avx2 or off.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fp8lm.errors import FP8LMError
+
+log = logging.getLogger(__name__)
+
+PANEL = 32                      # output rows per packed panel (kPanel in csrc/fp8_cpu.cpp)
+ISA_CODES = {"avx2": 1, "avx512": 2}
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h")
+# (mantissa bits, smallest normal exponent): what the kernel's activation cast rounds to
+_GRID = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """FP8 weight [N, K] -> uint8 [ceil(N / 32), K, 32]: each panel's 32 rows interleaved along K
+    (zero rows pad the last panel). Still 1 byte per weight."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.uint8)
+    padded[:n] = weight.view(torch.uint8)
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_panels(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of pack_panels: the [N, K] FP8 weight."""
+    panels, k, _ = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, k)[:n].contiguous().view(dtype)
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """The loaded extension and the instruction set its calls use."""
+    module: object
+    isa: str
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, fp8_dtype: torch.dtype,
+               col_scale: torch.Tensor, row_scale: torch.Tensor, inv_scale: torch.Tensor | None,
+               limit: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] (float32 or bfloat16) @ FP8 weightᵀ -> [M, N] in x's dtype.
+
+        `col_scale` [N]: the weight scale per output channel (E4M3: times 256, see kernel_col_scale);
+        `row_scale` [1] or [M] multiplies each result row (the input scale). With `inv_scale` ([1] or
+        [M]) x is first cast to FP8 values of x * inv_scale, saturated at ±limit: W8A8, exactly.
+        """
+        if fp8_dtype not in _GRID:
+            raise FP8LMError(f"CPU FP8 kernels: unsupported weight dtype {fp8_dtype}; allowed: "
+                             f"{', '.join(str(d) for d in _GRID)}")
+        if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16):
+            raise FP8LMError(f"CPU FP8 kernels: x must be 2-D float32 or bfloat16, got {tuple(x.shape)} {x.dtype}")
+        mantissa, min_exp = _GRID[fp8_dtype]
+        y = self.module.linear(x.float().contiguous(), packed, out_features, fp8_dtype == torch.float8_e5m2,
+                               col_scale, row_scale, inv_scale, float(limit), mantissa, min_exp, bias,
+                               ISA_CODES[self.isa])
+        return y.to(x.dtype)
+
+    def read_all(self, data: torch.Tensor) -> int:
+        """Reads every byte of a uint8 tensor once on all threads: a read-bandwidth probe."""
+        return self.module.read_all(data, ISA_CODES[self.isa])
+
+
+def kernel_col_scale(weight_scale, out_features: int, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's per-channel multiplier: E4M3 bytes are dequantized to their value times 2^-8."""
+    s = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(-1)
+    s = s * 256.0 if fp8_dtype == torch.float8_e4m3fn else s
+    return s.expand(out_features).contiguous() if s.numel() == 1 else s.contiguous()
+
+
+def _requested_isa() -> str:
+    value = os.environ.get("FP8LM_CPU_KERNELS", "auto").strip().lower()
+    allowed = ("auto", "off", *ISA_CODES)
+    if value not in allowed:
+        raise FP8LMError(f"FP8LM_CPU_KERNELS={value!r}: allowed values are {', '.join(allowed)}")
+    return value
+
+
+def _build(cache: Path):
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(b"".join((_CSRC / s).read_bytes() for s in _SOURCES)).hexdigest()[:12]
+    name = f"fp8lm_cpu_{digest}"
+    build_dir = cache / "kernels" / f"torch-{torch.__version__}" / name
+    fresh = not any(build_dir.glob(f"{name}*.so"))
+    if fresh:
+        log.info("compiling the CPU FP8 kernels into %s (once, about 30 s)", build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # -fopenmp makes at::parallel_for use torch's thread pool (the libgomp torch has loaded).
+    module = cpp_extension.load(name, [str(_CSRC / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)], build_directory=str(build_dir), verbose=False)
+    return module, (time.perf_counter() - start if fresh else None)
+
+
+@functools.cache
+def cpu_kernels() -> CpuKernels | None:
+    """The compiled kernels, or None (and one log line saying why) where they cannot run."""
+    from fp8lm.model.registry import cache_dir
+
+    want = _requested_isa()
+    if want == "off":
+        log.info("CPU FP8 matmul: PyTorch reference path (FP8LM_CPU_KERNELS=off)")
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.warning("CPU FP8 kernels need x86-64 (this is %s): using the PyTorch reference path", platform.machine())
+        return None
+    try:
+        module, seconds = _build(cache_dir())
+    except Exception as e:   # no compiler, no ninja, a failed build: fall back, never crash
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("CPU FP8 kernels could not be built (%s): using the PyTorch reference path", reason)
+        return None
+    best = {0: None, 1: "avx2", 2: "avx512"}[module.isa()]
+    if best is None:
+        log.warning("CPU FP8 kernels need AVX2, FMA and F16C, which this CPU lacks: using the PyTorch reference path")
+        return None
+    isa = best if want == "auto" else want
+    if ISA_CODES[isa] > ISA_CODES[best]:
+        raise FP8LMError(f"FP8LM_CPU_KERNELS={want}: this CPU supports at most {best}")
+    built = f", compiled in {seconds:.0f} s" if seconds is not None else ""
+    log.info("CPU FP8 matmul: compiled %s kernels, 1 byte per weight%s", isa, built)
+    return CpuKernels(module, isa)

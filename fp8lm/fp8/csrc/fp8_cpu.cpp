@@ -1,0 +1,148 @@
+// fp8lm's CPU FP8 kernels: FP8 weight x float32 activation matmul (the activation's static FP8
+// cast fused in), for decode (a GEMV that dequantizes in registers) and prefill (dequantized
+// panels into a register-blocked microkernel). One source, compiled for AVX-512 and AVX2; the
+// caller picks the ISA at run time (`isa()` reports what this CPU supports).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fp8lm {
+
+constexpr int kPanel = 32;                  // output rows per packed weight panel
+constexpr int64_t kFusedMaxRows = 8;        // up to this many activation rows: the fused GEMV
+constexpr int64_t kMinBytesPerTask = 1 << 16;
+
+struct LinearArgs {
+  const float* x;          // [M, K] activation rows, already on the FP8 grid for W8A8
+  const uint8_t* packed;   // [ceil(N / 32), K, 32] FP8 weight bytes
+  const float* col_scale;  // [N] per output channel (E4M3: times 256, see dequant)
+  const float* row_scale;  // [row_scale_n] per activation row, or one for all
+  int64_t row_scale_n;
+  const float* bias;       // [N] or nullptr
+  float* y;                // [M, N]
+  int64_t M, K, N;
+  bool e5m2;
+};
+
+struct QuantArgs {
+  const float* inv_scale;  // [inv_scale_n]
+  int64_t inv_scale_n;
+  float limit;
+  int mantissa_bits, min_exponent;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#include "isa_avx512.h"
+#include "kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "isa_avx2.h"
+#include "kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+  return kNone;
+}
+
+static void check_isa(int64_t want) {
+  TORCH_CHECK(want == kAvx2 || want == kAvx512, "fp8lm kernels: isa must be 1 (AVX2) or 2 (AVX-512), got ", want);
+  TORCH_CHECK(want <= isa(), "fp8lm kernels: this CPU lacks the instruction set ", want == kAvx512 ? "AVX-512" : "AVX2");
+}
+
+static void check_float_vector(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 1 && t.is_contiguous(),
+              name, " must be a contiguous 1-D float32 tensor");
+  TORCH_CHECK(std::find(sizes.begin(), sizes.end(), t.numel()) != sizes.end(), name, " has ", t.numel(),
+              " elements, which does not fit the matmul's shapes");
+}
+
+// x [M, K] float32 (contiguous) @ dequant(packed)ᵀ -> [M, N] float32.
+// inv_scale: optional [1] or [M]: x is first cast to FP8 values of x * inv_scale (W8A8).
+// row_scale: [1] or [M], multiplies row m of the result; col_scale: [N]; bias: optional [N].
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, bool e5m2,
+                     const torch::Tensor& col_scale, const torch::Tensor& row_scale,
+                     const c10::optional<torch::Tensor>& inv_scale, double limit, int64_t mantissa_bits,
+                     int64_t min_exponent, const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 3 && packed.is_contiguous() &&
+              packed.size(2) == kPanel, "packed weights must be contiguous uint8 [panels, K, 32]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.size(1) == K, "x has K=", K, " but the weights have K=", packed.size(1));
+  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "N=", N, " does not match ",
+              packed.size(0), " weight panels");
+  check_float_vector(col_scale, "col_scale", {N});
+  check_float_vector(row_scale, "row_scale", {1, M});
+  if (bias) check_float_vector(*bias, "bias", {N});
+
+  torch::Tensor xq = x;
+  if (inv_scale) {
+    check_float_vector(*inv_scale, "inv_scale", {1, M});
+    xq = torch::empty_like(x);
+    QuantArgs q{inv_scale->data_ptr<float>(), inv_scale->numel(), static_cast<float>(limit),
+                static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
+    if (want_isa == kAvx512) {
+      avx512::quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>());
+    } else {
+      avx2::quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>());
+    }
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  LinearArgs a{xq.data_ptr<float>(), packed.data_ptr<uint8_t>(), col_scale.data_ptr<float>(),
+               row_scale.data_ptr<float>(), row_scale.numel(), bias ? bias->data_ptr<float>() : nullptr,
+               y.data_ptr<float>(), M, K, N, e5m2};
+  if (want_isa == kAvx512) {
+    avx512::linear(a);
+  } else {
+    avx2::linear(a);
+  }
+  return y;
+}
+
+// Reads every byte of `t` once across the thread pool (a read-bandwidth probe for benchmarks).
+int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(t.scalar_type() == torch::kByte && t.is_contiguous(), "read_all takes a contiguous uint8 tensor");
+  constexpr int64_t kChunk = 1 << 20;
+  const int64_t chunks = t.numel() / kChunk;
+  TORCH_CHECK(chunks > 0, "read_all needs at least 1 MiB");
+  const uint8_t* p = t.data_ptr<uint8_t>();
+  std::vector<int64_t> sums(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      sums[c] = want_isa == kAvx512 ? avx512::sum_bytes(p + c * kChunk, kChunk) : avx2::sum_bytes(p + c * kChunk, kChunk);
+  });
+  int64_t total = 0;
+  for (int64_t s : sums) total += s;
+  return total;
+}
+
+}  // namespace fp8lm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
+  m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels");
+  m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)");
+  m.attr("PANEL") = fp8lm::kPanel;
+}

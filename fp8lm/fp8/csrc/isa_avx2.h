@@ -1,0 +1,48 @@
+// AVX2 + FMA + F16C: 8 float lanes, 16 vector registers. Included inside `namespace avx2` under a
+// matching `#pragma GCC target`, before kernels.inc. Same arithmetic as isa_avx512.h.
+using vf = __m256;
+constexpr int W = 8;
+constexpr int kGemvRows = 2;    // 4 vectors per panel row: 2 rows x 4 accumulators fit 16 registers
+constexpr int kTileRows = 2;
+
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+
+template <bool E5M2>
+static inline vf dequant(const uint8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  __m128i h;
+  if (E5M2) {
+    h = _mm_slli_epi16(_mm_cvtepu8_epi16(b), 8);
+  } else {
+    h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(static_cast<short>(0xBFFF)));
+  }
+  return _mm256_cvtph_ps(h);
+}
+
+static inline vf quantize(vf x, vf inv, vf limit, __m256i mant_shift, __m256i min_spacing) {
+  vf y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), _mm256_sub_ps(_mm256_setzero_ps(), limit)), limit);
+  __m256i bits = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000));
+  vf spacing = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_sub_epi32(bits, mant_shift), min_spacing));
+  vf r = _mm256_round_ps(_mm256_div_ps(y, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_mul_ps(r, spacing);
+}
+static inline __m256i iset1(int32_t a) { return _mm256_set1_epi32(a); }
+
+static inline int64_t sum_bytes(const uint8_t* p, int64_t n) {   // n: a multiple of 256
+  __m256i a[8];
+  for (auto& v : a) v = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 256)
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm256_add_epi64(a[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32 * j)));
+  int64_t lanes[4];
+  __m256i s = a[0];
+  for (int j = 1; j < 8; ++j) s = _mm256_add_epi64(s, a[j]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), s);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}

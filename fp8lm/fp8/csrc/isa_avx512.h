@@ -1,0 +1,51 @@
+// AVX-512 (F, BW, VL) + FMA + F16C: 16 float lanes. Included inside `namespace avx512` under a
+// matching `#pragma GCC target`, before kernels.inc.
+using vf = __m512;
+constexpr int W = 16;
+constexpr int kGemvRows = 8;    // activation rows the fused GEMV keeps in registers (2 x 8 accumulators)
+constexpr int kTileRows = 12;   // rows of the blocked path's microkernel (24 accumulators)
+
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+
+// 16 FP8 bytes -> 16 floats. E4M3: the half-precision bits (b & 0x80) << 8 | (b & 0x7F) << 7 are the
+// FP8 value times 2^-8, subnormals included; sign-extending b to 16 bits and shifting left by 7 puts
+// the sign in bit 15 and the magnitude in bits 14..7, and bit 14 (a copy of the sign) is cleared.
+// E5M2 is the top byte of a half.
+template <bool E5M2>
+static inline vf dequant(const uint8_t* p) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i h;
+  if (E5M2) {
+    h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);
+  } else {
+    h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+  }
+  return _mm512_cvtph_ps(h);
+}
+
+// y = x * inv saturated to +-limit and rounded half-to-even onto the FP8 grid (see numerics.py).
+static inline vf quantize(vf x, vf inv, vf limit, __m512i mant_shift, __m512i min_spacing) {
+  vf y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+  __m512i bits = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7F800000));
+  vf spacing = _mm512_castsi512_ps(_mm512_max_epi32(_mm512_sub_epi32(bits, mant_shift), min_spacing));
+  vf r = _mm512_roundscale_ps(_mm512_div_ps(y, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_mul_ps(r, spacing);
+}
+static inline __m512i iset1(int32_t a) { return _mm512_set1_epi32(a); }
+
+static inline int64_t sum_bytes(const uint8_t* p, int64_t n) {   // n: a multiple of 256
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(p + i + 192));
+  }
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
