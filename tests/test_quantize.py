@@ -55,7 +55,7 @@ def test_linear_arithmetic_equals_torch_float8_reference(tiny_model, measured):
     s_in, s_w = q.input_scale, torch.as_tensor(q.weight_scale)
     # Independent: torch's own float8 casts, dequantize, float64 matmul.
     xq = (x * (1 / s_in)).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s_in
-    wq = q.weight.double() * s_w.double()
+    wq = q.fp8_weight().double() * s_w.double()
     expected = xq @ wq.T
     assert torch.allclose(q(x).double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -171,3 +171,23 @@ def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, m
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [{k: v.logprob for k, v in e.items()} for e in a.outputs[0].logprobs] == \
                [{k: v.logprob for k, v in e.items()} for e in b.outputs[0].logprobs]
+
+
+def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_model, measured, monkeypatch):
+    fast = quantized(tiny_model, measured)
+    linears = [m for m in fast.engine.model.modules() if isinstance(m, FP8Linear)]
+    assert linears and all(m.backend.startswith("cpu-") for m in linears)
+    for m in linears:   # only the packed FP8 bytes are resident: no dequantized copy
+        assert m.packed_weight.dtype == torch.uint8 and m.compute_weight is None and m.weight.is_meta
+        assert m.packed_weight.numel() == -(-m.out_features // 32) * 32 * m.in_features
+    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    reference = quantized(tiny_model, measured)
+    assert all(m.backend.startswith("emulated") for m in reference.engine.model.modules() if isinstance(m, FP8Linear))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    a = fast.generate(PROMPTS, params, use_tqdm=False)
+    b = reference.generate(PROMPTS, params, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for t, lp in ly.items():
+                assert abs(lx[t].logprob - lp.logprob) < 1e-4

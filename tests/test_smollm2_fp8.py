@@ -26,3 +26,23 @@ def test_fp8_stays_close_to_float32(smollm2, calibration):
     # Regression guards, far looser than the figures in docs/BENCHMARKS.md: a broken scale or cast
     # sends KL above 1 and agreement below 50%.
     assert result.mean_kl < 0.2 and result.top1_agreement > 0.7 and result.ppl_change_pct < 20
+
+
+def test_cpu_kernels_and_reference_path_generate_the_same_tokens(smollm2, calibration, monkeypatch):
+    from fp8lm import SamplingParams
+    from fp8lm.quant import fp8_modules
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+    def run():
+        llm = LLM(str(smollm2), max_model_len=256, max_num_seqs=4, num_kv_blocks=64, skip_warmup=True,
+                  quantization="inc", quant_config=str(calibration.quant_config), kv_cache_dtype="fp8_inc")
+        backends = {m.backend for m in llm.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)}
+        return backends, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fast_backends, fast = run()
+    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    ref_backends, ref = run()
+    assert all(b.startswith("cpu-") for b in fast_backends) and ref_backends == {"emulated-onednn"}
+    assert fast == ref

@@ -109,9 +109,10 @@ class EngineConfig:
         if self.skip_warmup is None:
             self.skip_warmup = env_flag("SKIP_WARMUP")
         if self.iteration_timeout_s is None:
-            timeout = env_value("ENGINE_ITERATION_TIMEOUT_S", "60")
+            # Unset: no timeout offline (steps then run on the caller's thread); `fp8lm serve` uses 60 s.
+            timeout = env_value("ENGINE_ITERATION_TIMEOUT_S")
             try:
-                self.iteration_timeout_s = float(timeout)
+                self.iteration_timeout_s = None if timeout is None else float(timeout)
             except ValueError:
                 raise FP8LMError(f"FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout!r}: expected a number of seconds") from None
         self.quant = self._load_quant_config()

@@ -69,7 +69,10 @@ class LLMEngine(ModelHost):
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
-        self._worker = StepWorker()
+        # Steps run on the caller's thread unless they must be timed out: OpenMP (torch's thread pool
+        # and fp8lm's kernels) throttles its spin-waiting once two threads own thread teams on a
+        # machine with few cores, which costs ~40 us per parallel op here (see docs/BENCHMARKS.md).
+        self._worker = StepWorker() if config.iteration_timeout_s else None
         self.dead_reason: str | None = None
         self.last_step_started: float | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
@@ -283,6 +286,8 @@ class LLMEngine(ModelHost):
         timeout = self.config.iteration_timeout_s or None
         self.last_step_started = time.monotonic()
         try:
+            if self._worker is None:
+                return self.runner.run(seqs, is_prefill, want_prompt)
             return self._worker.call(self.runner.run, seqs, is_prefill, want_prompt, timeout=timeout)
         except concurrent.futures.TimeoutError:
             self._die(f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
@@ -396,7 +401,8 @@ class LLMEngine(ModelHost):
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""
-        self._worker.stop()
+        if self._worker is not None:
+            self._worker.stop()
         everyone_alive = all(p.is_alive() for p in self.workers)
         if getattr(self, "channel", None) is not None and not self.dead_reason and everyone_alive:
             try:

@@ -73,6 +73,14 @@ class CpuKernels:
                                ISA_CODES[self.isa])
         return y.to(x.dtype)
 
+    def dequantize(self, data: torch.Tensor, scale: float) -> torch.Tensor:
+        """float32 values of an FP8 tensor times `scale` (the FP8 KV cache's read path)."""
+        if data.dtype not in _GRID:
+            raise FP8LMError(f"CPU FP8 kernels: cannot dequantize {data.dtype}")
+        factor = 256.0 if data.dtype == torch.float8_e4m3fn else 1.0
+        return self.module.dequantize(data.contiguous().view(torch.uint8), data.dtype == torch.float8_e5m2,
+                                      float(scale) * factor, ISA_CODES[self.isa])
+
     def read_all(self, data: torch.Tensor) -> int:
         """Reads every byte of a uint8 tensor once on all threads: a read-bandwidth probe."""
         return self.module.read_all(data, ISA_CODES[self.isa])

@@ -75,7 +75,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, FP8Linear):
-            tensors[prefix + "weight"] = module.weight.detach().cpu()
+            tensors[prefix + "weight"] = module.fp8_weight().cpu()
             ws = torch.as_tensor(module.weight_scale, dtype=torch.float32).cpu()
             tensors[prefix + "weight_scale"] = ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(1)
             if not module.dynamic:

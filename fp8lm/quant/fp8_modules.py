@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lm.fp8.cpu_kernels import cpu_kernels, kernel_col_scale, pack_panels, unpack_panels
 from fp8lm.fp8.matmul import native_fp8_available, scaled_mm
 from fp8lm.fp8.numerics import fake_quant, to_fp8
 from fp8lm.fp8.scale_methods import ScaleSpec
@@ -70,7 +71,9 @@ class FP8Linear(nn.Module):
         else:
             self.input_scale = None            # dynamic, per token
         self.backend = "emulated"
-        self.compute_weight: torch.Tensor | None = None
+        self.compute_weight: torch.Tensor | None = None   # the emulation's dequantized copy
+        self.packed_weight: torch.Tensor | None = None    # the CPU kernels' panels (replace `weight`)
+        self.kernels = None
 
     @property
     def dynamic(self) -> bool:
@@ -113,10 +116,20 @@ class FP8Linear(nn.Module):
         copy_exact(self.weight, self.shard(full, self.shard_dim), full.shape)
 
     def prepare(self, device: torch.device, compute_dtype: torch.dtype) -> None:
-        """Chooses the backend once, after loading: native FP8 where the GPU has it, else emulation
-        over a dequantized copy of the (exact) FP8 weight values."""
+        """Chooses the backend once, after loading: native FP8 where the GPU has it; on the CPU the
+        compiled kernels over packed FP8 bytes (1 byte per weight); else emulation over a
+        dequantized copy of the (exact) FP8 weight values."""
         if native_fp8_available(device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             self.backend = "native"
+            return
+        kernels = cpu_kernels() if device.type == "cpu" else None
+        if kernels is not None:
+            self.kernels = kernels
+            self.packed_weight = pack_panels(self.weight.detach())
+            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+                                       requires_grad=False)
+            self.kernel_col_scale = kernel_col_scale(self.weight_scale, self.out_features, self.fmt.dtype)
+            self.backend = f"cpu-{kernels.isa}"
             return
         w = self.weight.float() * torch.as_tensor(self.weight_scale, dtype=torch.float32, device=self.weight.device)
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
@@ -126,15 +139,28 @@ class FP8Linear(nn.Module):
             self.compute_weight = w
             self.backend = "emulated"
 
+    def fp8_weight(self) -> torch.Tensor:
+        """The [out, in] FP8 weight, also after packing (for checkpoints and reports)."""
+        if self.packed_weight is not None:
+            return unpack_panels(self.packed_weight, self.out_features, self.fmt.dtype)
+        return self.weight.detach()
+
     def _input_scale(self, x: torch.Tensor):
         if self.input_scale is None:
             return dynamic_token_scales(x, self.dynamic_spec, self.profile, self.fmt.dtype)
         return self.input_scale
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x Wᵀ (+ bias, which only the CPU kernels fuse; the other paths add it here)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         s_in = self._input_scale(x)
+        if self.packed_weight is not None:
+            row_scale = torch.as_tensor(s_in, dtype=torch.float32).reshape(-1)
+            inv = torch.as_tensor(inverse(s_in), dtype=torch.float32).reshape(-1)
+            y = self.kernels.linear(x, self.packed_weight, self.out_features, self.fmt.dtype, self.kernel_col_scale,
+                                    row_scale, inv, self.fmt.limit, None if bias is None else bias.float())
+            return y.reshape(*shape[:-1], y.shape[-1])
         if self.backend == "native":
             x8 = to_fp8(x, inverse(s_in), self.fmt.dtype, self.fmt.limit)
             s_in_t = torch.as_tensor(s_in, dtype=torch.float32, device=x.device)
@@ -147,13 +173,15 @@ class FP8Linear(nn.Module):
             else:
                 y = F.linear(xq, self.compute_weight)
             y = (y * s_in).to(x.dtype)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
         if self.is_row_parallel and self.tp_size > 1:
+            y = self.matmul(x)
             torch.distributed.all_reduce(y, group=self.process_group)
-        return y if self.bias is None else y + self.bias
+            return y if self.bias is None else y + self.bias
+        return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         gran = "per-channel" if torch.as_tensor(self.weight_scale if self.weight_scale is not None else 0).numel() > 1 \
@@ -231,5 +259,9 @@ class FP8KVCache(KVCache):
         return x
 
     def fetch(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        blocks = super().fetch(cache, block_tables, torch.float32)
-        return (blocks * self.scale).to(dtype)
+        kernels = cpu_kernels() if cache.device.type == "cpu" and not torch.is_tensor(self.scale) else None
+        if kernels is None:
+            return (super().fetch(cache, block_tables, torch.float32) * self.scale).to(dtype)
+        # Only the blocks this step reads are gathered (as bytes) and dequantized.
+        blocks = super().fetch(cache.view(torch.uint8), block_tables, torch.uint8).view(cache.dtype)
+        return kernels.dequantize(blocks, self.scale).to(dtype)

@@ -120,6 +120,22 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   return y;
 }
 
+// float32 values of FP8 bytes times `scale` (E4M3: the caller folds 256 into it).
+torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(src.scalar_type() == torch::kByte && src.is_contiguous(), "dequantize takes contiguous uint8 bytes");
+  auto out = torch::empty(src.sizes(), src.options().dtype(torch::kFloat));
+  const uint8_t* p = src.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  if (want_isa == kAvx512) {
+    e5m2 ? avx512::dequantize<true>(p, src.numel(), s, o) : avx512::dequantize<false>(p, src.numel(), s, o);
+  } else {
+    e5m2 ? avx2::dequantize<true>(p, src.numel(), s, o) : avx2::dequantize<false>(p, src.numel(), s, o);
+  }
+  return out;
+}
+
 // Reads every byte of `t` once across the thread pool (a read-bandwidth probe for benchmarks).
 int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
   check_isa(want_isa);
@@ -143,6 +159,7 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels");
+  m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale");
   m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)");
   m.attr("PANEL") = fp8lm::kPanel;
 }

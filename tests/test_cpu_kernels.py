@@ -1,0 +1,177 @@
+"""The compiled CPU FP8 kernels against float64 references built from torch's own float8 casts."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fp8lm.errors import FP8LMError
+from fp8lm.fp8 import cpu_kernels as ck
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+NAN_OR_INF = {E4M3: {0x7F, 0xFF}, E5M2: set(range(0x7C, 0x80)) | set(range(0xFC, 0x100))}
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ck.CpuKernels:
+    k = ck.cpu_kernels()
+    if k is None:
+        pytest.fail("the CPU FP8 kernels did not build on this x86-64 machine (see the log)")
+    return k
+
+
+def isas(kernels):
+    return [isa for isa, code in ck.ISA_CODES.items() if code <= ck.ISA_CODES[kernels.isa]]
+
+
+def weight_bytes(draw, n: int, k: int, dtype) -> torch.Tensor:
+    """Random FP8 bytes, with subnormals, zeros and ±max over-represented; no NaN/inf encodings."""
+    finite = [b for b in range(256) if b not in NAN_OR_INF[dtype]]
+    special = [0x00, 0x80, 0x01, 0x81, 0x07, 0x87, 0x03] + ([0x7E, 0xFE] if dtype == E4M3 else [0x7B, 0xFB])
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(finite + special * 8, dtype=torch.uint8)
+    return pool[torch.randint(len(pool), (n, k), generator=g)]
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(st.sampled_from([E4M3, E5M2]))
+    m = draw(st.sampled_from([1, 2, 3, 5, 8, 9, 13, 24]))
+    k = draw(st.integers(1, 200))
+    n = draw(st.integers(1, 80))
+    w = weight_bytes(draw, n, k, dtype)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(m, k, generator=g) * draw(st.sampled_from([1e-4, 1.0, 50.0]))
+    per_channel = draw(st.booleans())
+    w_scale = (torch.rand(n, generator=g) + 0.01) if per_channel else torch.tensor([0.37])
+    static = draw(st.sampled_from(["static", "per-token", "none"]))
+    x_scale = {"static": torch.tensor([0.013]), "per-token": torch.rand(m, generator=g) * 0.1 + 1e-3,
+               "none": torch.tensor([1.0])}[static]
+    bias = torch.randn(n, generator=g) if draw(st.booleans()) else None
+    limit = draw(st.sampled_from([240.0, 448.0])) if dtype == E4M3 else 57344.0
+    return dtype, x, w, w_scale, x_scale, static != "none", bias, limit
+
+
+def reference(dtype, x, w, w_scale, x_scale, quantize, bias, limit):
+    """float64 result of the same dequantized arithmetic, and a bound on float32 rounding."""
+    if quantize:
+        inv = 1.0 / x_scale
+        xq = (x * inv[:, None]).clamp(-limit, limit).to(dtype).double()      # torch's own float8 cast
+    else:
+        xq = x.double()
+    wq = w.view(dtype).double()
+    terms = (xq @ wq.T) * w_scale.double()[None, :] * x_scale.double()[:, None]
+    abs_terms = (xq.abs() @ wq.abs().T) * w_scale.double()[None, :] * x_scale.double()[:, None]
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    bound = (x.shape[1] + 5) * 2.0**-24 * (abs_terms + b.abs()) + 1e-44
+    return terms + b, bound
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=cases())
+def test_linear_equals_float64_reference_to_float32_rounding(kernels, case):
+    dtype, x, w, w_scale, x_scale, quantize, bias, limit = case
+    n = w.shape[0]
+    expected, bound = reference(*case)
+    inv = (1.0 / x_scale) if quantize else None
+    packed = ck.pack_panels(w.view(dtype))
+    for isa in isas(kernels):
+        k = ck.CpuKernels(kernels.module, isa)
+        y = k.linear(x, packed, n, dtype, ck.kernel_col_scale(w_scale, n, dtype), x_scale, inv, limit, bias)
+        err = (y.double() - expected).abs()
+        assert (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
+
+
+def test_activation_cast_rounds_ties_to_even_and_saturates(kernels):
+    # x * inv lands exactly between two E4M3 values, on subnormals, on ±max and beyond it.
+    values = torch.tensor([1.0625, 1.1875, -1.0625, 2**-9 * 1.5, 2**-9 * 0.5, 2**-10, 448.0, 464.0, 1e6, -1e6, 0.0,
+                           2**-7 * 1.0625, 240.0, 247.9])
+    x = values[None, :]
+    w = torch.eye(values.numel()).to(E4M3)                 # y[j] = xq[j]
+    packed = ck.pack_panels(w)
+    for limit in (448.0, 240.0):
+        expected = x.clamp(-limit, limit).to(E4M3).float()
+        for isa in isas(kernels):
+            k = ck.CpuKernels(kernels.module, isa)
+            y = k.linear(x, packed, values.numel(), E4M3, ck.kernel_col_scale(1.0, values.numel(), E4M3),
+                         torch.tensor([1.0]), torch.tensor([1.0]), limit)
+            assert torch.equal(y, expected), (isa, limit, y, expected)
+
+
+def test_bfloat16_activations_give_bfloat16_results(kernels):
+    w = (torch.randn(40, 33) * 20).to(E4M3)
+    x = torch.randn(3, 33).bfloat16()
+    y = kernels.linear(x, ck.pack_panels(w), 40, E4M3, ck.kernel_col_scale(0.5, 40, E4M3), torch.tensor([1.0]),
+                       None, 448.0)
+    expected = (x.double() @ (w.double() * 0.5).T).bfloat16()
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), expected.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_pack_unpack_round_trip_is_exact():
+    for n, k in [(1, 1), (31, 7), (32, 5), (33, 64), (100, 3)]:
+        w = torch.randint(0, 256, (n, k), dtype=torch.uint8).view(E4M3)
+        packed = ck.pack_panels(w)
+        assert packed.shape == (-(-n // 32), k, 32) and packed.dtype == torch.uint8
+        assert torch.equal(ck.unpack_panels(packed, n, E4M3).view(torch.uint8), w.view(torch.uint8))
+
+
+def test_bad_arguments_are_refused_with_the_problem_named(kernels):
+    packed = ck.pack_panels(torch.zeros(8, 16).to(E4M3))
+    col = ck.kernel_col_scale(1.0, 8, E4M3)
+    with pytest.raises(RuntimeError, match="K=12"):
+        kernels.linear(torch.zeros(2, 12), packed, 8, E4M3, col, torch.tensor([1.0]), None, 448.0)
+    with pytest.raises(RuntimeError, match="row_scale"):
+        kernels.linear(torch.zeros(2, 16), packed, 8, E4M3, col, torch.ones(3), None, 448.0)
+    with pytest.raises(FP8LMError, match="unsupported weight dtype"):
+        kernels.linear(torch.zeros(2, 16), packed, 8, torch.float16, col, torch.tensor([1.0]), None, 448.0)
+
+
+def test_read_all_sums_every_byte(kernels):
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
+    expected = int(data.view(torch.int64).sum())                     # the probe adds 64-bit lanes
+    for isa in isas(kernels):
+        assert ck.CpuKernels(kernels.module, isa).read_all(data) == expected
+
+
+@pytest.fixture
+def fresh_dispatch():
+    ck.cpu_kernels.cache_clear()
+    yield
+    ck.cpu_kernels.cache_clear()
+
+
+def test_off_selects_the_reference_path_with_one_log_line(monkeypatch, caplog, fresh_dispatch):
+    monkeypatch.setenv("FP8LM_CPU_KERNELS", "off")
+    with caplog.at_level(logging.INFO, logger="fp8lm.fp8.cpu_kernels"):
+        assert ck.cpu_kernels() is None
+    assert [r.getMessage() for r in caplog.records] == ["CPU FP8 matmul: PyTorch reference path (FP8LM_CPU_KERNELS=off)"]
+
+
+def test_a_failed_build_falls_back_and_says_why(monkeypatch, caplog, fresh_dispatch):
+    def no_compiler(cache):
+        raise OSError("g++: command not found\nmore detail")
+    monkeypatch.setattr(ck, "_build", no_compiler)
+    with caplog.at_level(logging.INFO, logger="fp8lm.fp8.cpu_kernels"):
+        assert ck.cpu_kernels() is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "g++: command not found" in messages[0] and "reference path" in messages[0]
+
+
+def test_unknown_setting_is_refused(monkeypatch, fresh_dispatch):
+    monkeypatch.setenv("FP8LM_CPU_KERNELS", "sse9")
+    with pytest.raises(FP8LMError, match="FP8LM_CPU_KERNELS='sse9': allowed values are auto, off, avx2, avx512"):
+        ck.cpu_kernels()
+
+
+def test_dequantize_equals_torch_casts_for_every_byte(kernels):
+    data = torch.arange(256, dtype=torch.uint8).repeat(5)[:1001]      # a length that leaves a tail
+    for dtype in (E4M3, E5M2):
+        keep = torch.tensor([int(b) not in NAN_OR_INF[dtype] for b in data])
+        fp8 = data[keep].view(dtype)
+        for isa in isas(kernels):
+            y = ck.CpuKernels(kernels.module, isa).dequantize(fp8, 0.3)
+            assert torch.equal(y, fp8.float() * 0.3), (isa, dtype)
