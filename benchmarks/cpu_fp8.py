@@ -1,0 +1,201 @@
+"""CPU FP8 kernels, side by side in one run: read bandwidth, per-op GEMV bandwidth, resident memory,
+batch-1 decode (fp8lm FP8 vs fp8lm float32 vs transformers float32 vs llama.cpp Q8_0) and
+32-sequence throughput (FP8 vs float32) on SmolLM2.
+
+    python benchmarks/cpu_fp8.py [--threads 2] [--tokens 128] [--skip-llama-cpp]
+
+llama.cpp comes from the optional extra `pip install -e '.[bench]'` (llama-cpp-python compiles from
+PyPI in a few minutes); the shipped GGUF is requantized to Q8_0 with its llama_model_quantize.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fp8lm.eval.throughput import make_prompts, run_fp8lm, run_transformers
+
+SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate/up_proj": (1536, 576),
+                  "down_proj": (576, 1536), "lm_head": (49152, 576), "4096x4096": (4096, 4096)}
+STREAMED_BYTES = 512 << 20      # weights rotated per op: far beyond the last-level cache
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def per_op(kernels, read_gbs: float) -> None:
+    from fp8lm.fp8.cpu_kernels import kernel_col_scale, pack_panels
+
+    print("\nper-op, batch 1, weights streamed from memory (rotating copies > cache):")
+    for label, (n, k) in SMOLLM2_SHAPES.items():
+        copies = max(2, STREAMED_BYTES // (n * k))
+        w = (torch.randn(n, k) * 8).to(torch.float8_e4m3fn)
+        packed = [pack_panels(w) for _ in range(copies)]
+        col, one = kernel_col_scale(0.01, n, torch.float8_e4m3fn), torch.tensor([1.0])
+        x = torch.randn(1, k)
+
+        def fp8_all():
+            for p in packed:
+                kernels.linear(x, p, n, torch.float8_e4m3fn, col, one, one, 448.0)
+        t8 = best_time(fp8_all, 3) / copies
+        del packed
+        dense = [torch.ops.mkldnn._reorder_linear_weight(w.float(), 1) for _ in range(max(2, copies // 4))]
+
+        def fp32_all():
+            for d in dense:
+                torch.ops.mkldnn._linear_pointwise(x, d, None, "none", [], "")
+        t32 = best_time(fp32_all, 3) / len(dense)
+        del dense
+        gbs = n * k / t8 / 1e9
+        print(f"  {label:14s} {n:5d}x{k:<5d} FP8 {t8 * 1e6:8.1f} us  {gbs:5.1f} GB/s = {gbs / read_gbs:4.0%} of read   "
+              f"float32 oneDNN {t32 * 1e6:8.1f} us ({4 * n * k / t32 / 1e9:5.1f} GB/s)   FP8 speed-up {t32 / t8:4.2f}x")
+
+
+RSS_CODE = """
+import sys, torch
+torch.set_num_threads({threads})
+from fp8lm import LLM, SamplingParams
+kw = {kw!r}
+llm = LLM({model!r}, max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
+llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)
+m = llm.engine.model
+fp8 = sum(mod.packed_weight.numel() for mod in m.modules() if getattr(mod, "packed_weight", None) is not None
+          and mod.packed_weight.dtype == torch.uint8)
+dense = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()) if not t.is_meta)
+packed32 = sum(mod.packed_weight.to_dense().numel() * 4 for mod in m.modules()
+               if getattr(mod, "packed_weight", None) is not None and mod.packed_weight.dtype != torch.uint8)
+rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+print(fp8, dense + packed32, rss)
+"""
+
+
+def resident_memory(model: str, quant_config: str, threads: int) -> None:
+    print("\nresident memory (fresh process each; KV cache 32 blocks):")
+    base = int(subprocess.run([sys.executable, "-c", "import torch, fp8lm.entrypoints.llm; "
+                               "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024)"],
+                              capture_output=True, text=True, check=True).stdout.split()[-1])
+    rows = {}
+    for label, kw in (("float32", {}), ("FP8", {"quantization": "inc", "quant_config": quant_config,
+                                                "kv_cache_dtype": "fp8_inc"})):
+        out = subprocess.run([sys.executable, "-c", RSS_CODE.format(threads=threads, kw=kw, model=model)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        fp8, dense, rss = (int(v) for v in out[-3:])
+        rows[label] = rss - base
+        print(f"  {label:8s} FP8 weight bytes {fp8 / 2**20:7.1f} MiB, other tensors {dense / 2**20:7.1f} MiB, "
+              f"RSS {rss / 2**20:7.1f} MiB ({(rss - base) / 2**20:7.1f} MiB above `import torch, fp8lm`)")
+    print(f"  FP8 / float32 resident (above the imports): {rows['FP8'] / rows['float32']:.2f}")
+
+
+def llama_cpp_decode(gguf: Path, tokens: int, threads: int, prompt: list[int]) -> float | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  llama.cpp Q8_0: skipped (pip install -e '.[bench]' for llama-cpp-python)")
+        return None
+    q8 = Path(tempfile.gettempdir()) / f"{gguf.stem}-Q8_0.gguf"
+    if not q8.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        params.nthread = threads
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(q8).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize failed for {gguf}")
+    llm = llama_cpp.Llama(str(q8), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    gen = llm.generate(prompt, temp=0.0, reset=True)
+    for _ in range(4):      # warm-up
+        next(gen)
+    start = time.perf_counter()
+    gen = llm.generate(prompt, temp=0.0, reset=True)
+    for _ in range(tokens):
+        next(gen)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from fp8lm import LLM
+    from fp8lm.entrypoints.calibrate import calibrate
+    from fp8lm.fp8 import cpu_kernels as ck
+    from fp8lm.model.registry import gguf_file, pull
+
+    kernels = ck.cpu_kernels()
+    if kernels is None:
+        sys.exit("the CPU FP8 kernels are unavailable here (see the log line above)")
+    model = str(pull("smollm2-135m-instruct"))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, kernels {kernels.isa}")
+    data = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8)
+    read_gbs = (1 << 30) / best_time(lambda: kernels.read_all(data), 5) / 1e9
+    del data
+    print(f"read bandwidth (1 GiB, all threads): {read_gbs:.1f} GB/s")
+    per_op(kernels, read_gbs)
+
+    cal = calibrate(model, "builtin", Path(tempfile.mkdtemp(prefix="fp8lm-bench-")), num_samples=16,
+                    max_seq_len=256, max_tokens=8, use_tqdm=False)
+    quant_config = str(cal.quant_config)
+    resident_memory(model, quant_config, args.threads)
+
+    fp8_kw = {"quantization": "inc", "quant_config": quant_config, "kv_cache_dtype": "fp8_inc"}
+    engines = {"fp8lm float32": {}, "fp8lm FP8": fp8_kw}
+    print(f"\nend to end, SmolLM2, {args.tokens} new tokens per sequence (greedy, EOS ignored):")
+    results: dict[str, dict[str, float]] = {}
+    for label, kw in engines.items():
+        llm = LLM(model, max_model_len=1024, max_num_seqs=32, **kw)
+        prompts = make_prompts(llm.get_tokenizer(), 32)
+        for batch_label, batch in (("batch-1", prompts[:1]), ("32 sequences", prompts)):
+            run_fp8lm(llm, batch[:1], 8)
+            t, n = run_fp8lm(llm, batch, args.tokens)
+            results.setdefault(batch_label, {})[label] = n / t
+        llm.engine.shutdown()
+        del llm
+    os.environ["FP8LM_CPU_KERNELS"] = "off"          # the PyTorch reference path, same process
+    ck.cpu_kernels.cache_clear()
+    llm = LLM(model, max_model_len=1024, max_num_seqs=1, **fp8_kw)
+    t, n = run_fp8lm(llm, prompts[:1], args.tokens)
+    results["batch-1"]["fp8lm FP8, reference path"] = n / t
+    llm.engine.shutdown()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    run_transformers(hf, 0, prompts[:1], 8)
+    t, n = run_transformers(hf, 0, prompts[:1], args.tokens)
+    results["batch-1"]["transformers float32"] = n / t
+    if not args.skip_llama_cpp:
+        tok_s = llama_cpp_decode(gguf_file("smollm2-135m-instruct"), args.tokens, args.threads, prompts[0])
+        if tok_s is not None:
+            results["batch-1"]["llama.cpp Q8_0"] = tok_s
+    for batch_label, row in results.items():
+        print(f"  {batch_label}:")
+        for label, tok_s in row.items():
+            print(f"    {label:28s} {tok_s:7.1f} tok/s")
+    b1, b32 = results["batch-1"], results["32 sequences"]
+    print(f"  batch-1 FP8 / fp8lm float32      {b1['fp8lm FP8'] / b1['fp8lm float32']:.2f}x  (target >= 2)")
+    print(f"  batch-1 FP8 / transformers fp32  {b1['fp8lm FP8'] / b1['transformers float32']:.2f}x")
+    if "llama.cpp Q8_0" in b1:
+        print(f"  batch-1 FP8 / llama.cpp Q8_0     {b1['fp8lm FP8'] / b1['llama.cpp Q8_0']:.2f}x  (target >= 0.7)")
+    print(f"  batch-1 kernels / reference path {b1['fp8lm FP8'] / b1['fp8lm FP8, reference path']:.2f}x")
+    print(f"  32 sequences FP8 / float32       {b32['fp8lm FP8'] / b32['fp8lm float32']:.2f}x  (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
