@@ -175,3 +175,17 @@ def test_dequantize_equals_torch_casts_for_every_byte(kernels):
         for isa in isas(kernels):
             y = ck.CpuKernels(kernels.module, isa).dequantize(fp8, 0.3)
             assert torch.equal(y, fp8.float() * 0.3), (isa, dtype)
+
+
+def test_fake_quant_equals_numerics_bit_for_bit(kernels):
+    from fp8lm.fp8.numerics import fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(2996, generator=g) * 10.0 ** torch.randint(-6, 4, (2996,), generator=g),
+                   torch.tensor([448.0, -448.0, 464.0, 1e9, -1e9, 0.0, -0.0, 2.0**-10, 1.0625, 57344.0, 61440.0])])
+    for dtype, limit in ((E4M3, 448.0), (E4M3, 240.0), (E5M2, 57344.0)):
+        for inv in (1.0, 0.37, 3.0):
+            expected = fake_quant(x.view(31, 97), inv, dtype, limit)
+            for isa in isas(kernels):
+                got = ck.CpuKernels(kernels.module, isa).fake_quant(x.view(31, 97), inv, dtype, limit)
+                assert torch.equal(got, expected), (isa, dtype, limit, inv)

@@ -159,8 +159,8 @@ def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, m
         attn.matmul_qk.scale_b, attn.matmul_av.scale_b = attn.k_cache.scale, attn.v_cache.scale
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
     rounded = []
-    original = fp8_modules.fake_quant
-    monkeypatch.setattr(fp8_modules, "fake_quant", lambda x, *a: rounded.append(x.shape) or original(x, *a))
+    original = fp8_modules.fp8_grid
+    monkeypatch.setattr(fp8_modules, "fp8_grid", lambda x, *a: rounded.append(x.shape) or original(x, *a))
     fast = llm.generate(PROMPTS, params, use_tqdm=False)
     calls_fast = len(rounded)
     slow_forward = FP8Matmul.forward

@@ -73,6 +73,12 @@ class CpuKernels:
                                ISA_CODES[self.isa])
         return y.to(x.dtype)
 
+    def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
+        """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""
+        mantissa, min_exp = _GRID[fp8_dtype]
+        return self.module.fake_quant(x.float().contiguous(), float(inv_scale), float(limit), mantissa, min_exp,
+                                      ISA_CODES[self.isa])
+
     def dequantize(self, data: torch.Tensor, scale: float) -> torch.Tensor:
         """float32 values of an FP8 tensor times `scale` (the FP8 KV cache's read path)."""
         if data.dtype not in _GRID:

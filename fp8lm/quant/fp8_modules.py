@@ -46,6 +46,14 @@ def inverse(scale):
     return 1.0 / scale
 
 
+def fp8_grid(x: torch.Tensor, inv_scale, fmt: FP8Format) -> torch.Tensor:
+    """numerics.fake_quant, in one compiled pass on the CPU where the kernels run (same values)."""
+    kernels = cpu_kernels() if x.device.type == "cpu" and not torch.is_tensor(inv_scale) else None
+    if kernels is None:
+        return fake_quant(x, inv_scale, fmt.dtype, fmt.limit)
+    return kernels.fake_quant(x, inv_scale, fmt.dtype, fmt.limit)
+
+
 class FP8Linear(nn.Module):
     """FP8 weight with a per-tensor or per-channel scale; the input cast to FP8 with its static scale
     (or per token at run time when `input_scale` is None); bias and output in high precision."""
@@ -204,12 +212,12 @@ class FP8Matmul(Matmul):
         """`b_grid_scale`: b is known to be FP8 values times this scale (K/V read from an FP8 cache).
         If it is this matmul's own power-of-two scale, rounding b again is the identity: skipped
         (on SmolLM2 these are the largest tensors of a decode step)."""
-        aq = fake_quant(a, inverse(self.scale_a), self.fmt.dtype, self.fmt.limit)
+        aq = fp8_grid(a, inverse(self.scale_a), self.fmt)
         if b_grid_scale is not None and float(b_grid_scale) == float(self.scale_b) \
                 and math.frexp(float(self.scale_b))[0] == 0.5:
             bq = b.float() * inverse(self.scale_b)
         else:
-            bq = fake_quant(b, inverse(self.scale_b), self.fmt.dtype, self.fmt.limit)
+            bq = fp8_grid(b, inverse(self.scale_b), self.fmt)
         return (torch.matmul(aq, bq) * (self.scale_a * self.scale_b)).to(a.dtype)
 
 
@@ -230,7 +238,7 @@ class FP8Softmax(Softmax):
 
     def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         y = torch.softmax(x, dim=dim)
-        return (fake_quant(y, inverse(self.output_scale), self.fmt.dtype, self.fmt.limit) * self.output_scale).to(x.dtype)
+        return (fp8_grid(y, inverse(self.output_scale), self.fmt) * self.output_scale).to(x.dtype)
 
 
 class FP8KVCache(KVCache):

@@ -120,6 +120,24 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   return y;
 }
 
+// x cast onto the FP8 grid: the FP8 values of x * inv_scale (saturated at +-limit), as float32.
+torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit, int64_t mantissa_bits,
+                         int64_t min_exponent, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "fake_quant takes a contiguous float32 tensor");
+  auto out = torch::empty_like(x);
+  const int64_t cols = x.dim() ? x.size(-1) : 1;
+  if (x.numel() == 0) return out;
+  const float inv = static_cast<float>(inv_scale);
+  QuantArgs q{&inv, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
+  if (want_isa == kAvx512) {
+    avx512::quantize_rows(x.data_ptr<float>(), x.numel() / cols, cols, q, out.data_ptr<float>());
+  } else {
+    avx2::quantize_rows(x.data_ptr<float>(), x.numel() / cols, cols, q, out.data_ptr<float>());
+  }
+  return out;
+}
+
 // float32 values of FP8 bytes times `scale` (E4M3: the caller folds 256 into it).
 torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int64_t want_isa) {
   check_isa(want_isa);
@@ -159,6 +177,7 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels");
+  m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)");
   m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale");
   m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)");
   m.attr("PANEL") = fp8lm::kPanel;
