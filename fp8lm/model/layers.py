@@ -126,6 +126,15 @@ class RowParallelLinear(ParallelLinear):
         return y
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x: in one matmul where a quantizer fused them (it sets `fused`
+    on the first one, a callable that returns the same outputs), else one by one."""
+    fused = getattr(linears[0], "fused", None)
+    if fused is not None and fused.applies(linears):
+        return fused(x)
+    return tuple(m(x) for m in linears)
+
+
 class Matmul(nn.Module):
     """A named batched matmul (q·kᵀ, p·v): the hook point for measuring and FP8-patching it.
     `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale."""

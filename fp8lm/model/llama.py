@@ -8,7 +8,7 @@ from torch import nn
 
 from fp8lm.model.attention import AttentionMetadata, PagedAttention
 from fp8lm.model.config import ModelConfig
-from fp8lm.model.layers import ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear, VocabEmbedding
+from fp8lm.model.layers import ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear, VocabEmbedding, project
 from fp8lm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -23,6 +23,8 @@ class TensorParallel:
 
 
 class LlamaAttention(nn.Module):
+    fusable_projections = (("q_proj", "k_proj", "v_proj"),)    # same input: one matmul where quantized
+
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
@@ -43,13 +45,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *rope)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), *rope)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
+    fusable_projections = (("gate_proj", "up_proj"),)
+
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
@@ -59,7 +64,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(i, h, bias, process_group=tp.group, **tp.linear_args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

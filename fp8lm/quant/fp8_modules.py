@@ -82,6 +82,7 @@ class FP8Linear(nn.Module):
         self.compute_weight: torch.Tensor | None = None   # the emulation's dequantized copy
         self.packed_weight: torch.Tensor | None = None    # the CPU kernels' panels (replace `weight`)
         self.kernels = None
+        self._static_kernel_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -97,6 +98,7 @@ class FP8Linear(nn.Module):
             if name == "weight_scale" and value.numel() > 1 and self.shard_dim == 0:
                 value = self.shard(value, 0)
             set_scale(self, name, value, self.fmt)
+            self._static_kernel_scales = None
         elif name == "bias":
             copy_exact(self.bias, self.shard(full, 0) if self.shard_dim == 0 else full, full.shape)
         elif name != "weight":
@@ -153,6 +155,16 @@ class FP8Linear(nn.Module):
             return unpack_panels(self.packed_weight, self.out_features, self.fmt.dtype)
         return self.weight.detach()
 
+    def _kernel_scales(self, s_in) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's row scale and activation inverse scale ([1] static, [M] per token)."""
+        if self.input_scale is not None and self._static_kernel_scales is not None:
+            return self._static_kernel_scales
+        scales = (torch.as_tensor(s_in, dtype=torch.float32).reshape(-1),
+                  torch.as_tensor(inverse(s_in), dtype=torch.float32).reshape(-1))
+        if self.input_scale is not None:
+            self._static_kernel_scales = scales
+        return scales
+
     def _input_scale(self, x: torch.Tensor):
         if self.input_scale is None:
             return dynamic_token_scales(x, self.dynamic_spec, self.profile, self.fmt.dtype)
@@ -164,8 +176,7 @@ class FP8Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         s_in = self._input_scale(x)
         if self.packed_weight is not None:
-            row_scale = torch.as_tensor(s_in, dtype=torch.float32).reshape(-1)
-            inv = torch.as_tensor(inverse(s_in), dtype=torch.float32).reshape(-1)
+            row_scale, inv = self._kernel_scales(s_in)
             y = self.kernels.linear(x, self.packed_weight, self.out_features, self.fmt.dtype, self.kernel_col_scale,
                                     row_scale, inv, self.fmt.limit, None if bias is None else bias.float())
             return y.reshape(*shape[:-1], y.shape[-1])
@@ -222,10 +233,58 @@ class FP8Matmul(Matmul):
 
 
 def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Picks each FP8 Linear's backend once its weights are loaded."""
+    """Picks each FP8 Linear's backend once its weights are loaded, then fuses the projections a
+    module declares in `fusable_projections` where FusedFP8Linears can run them."""
     for module in model.modules():
         if isinstance(module, FP8Linear):
             module.prepare(device, dtype)
+    for module in model.modules():
+        for names in getattr(module, "fusable_projections", ()):
+            linears = [getattr(module, n) for n in names]
+            if FusedFP8Linears.can_fuse(linears):
+                linears[0].fused = FusedFP8Linears(linears)
+
+
+class FusedFP8Linears:
+    """Linears that read the same input with the same static input scale, run as one kernel call
+    over their concatenated weight panels (the members keep views of them: no extra memory)."""
+
+    def __init__(self, linears: list[FP8Linear]):
+        self.members = tuple(linears)
+        first = linears[0]
+        self.kernels, self.fmt = first.kernels, first.fmt
+        self.packed = torch.cat([m.packed_weight for m in linears])
+        start = 0
+        for m in linears:
+            m.packed_weight = self.packed[start:start + m.packed_weight.shape[0]]
+            start += m.packed_weight.shape[0]
+        self.sizes = [m.out_features for m in linears]
+        self.col_scale = torch.cat([m.kernel_col_scale for m in linears])
+        self.row_scale = torch.tensor([float(first.input_scale)])
+        self.inv_scale = torch.tensor([inverse(float(first.input_scale))], dtype=torch.float32)
+        self.bias = None if first.bias is None else torch.cat([m.bias.float() for m in linears])
+
+    @staticmethod
+    def can_fuse(linears) -> bool:
+        if not all(isinstance(m, FP8Linear) and m.packed_weight is not None and not m.is_row_parallel
+                   and isinstance(m.input_scale, float) for m in linears):
+            return False
+        first = linears[0]
+        return (all(m.fmt == first.fmt and m.input_scale == first.input_scale and m.in_features == first.in_features
+                    and (m.bias is None) == (first.bias is None) for m in linears)
+                and all(m.out_features % 32 == 0 for m in linears[:-1]))   # panels never straddle members
+
+    def applies(self, linears) -> bool:
+        """Only for these very modules, and only while nothing observes them one by one (hooks)."""
+        return tuple(linears) == self.members and not any(
+            m._forward_hooks or m._forward_pre_hooks for m in linears) and not (
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shape = x.shape
+        y = self.kernels.linear(x.reshape(-1, shape[-1]), self.packed, sum(self.sizes), self.fmt.dtype,
+                                self.col_scale, self.row_scale, self.inv_scale, self.fmt.limit, self.bias)
+        return tuple(part.reshape(*shape[:-1], part.shape[-1]) for part in y.split(self.sizes, dim=-1))
 
 
 class FP8Softmax(Softmax):
