@@ -189,3 +189,23 @@ def test_fake_quant_equals_numerics_bit_for_bit(kernels):
             for isa in isas(kernels):
                 got = ck.CpuKernels(kernels.module, isa).fake_quant(x.view(31, 97), inv, dtype, limit)
                 assert torch.equal(got, expected), (isa, dtype, limit, inv)
+
+
+def test_without_a_compiler_the_reference_path_is_chosen(tmp_path):
+    """A real failed build (no C++ compiler) in a fresh cache: the notice, one warning, no crash."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, torch\n"
+            "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+            "from fp8lm.fp8.cpu_kernels import cpu_kernels\n"
+            "assert cpu_kernels() is None\n"
+            "print('REFERENCE PATH OK')\n")
+    env = {**os.environ, "CXX": "/bin/false", "FP8LM_CACHE": str(tmp_path), "FP8LM_CPU_KERNELS": "auto"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("fp8lm.fp8.cpu_kernels")]
+    assert len(lines) == 2 and "compiling" in lines[0], out.stderr            # the notice, then the outcome
+    assert "could not be built" in lines[1] and "reference path" in lines[1]
+    assert "REFERENCE PATH OK" in out.stdout
