@@ -191,3 +191,26 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
         for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             for t, lp in ly.items():
                 assert abs(lx[t].logprob - lp.logprob) < 1e-4
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, requantize):
+    llm = quantized(tiny_model, measured)
+    layers = llm.engine.model.attention_layers()
+    if requantize:   # matmul scales that differ from the caches': K and V are cast onto the grid again
+        for attn in layers:
+            attn.matmul_qk.scale_b, attn.matmul_av.scale_b = 2 * attn.k_cache.scale, 3 * attn.v_cache.scale
+    fused = [fp8_modules.FusedFP8DecodeAttention(attn, attn.fused_decode.kernels) for attn in layers]
+    assert all(f.requantize == (requantize, requantize) for f in fused)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    for attn, f in zip(layers, fused):
+        attn.fused_decode = f
+    a = llm.generate(PROMPTS, params, use_tqdm=False)
+    for attn in layers:
+        attn.fused_decode = None
+    b = llm.generate(PROMPTS, params, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for t, lp in ly.items():
+                assert abs(lx[t].logprob - lp.logprob) < 1e-4

@@ -79,6 +79,21 @@ class CpuKernels:
         return self.module.fake_quant(x.float().contiguous(), float(inv_scale), float(limit), mantissa, min_exp,
                                       ISA_CODES[self.isa])
 
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, bias: torch.Tensor, scales: list[float],
+                         requantize: tuple[bool, bool], limit: float) -> torch.Tensor:
+        """One decode step of FP8 attention over the paged FP8 caches (see csrc/kernels.inc).
+
+        q [B, heads, d] float32 (rotated, before 1/sqrt(d)); caches [kv_heads, blocks, block_size, d];
+        bias [B, max_blocks * block_size]; scales: 1/sqrt(d), q·k's two input scales, the softmax
+        output scale, p·v's two input scales, the K and V cache scales. Returns [B, heads, d].
+        """
+        mantissa, min_exp = _GRID[k_cache.dtype]
+        return self.module.decode_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
+                                            bias, k_cache.dtype == torch.float8_e5m2, [float(s) for s in scales],
+                                            requantize[0], requantize[1], float(limit), mantissa, min_exp,
+                                            k_cache.shape[0], ISA_CODES[self.isa])
+
     def dequantize(self, data: torch.Tensor, scale: float) -> torch.Tensor:
         """float32 values of an FP8 tensor times `scale` (the FP8 KV cache's read path)."""
         if data.dtype not in _GRID:

@@ -67,6 +67,9 @@ class PagedAttention(nn.Module):
         # q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads * d]
         if self.k_cache_tensor is None:
             raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
+        fused = getattr(self, "fused_decode", None)     # set by a quantizer that can run decode steps fused
+        if fused is not None and fused.applies(self, q, meta):
+            return fused(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
         keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]

@@ -234,7 +234,8 @@ class FP8Matmul(Matmul):
 
 def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Picks each FP8 Linear's backend once its weights are loaded, then fuses the projections a
-    module declares in `fusable_projections` where FusedFP8Linears can run them."""
+    module declares in `fusable_projections` where FusedFP8Linears can run them, and the decode
+    steps of fully FP8 attention layers where the CPU kernels run."""
     for module in model.modules():
         if isinstance(module, FP8Linear):
             module.prepare(device, dtype)
@@ -243,6 +244,61 @@ def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dty
             linears = [getattr(module, n) for n in names]
             if FusedFP8Linears.can_fuse(linears):
                 linears[0].fused = FusedFP8Linears(linears)
+    kernels = cpu_kernels() if device.type == "cpu" else None
+    for attn in getattr(model, "attention_layers", list)():
+        if kernels is not None and FusedFP8DecodeAttention.can_fuse(attn):
+            attn.fused_decode = FusedFP8DecodeAttention(attn, kernels)
+
+
+def _no_hooks(modules) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules) and not (
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def _skips_requantization(matmul: "FP8Matmul", cache: "FP8KVCache") -> bool:
+    """FP8Matmul's shortcut: operand b read from a cache on its own power-of-two grid."""
+    return float(cache.scale) == float(matmul.scale_b) and math.frexp(float(matmul.scale_b))[0] == 0.5
+
+
+class FusedFP8DecodeAttention:
+    """Decode steps (one query per sequence) of an attention layer whose two matmuls, softmax and
+    K/V caches are FP8, as one kernel call over the paged FP8 cache: the modules' arithmetic, fused
+    (FP8 casts bit-identical; the softmax's exp and the sums' order may differ in the last bit)."""
+
+    def __init__(self, attn, kernels):
+        self.kernels = kernels
+        qk, sm, av = attn.matmul_qk, attn.softmax, attn.matmul_av
+        self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b,
+                       attn.k_cache.scale, attn.v_cache.scale]
+        self.requantize = (not _skips_requantization(qk, attn.k_cache), not _skips_requantization(av, attn.v_cache))
+        self.limit = qk.fmt.limit
+        self.modules = (attn, qk, sm, av, attn.k_cache, attn.v_cache)
+
+    @staticmethod
+    def can_fuse(attn) -> bool:
+        parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
+        if not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
+                and isinstance(attn.softmax, FP8Softmax) and isinstance(attn.k_cache, FP8KVCache)
+                and isinstance(attn.v_cache, FP8KVCache)):
+            return False
+        scalar = all(isinstance(getattr(m, n), float) for m, names in (
+            (attn.matmul_qk, ("scale_a", "scale_b")), (attn.matmul_av, ("scale_a", "scale_b")),
+            (attn.softmax, ("output_scale",)), (attn.k_cache, ("scale",)), (attn.v_cache, ("scale",))) for n in names)
+        same = len({m.fmt for m in parts}) == 1 and attn.k_cache.cache_dtype == attn.matmul_qk.fmt.dtype
+        return scalar and same and attn.head_dim % 16 == 0
+
+    def applies(self, attn, q: torch.Tensor, meta) -> bool:
+        return (meta.max_query_len == 1 and q.dtype == torch.float32 and q.device.type == "cpu"
+                and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and _no_hooks(self.modules))
+
+    def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
+        attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
+        attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
+        b = meta.batch_size
+        queries = q[meta.query_index[:, 0]].contiguous()
+        out = self.kernels.decode_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
+                                            meta.attn_bias.reshape(b, -1), self.scales, self.requantize, self.limit)
+        return out.view(b, -1)[meta.flat_index]
 
 
 class FusedFP8Linears:
@@ -276,9 +332,7 @@ class FusedFP8Linears:
 
     def applies(self, linears) -> bool:
         """Only for these very modules, and only while nothing observes them one by one (hooks)."""
-        return tuple(linears) == self.members and not any(
-            m._forward_hooks or m._forward_pre_hooks for m in linears) and not (
-            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        return tuple(linears) == self.members and _no_hooks(linears)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shape = x.shape

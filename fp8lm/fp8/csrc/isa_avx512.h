@@ -12,6 +12,7 @@ static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 
 // 16 FP8 bytes -> 16 floats. E4M3: the half-precision bits (b & 0x80) << 8 | (b & 0x7F) << 7 are the
 // FP8 value times 2^-8, subnormals included; sign-extending b to 16 bits and shifting left by 7 puts
