@@ -223,8 +223,10 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
     assert "passed" in r.stdout
 
 
-def test_hung_step_turns_health_503(tiny_model):
-    """FP8LM_ENGINE_ITERATION_TIMEOUT_S: /health reports a step that hangs, then the dead engine."""
+@pytest.mark.parametrize("step_thread", [False, True], ids=["server-watchdog", "engine-step-thread"])
+def test_hung_step_turns_health_503(tiny_model, step_thread):
+    """FP8LM_ENGINE_ITERATION_TIMEOUT_S: /health reports a step that hangs, then the dead engine
+    (timed by the server's watchdog, as `fp8lm serve` runs it, or by the engine's own step thread)."""
     import threading
 
     from fastapi.testclient import TestClient
@@ -236,7 +238,7 @@ def test_hung_step_turns_health_503(tiny_model):
 
     def make():
         engine = LLMEngine(EngineConfig(model=str(tiny_model), max_model_len=64, skip_warmup=True,
-                                        iteration_timeout_s=1.0))
+                                        iteration_timeout_s=1.0), step_thread=step_thread)
         engine.runner.run = lambda *a, **k: time.sleep(4)
         return engine
 

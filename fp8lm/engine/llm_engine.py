@@ -46,7 +46,9 @@ class Request:
 
 
 class LLMEngine(ModelHost):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, step_thread: bool = True):
+        """`step_thread`: with an iteration timeout, run steps on a thread of their own so that a hung
+        step can be abandoned; the server passes False and times steps from outside (AsyncEngine)."""
         self.workers: list = []
         self._threads_before_tp = torch.get_num_threads()   # the gloo ranks share the cores; restored at shutdown
         dist_info = self._join_tensor_parallel_group(config)
@@ -69,10 +71,10 @@ class LLMEngine(ModelHost):
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
-        # Steps run on the caller's thread unless they must be timed out: OpenMP (torch's thread pool
-        # and fp8lm's kernels) throttles its spin-waiting once two threads own thread teams on a
+        # Steps run on the caller's thread unless they must be timed out here: OpenMP (torch's thread
+        # pool and fp8lm's kernels) throttles its spin-waiting once two threads own thread teams on a
         # machine with few cores, which costs ~40 us per parallel op here (see docs/BENCHMARKS.md).
-        self._worker = StepWorker() if config.iteration_timeout_s else None
+        self._worker = StepWorker() if config.iteration_timeout_s and step_thread else None
         self.dead_reason: str | None = None
         self.last_step_started: float | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}

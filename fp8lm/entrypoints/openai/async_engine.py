@@ -31,11 +31,13 @@ class AsyncEngine:
         self._sinks: dict[str, Callable] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch_steps, name="fp8lm-step-watchdog", daemon=True)
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     @property
     def ready(self) -> bool:
@@ -63,6 +65,8 @@ class AsyncEngine:
             try:
                 start = time.monotonic()
                 outputs = self.engine.step()
+                if self.error:          # the watchdog gave up on this step while it ran
+                    break
             except Exception as e:   # EngineDeadError, or anything unforeseen: clearly dead, never hung
                 self.error = str(e) if isinstance(e, EngineDeadError) else f"engine failed: {type(e).__name__}: {e}"
                 break
@@ -75,6 +79,23 @@ class AsyncEngine:
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
         self._fail_all(EngineDeadError(self.error or "the server is shutting down"))
+
+    def _watch_steps(self) -> None:
+        """Fails every request once a step outlives FP8LM_ENGINE_ITERATION_TIMEOUT_S. The engine
+        thread runs steps itself (all torch work on one thread keeps OpenMP's workers spinning, see
+        LLMEngine) and cannot be interrupted; it stops when the step returns, if ever."""
+        while not self._stopping.wait(0.1):
+            engine = self.engine
+            timeout = engine.config.iteration_timeout_s if engine is not None else None
+            started = engine.last_step_started if engine is not None else None
+            if self.error or not timeout or started is None or time.monotonic() - started <= timeout:
+                continue
+            self.error = (f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
+                          f"stopped (raise the timeout for slow first steps)")
+            log.error(self.error)
+            for sink in list(self._sinks.values()):
+                sink(EngineDeadError(self.error))
+            return
 
     def _drain(self, block: bool) -> None:
         try:

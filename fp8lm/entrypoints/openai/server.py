@@ -440,7 +440,7 @@ def run_server(engine_config, host: str, port: int, api_key: str | None, model_n
 
     if engine_config.iteration_timeout_s is None:
         engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
-    engine = AsyncEngine(lambda: LLMEngine(engine_config), rpc_timeout_seconds())
+    engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
     app = build_app(engine, model_name, api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=3))
