@@ -30,6 +30,11 @@ static inline vf dequant(const uint8_t* p) {
   return _mm256_cvtph_ps(h);
 }
 
+template <bool E5M2>
+static inline void dequant_row(const uint8_t* p, vf* w) {   // a packed panel row: 32 bytes -> 4 vectors
+  for (int v = 0; v < 4; ++v) w[v] = dequant<E5M2>(p + 8 * v);
+}
+
 static inline vf quantize(vf x, vf inv, vf limit, __m256i mant_shift, __m256i min_spacing) {
   vf y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), _mm256_sub_ps(_mm256_setzero_ps(), limit)), limit);
   __m256i bits = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000));

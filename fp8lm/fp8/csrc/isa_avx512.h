@@ -30,6 +30,20 @@ static inline vf dequant(const uint8_t* p) {
   return _mm512_cvtph_ps(h);
 }
 
+// A packed panel row (32 bytes) -> 2 vectors, with one load and one widening for both.
+template <bool E5M2>
+static inline void dequant_row(const uint8_t* p, vf* w) {
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  __m512i h;
+  if (E5M2) {
+    h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);
+  } else {
+    h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 7), _mm512_set1_epi16(static_cast<short>(0xBFFF)));
+  }
+  w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
 // y = x * inv saturated to +-limit and rounded half-to-even onto the FP8 grid (see numerics.py).
 static inline vf quantize(vf x, vf inv, vf limit, __m512i mant_shift, __m512i min_spacing) {
   vf y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
