@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
 
 from fp8lm.engine.llm_engine import LLMEngine
@@ -21,6 +22,30 @@ class RequestTimeout(FP8LMError):
     """No output from the engine within FP8LM_RPC_TIMEOUT."""
 
 
+@dataclass(frozen=True)
+class Sink:
+    """Where one request's outputs go: an asyncio queue, fed from the engine thread."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    @staticmethod
+    def deliver(deliveries: list[tuple[Sink, object]]) -> None:
+        """A step's outputs, with one wake-up of each event loop instead of one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for sink, item in deliveries:
+            by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, make_engine: Callable[[], LLMEngine], rpc_timeout_s: float):
         self._make_engine = make_engine
@@ -28,7 +53,7 @@ class AsyncEngine:
         self.engine: LLMEngine | None = None
         self.error: str | None = None
         self._commands: queue.Queue = queue.Queue()
-        self._sinks: dict[str, Callable] = {}
+        self._sinks: dict[str, Sink] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_steps, name="fp8lm-step-watchdog", daemon=True)
@@ -72,12 +97,14 @@ class AsyncEngine:
                 break
             if self.on_step is not None:
                 self.on_step(outputs, time.monotonic() - start)
+            deliveries = []
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is not None:
-                    sink(out)
+                    deliveries.append((sink, out))
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
+            Sink.deliver(deliveries)
         self._fail_all(EngineDeadError(self.error or "the server is shutting down"))
 
     def _watch_steps(self) -> None:
@@ -94,7 +121,7 @@ class AsyncEngine:
                           f"stopped (raise the timeout for slow first steps)")
             log.error(self.error)
             for sink in list(self._sinks.values()):
-                sink(EngineDeadError(self.error))
+                sink.put(EngineDeadError(self.error))
             return
 
     def _drain(self, block: bool) -> None:
@@ -115,7 +142,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request_id, prompt, params, **kwargs)
             except Exception as e:   # invalid request: the client gets a 400
-                sink(e)
+                sink.put(e)
                 return
             self._sinks[request_id] = sink
         elif command[0] == "abort":
@@ -124,7 +151,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, sink in list(self._sinks.items()):
-            sink(error)
+            sink.put(error)
             if self.engine is not None:
                 self.engine.abort_request(request_id)
         self._sinks.clear()
@@ -137,8 +164,7 @@ class AsyncEngine:
             raise EngineDeadError(self.error)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", request_id, prompt, params, kwargs,
-                            lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)))
+        self._commands.put(("add", request_id, prompt, params, kwargs, Sink(loop, outputs)))
         finished = False
         try:
             while True:
