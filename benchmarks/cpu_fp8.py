@@ -20,21 +20,17 @@ from pathlib import Path
 
 import torch
 
-from fp8lm.eval.throughput import make_prompts, run_fp8lm, run_transformers
+from fp8lm.eval.throughput import best_seconds, make_prompts, run_fp8lm, run_transformers
 
 SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate/up_proj": (1536, 576),
                   "down_proj": (576, 1536), "lm_head": (49152, 576), "4096x4096": (4096, 4096)}
 STREAMED_BYTES = 512 << 20      # weights rotated per op: far beyond the last-level cache
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def streamed_seconds(weights: list, op) -> float:
+    """Seconds per call of op(weight), cycling through copies of a weight too large together to
+    stay cached: every call reads its weight from memory."""
+    return best_seconds(lambda: [op(w) for w in weights], 3) / len(weights)
 
 
 def per_op(kernels, read_gbs: float) -> None:
@@ -42,27 +38,23 @@ def per_op(kernels, read_gbs: float) -> None:
 
     print("\nper-op, batch 1, weights streamed from memory (rotating copies > cache):")
     for label, (n, k) in SMOLLM2_SHAPES.items():
-        copies = max(2, STREAMED_BYTES // (n * k))
         w = (torch.randn(n, k) * 8).to(torch.float8_e4m3fn)
-        packed = [pack_panels(w) for _ in range(copies)]
         col, one = kernel_col_scale(0.01, n, torch.float8_e4m3fn), torch.tensor([1.0])
         x = torch.randn(1, k)
-
-        def fp8_all():
-            for p in packed:
-                kernels.linear(x, p, n, torch.float8_e4m3fn, col, one, one, 448.0)
-        t8 = best_time(fp8_all, 3) / copies
-        del packed
-        dense = [torch.ops.mkldnn._reorder_linear_weight(w.float(), 1) for _ in range(max(2, copies // 4))]
-
-        def fp32_all():
-            for d in dense:
-                torch.ops.mkldnn._linear_pointwise(x, d, None, "none", [], "")
-        t32 = best_time(fp32_all, 3) / len(dense)
-        del dense
+        t8 = streamed_seconds([pack_panels(w) for _ in range(max(2, STREAMED_BYTES // (n * k)))],
+                              lambda p: kernels.linear(x, p, n, torch.float8_e4m3fn, col, one, one, 448.0))
+        t32 = streamed_seconds([torch.ops.mkldnn._reorder_linear_weight(w.float(), 1)
+                                for _ in range(max(2, STREAMED_BYTES // (4 * n * k)))],
+                               lambda d: torch.ops.mkldnn._linear_pointwise(x, d, None, "none", [], ""))
         gbs = n * k / t8 / 1e9
         print(f"  {label:14s} {n:5d}x{k:<5d} FP8 {t8 * 1e6:8.1f} us  {gbs:5.1f} GB/s = {gbs / read_gbs:4.0%} of read   "
               f"float32 oneDNN {t32 * 1e6:8.1f} us ({4 * n * k / t32 / 1e9:5.1f} GB/s)   FP8 speed-up {t32 / t8:4.2f}x")
+
+
+def read_bandwidth(kernels, num_bytes: int = 1 << 30) -> float:
+    """GB/s of the kernels' read_all over a buffer far larger than the caches, best of 5."""
+    data = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8)
+    return num_bytes / best_seconds(lambda: kernels.read_all(data), 5) / 1e9
 
 
 RSS_CODE = """
@@ -146,9 +138,7 @@ def main() -> None:
     model = str(pull("smollm2-135m-instruct"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, kernels {kernels.isa}")
-    data = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8)
-    read_gbs = (1 << 30) / best_time(lambda: kernels.read_all(data), 5) / 1e9
-    del data
+    read_gbs = read_bandwidth(kernels)
     print(f"read bandwidth (1 GiB, all threads): {read_gbs:.1f} GB/s")
     per_op(kernels, read_gbs)
 

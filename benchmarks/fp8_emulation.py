@@ -16,18 +16,12 @@ import time
 
 import torch
 
+from fp8lm.eval.throughput import best_seconds
 from fp8lm.fp8.numerics import round_to_fp8_grid
 
 
 def best_ms(fn, repeats=30) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_seconds(fn, repeats, warmup=3) * 1e3
 
 
 def cast_costs() -> None:

@@ -24,13 +24,16 @@ def full_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tens
         return model.compute_logits(model(torch.tensor(token_ids), pos, meta))
 
 
-def assert_near_ties_only(llm, prompt: str, tokens: list[int], near_tie: float, max_ties: int) -> int:
+def assert_near_ties_only(llm, prompt: str, tokens: list[int], near_tie: float, max_ties: int,
+                          masked_ids: tuple[int, ...] = ()) -> int:
     """`tokens` (greedy output of another FP8 implementation), teacher-forced through `llm`: each one
-    must be llm's own argmax or within `near_tie` nats of it, at most `max_ties` times. Two FP8
-    implementations whose float32 sums differ only in order can part where an activation sits on an
-    FP8 rounding boundary; this tells such near ties from real disagreements. Returns the ties."""
+    must be llm's own argmax (`masked_ids` excluded) or within `near_tie` nats of it, at most
+    `max_ties` times. Two FP8 implementations whose float32 sums differ only in order can part where
+    an activation sits on an FP8 rounding boundary; this tells such near ties from real
+    disagreements. Returns the ties."""
     ids = llm.get_tokenizer().encode(prompt)
-    logits = llm.engine.score(ids + list(tokens))[len(ids) - 1:]
+    logits = llm.engine.score(ids + list(tokens))[len(ids) - 1:].clone()
+    logits[:, list(masked_ids)] = float("-inf")
     ties = 0
     for step, token in enumerate(tokens):
         best = int(logits[step].argmax())

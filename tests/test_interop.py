@@ -18,6 +18,7 @@ import torch
 
 from fp8lm import LLM, SamplingParams
 from fp8lm.quant.fp8_modules import FP8Linear
+from reference import assert_near_ties_only
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -101,16 +102,8 @@ def assert_greedy_agrees(llm, hf) -> None:
         ids = tok.encode(prompt)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
                                do_sample=False)[0, len(ids):].tolist()
-        logits = llm.engine.score(ids + expected)[len(ids) - 1:].clone()  # fp8lm's view of each step
-        logits[:, list(llm.engine.eos_token_ids)] = float("-inf")      # as min_new_tokens does for transformers
-        ties = 0
-        for step, token in enumerate(expected):
-            best = int(logits[step].argmax())
-            if best != token:
-                ties += 1
-                margin = float(logits[step, best] - logits[step, token])
-                assert margin < NEAR_TIE, f"{prompt!r} step {step}: fp8lm prefers {best} by {margin:.3f}"
-        assert ties <= 4, f"{prompt!r}: {ties} steps disagree"
+        # fp8lm's view of each step; EOS masked as min_new_tokens does for transformers
+        ties = assert_near_ties_only(llm, prompt, expected, NEAR_TIE, 4, masked_ids=llm.engine.eos_token_ids)
         exact += len(expected) - ties
         free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids

@@ -173,6 +173,15 @@ def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, m
                [{k: v.logprob for k, v in e.items()} for e in b.outputs[0].logprobs]
 
 
+def assert_same_generations(a, b) -> None:
+    """Same greedy tokens and the same top logprobs (to 1e-4) at every step."""
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for t, lp in ly.items():
+                assert abs(lx[t].logprob - lp.logprob) < 1e-4
+
+
 def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_model, measured, monkeypatch):
     fast = quantized(tiny_model, measured)
     linears = [m for m in fast.engine.model.modules() if isinstance(m, FP8Linear)]
@@ -186,11 +195,7 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     a = fast.generate(PROMPTS, params, use_tqdm=False)
     b = reference.generate(PROMPTS, params, use_tqdm=False)
-    for x, y in zip(a, b):
-        assert x.outputs[0].token_ids == y.outputs[0].token_ids
-        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
-            for t, lp in ly.items():
-                assert abs(lx[t].logprob - lp.logprob) < 1e-4
+    assert_same_generations(a, b)
 
 
 @pytest.mark.parametrize("requantize", [False, True])
@@ -209,8 +214,4 @@ def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, re
     for attn in layers:
         attn.fused_decode = None
     b = llm.generate(PROMPTS, params, use_tqdm=False)
-    for x, y in zip(a, b):
-        assert x.outputs[0].token_ids == y.outputs[0].token_ids
-        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
-            for t, lp in ly.items():
-                assert abs(lx[t].logprob - lp.logprob) < 1e-4
+    assert_same_generations(a, b)

@@ -25,6 +25,18 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
             for t in texts]
 
 
+def best_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """The fastest of `repeats` timed calls of fn, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def read_bandwidth_gbs(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-N time of summing a buffer much larger than the caches."""
     x = torch.ones(num_bytes // 4)

@@ -42,8 +42,8 @@ class Sink:
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for target, item in items:
+        target.put_nowait(item)
 
 
 class AsyncEngine:
