@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,11 @@ def _requested_isa() -> str:
 
 def _build(cache: Path):
     from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        # cpp_extension runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this
+        # interpreter, which is not on PATH when a venv's python runs without activation.
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
     digest = hashlib.sha256(b"".join((_CSRC / s).read_bytes() for s in _SOURCES)).hexdigest()[:12]
     name = f"fp8lm_cpu_{digest}"
