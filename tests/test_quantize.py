@@ -198,14 +198,21 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
     assert_same_generations(a, b)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("requantize", [False, True])
-def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, requantize):
+def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, requantize, isa):
+    from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
+
     llm = quantized(tiny_model, measured)
     layers = llm.engine.model.attention_layers()
+    best = layers[0].fused_decode.kernels
+    if ISA_CODES[isa] > ISA_CODES[best.isa]:
+        pytest.skip(f"this CPU has no {isa}")
+    kernels = CpuKernels(best.module, isa)
     if requantize:   # matmul scales that differ from the caches': K and V are cast onto the grid again
         for attn in layers:
             attn.matmul_qk.scale_b, attn.matmul_av.scale_b = 2 * attn.k_cache.scale, 3 * attn.v_cache.scale
-    fused = [fp8_modules.FusedFP8DecodeAttention(attn, attn.fused_decode.kernels) for attn in layers]
+    fused = [fp8_modules.FusedFP8DecodeAttention(attn, kernels) for attn in layers]
     assert all(f.requantize == (requantize, requantize) for f in fused)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     for attn, f in zip(layers, fused):

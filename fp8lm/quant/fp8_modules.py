@@ -129,6 +129,8 @@ class FP8Linear(nn.Module):
         """Chooses the backend once, after loading: native FP8 where the GPU has it; on the CPU the
         compiled kernels over packed FP8 bytes (1 byte per weight); else emulation over a
         dequantized copy of the (exact) FP8 weight values."""
+        if self.packed_weight is not None or self.compute_weight is not None:
+            return                                      # prepared already
         if native_fp8_available(device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             self.backend = "native"
             return
