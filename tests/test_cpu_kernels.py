@@ -209,3 +209,24 @@ def test_without_a_compiler_the_reference_path_is_chosen(tmp_path):
     assert len(lines) == 2 and "compiling" in lines[0], out.stderr            # the notice, then the outcome
     assert "could not be built" in lines[1] and "reference path" in lines[1]
     assert "REFERENCE PATH OK" in out.stdout
+
+
+def test_write_cache_equals_torch_float8_casts_at_the_slots(kernels):
+    g = torch.Generator().manual_seed(1)
+    for dtype, limit, d in ((E4M3, 448.0, 64), (E4M3, 240.0, 20), (E5M2, 57344.0, 24)):
+        x = torch.randn(5, 3, d, generator=g) * 10.0 ** torch.randint(-4, 3, (5, 3, d), generator=g)
+        x[0, 0, :4] = torch.tensor([1e9, -1e9, 0.0, -0.0])
+        slots = torch.tensor([7, 0, 12, 3, 15])
+        inv = 0.7
+        expected = torch.zeros(3, 4, 4, d, dtype=torch.uint8)
+        flat = expected.view(3, 16, d)
+        flat[:, slots] = (x * inv).clamp(-limit, limit).to(dtype).view(torch.uint8).transpose(0, 1)
+        for isa in isas(kernels):
+            cache = torch.full((3, 4, 4, d), 0x55, dtype=torch.uint8).view(dtype)
+            ck.CpuKernels(kernels.module, isa).write_cache(x, cache, slots, inv, limit)
+            written = cache.view(torch.uint8).view(3, 16, d)
+            assert torch.equal(written[:, slots], flat[:, slots]), (isa, dtype)
+            untouched = [s for s in range(16) if s not in slots.tolist()]
+            assert (written[:, untouched] == 0x55).all()
+    with pytest.raises(RuntimeError, match="slot 99 outside"):
+        kernels.write_cache(torch.zeros(1, 3, 64), torch.zeros(3, 4, 4, 64).to(E4M3), torch.tensor([99]), 1.0, 448.0)

@@ -96,6 +96,15 @@ class CpuKernels:
                                             requantize[0], requantize[1], float(limit), mantissa, min_exp,
                                             k_cache.shape[0], ISA_CODES[self.isa])
 
+    def write_cache(self, x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, inv_scale: float,
+                    limit: float) -> None:
+        """New K or V rows x [T, kv_heads, d] into the paged FP8 cache [kv_heads, blocks, block_size, d]
+        at `slots`: the bytes of torch's saturating float8 cast of x * inv_scale."""
+        mantissa, min_exp = _GRID[cache.dtype]
+        self.module.write_cache(x.float().contiguous(), cache.view(torch.uint8), slots.contiguous(),
+                                cache.dtype == torch.float8_e5m2, float(inv_scale), float(limit), mantissa, min_exp,
+                                ISA_CODES[self.isa])
+
     def dequantize(self, data: torch.Tensor, scale: float) -> torch.Tensor:
         """float32 values of an FP8 tensor times `scale` (the FP8 KV cache's read path)."""
         if data.dtype not in _GRID:

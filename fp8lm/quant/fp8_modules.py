@@ -375,6 +375,10 @@ class FP8KVCache(KVCache):
         set_scale(self, "scale", full.float().reshape(()), self.fmt)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        kernels = cpu_kernels() if cache.device.type == "cpu" and not torch.is_tensor(self.scale) else None
+        if kernels is not None:
+            kernels.write_cache(x, cache, slot_mapping, inverse(self.scale), self.fmt.limit)
+            return x
         q = to_fp8(x.transpose(0, 1), inverse(self.scale), self.fmt.dtype, self.fmt.limit).contiguous()
         flat = cache.view(cache.shape[0], -1, cache.shape[-1])
         # index_copy_ has no float8 kernel on the CPU; bytes are bytes.

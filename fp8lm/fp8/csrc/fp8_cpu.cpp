@@ -202,6 +202,34 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   return out;
 }
 
+// Writes new K or V rows x [T, kv_heads, d] into the paged FP8 cache [kv_heads, blocks, block_size, d]
+// at `slots` [T] (slot = block * block_size + offset): FP8 bytes of x * inv_scale, saturated at limit.
+void write_cache(const torch::Tensor& x, torch::Tensor& cache, const torch::Tensor& slots, bool e5m2, double inv_scale,
+                 double limit, int64_t mantissa_bits, int64_t min_exponent, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 3 && x.is_contiguous(), "x must be contiguous float32 [T, kv_heads, d]");
+  TORCH_CHECK(cache.scalar_type() == torch::kByte && cache.dim() == 4 && cache.is_contiguous(),
+              "the cache must be contiguous uint8 [kv_heads, blocks, block_size, d]");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.is_contiguous() && slots.numel() == x.size(0),
+              "slots must be contiguous int64 [T]");
+  const int64_t T = x.size(0), heads = x.size(1), d = x.size(2), num_slots = cache.size(1) * cache.size(2);
+  TORCH_CHECK(cache.size(0) == heads && cache.size(3) == d, "x and the cache disagree on kv_heads or head_dim");
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(s[t] >= 0 && s[t] < num_slots, "slot ", s[t], " outside the cache's ", num_slots);
+  uint8_t* base = cache.data_ptr<uint8_t>();
+  auto dst_row = [&](int64_t r) { return base + ((r % heads) * num_slots + s[r / heads]) * d; };
+  QuantArgs grid{nullptr, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
+  const float inv = static_cast<float>(inv_scale);
+  const float* src = x.data_ptr<float>();
+  if (want_isa == kAvx512) {
+    e5m2 ? avx512::write_fp8_rows<true>(src, T * heads, d, inv, grid, dst_row)
+         : avx512::write_fp8_rows<false>(src, T * heads, d, inv, grid, dst_row);
+  } else {
+    e5m2 ? avx2::write_fp8_rows<true>(src, T * heads, d, inv, grid, dst_row)
+         : avx2::write_fp8_rows<false>(src, T * heads, d, inv, grid, dst_row);
+  }
+}
+
 // float32 values of FP8 bytes times `scale` (E4M3: the caller folds 256 into it).
 torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int64_t want_isa) {
   check_isa(want_isa);
@@ -242,6 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels");
   m.def("decode_attention", &fp8lm::decode_attention, "one decode step of FP8 attention over the paged cache");
+  m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache");
   m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)");
   m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale");
   m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)");

@@ -35,6 +35,18 @@ static inline void dequant_row(const uint8_t* p, vf* w) {   // a packed panel ro
   for (int v = 0; v < 4; ++v) w[v] = dequant<E5M2>(p + 8 * v);
 }
 
+template <bool E5M2>
+static inline void store_fp8(uint8_t* p, vf grid) {   // 8 grid floats -> 8 FP8 bytes
+  __m128i h = _mm256_cvtps_ph(E5M2 ? grid : _mm256_mul_ps(grid, _mm256_set1_ps(1.0f / 256)), _MM_FROUND_TO_NEAREST_INT);
+  if (!E5M2) {
+    h = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(h, 8), _mm_set1_epi16(0x80)),
+                     _mm_and_si128(_mm_srli_epi16(h, 7), _mm_set1_epi16(0x7F)));
+  } else {
+    h = _mm_srli_epi16(h, 8);
+  }
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(h, _mm_setzero_si128()));
+}
+
 static inline vf quantize(vf x, vf inv, vf limit, __m256i mant_shift, __m256i min_spacing) {
   vf y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), _mm256_sub_ps(_mm256_setzero_ps(), limit)), limit);
   __m256i bits = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000));

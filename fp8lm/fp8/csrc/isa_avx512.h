@@ -44,6 +44,19 @@ static inline void dequant_row(const uint8_t* p, vf* w) {
   w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
 
+// 16 floats already on the FP8 grid -> their 16 FP8 bytes (the inverse of dequant: exact).
+template <bool E5M2>
+static inline void store_fp8(uint8_t* p, vf grid) {
+  __m256i h = _mm512_cvtps_ph(E5M2 ? grid : _mm512_mul_ps(grid, _mm512_set1_ps(1.0f / 256)), _MM_FROUND_TO_NEAREST_INT);
+  if (!E5M2) {
+    h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(h, 8), _mm256_set1_epi16(0x80)),
+                        _mm256_and_si256(_mm256_srli_epi16(h, 7), _mm256_set1_epi16(0x7F)));
+  } else {
+    h = _mm256_srli_epi16(h, 8);
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtepi16_epi8(h));
+}
+
 // y = x * inv saturated to +-limit and rounded half-to-even onto the FP8 grid (see numerics.py).
 static inline vf quantize(vf x, vf inv, vf limit, __m512i mant_shift, __m512i min_spacing) {
   vf y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
