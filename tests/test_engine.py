@@ -163,3 +163,16 @@ def test_chat_uses_template(llm):
     out = llm.chat([{"role": "user", "content": "hi"}], greedy(3), use_tqdm=False)[0]
     assert out.prompt == "user: hi\nassistant: "
     assert out.prompt_token_ids == llm.get_tokenizer().encode("user: hi\nassistant: ", add_special_tokens=False)
+
+
+def test_decode_steps_keep_tokens_in_sequence_order(llm, monkeypatch):
+    """The invariant fused decode kernels rely on (AttentionMetadata's docstring)."""
+    seen = []
+    execute = llm.engine.runner.execute
+    monkeypatch.setattr(llm.engine.runner, "execute", lambda ids, pos, meta: seen.append(meta) or execute(ids, pos, meta))
+    llm.generate([[5, 6, 7], [8, 9], [10, 11, 12, 13]], greedy(4), use_tqdm=False)
+    decode = [m for m in seen if m.max_query_len == 1]
+    assert decode and all(m.batch_size > 1 for m in decode)
+    for meta in decode:
+        order = torch.arange(meta.batch_size)
+        assert torch.equal(meta.query_index[:, 0], order) and torch.equal(meta.flat_index, order)

@@ -17,6 +17,8 @@ from fp8lm.model.layers import KVCache, Matmul, Softmax
 
 @dataclass
 class AttentionMetadata:
+    """In a decode step (max_query_len == 1) the flat tokens are already in sequence order:
+    query_index[:, 0] and flat_index are both arange(batch_size)."""
     slot_mapping: torch.Tensor     # [T] cache slot of each new token
     block_tables: torch.Tensor     # [B, max_blocks] (padding: block 0)
     max_context_len: int           # keys attended per sequence: max_blocks * block_size (padding masked)

@@ -296,11 +296,11 @@ class FusedFP8DecodeAttention:
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
         attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        b = meta.batch_size
-        queries = q[meta.query_index[:, 0]].contiguous()
-        out = self.kernels.decode_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
-                                            meta.attn_bias.reshape(b, -1), self.scales, self.requantize, self.limit)
-        return out.view(b, -1)[meta.flat_index]
+        b = meta.batch_size          # decode: token i is sequence i's query (see AttentionMetadata)
+        out = self.kernels.decode_attention(q.contiguous(), attn.k_cache_tensor, attn.v_cache_tensor,
+                                            meta.block_tables, meta.attn_bias.reshape(b, -1), self.scales,
+                                            self.requantize, self.limit)
+        return out.view(b, -1)
 
 
 class FusedFP8Linears:
