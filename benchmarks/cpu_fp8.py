@@ -33,28 +33,27 @@ def streamed_seconds(weights: list, op) -> float:
     return best_seconds(lambda: [op(w) for w in weights], 3) / len(weights)
 
 
-def per_op(kernels, read_gbs: float) -> None:
+def per_op(kernels) -> None:
+    """Each op's streamed bandwidth next to a read-bandwidth probe taken just before it (this
+    machine's bandwidth drifts with its neighbours' load)."""
     from fp8lm.fp8.cpu_kernels import kernel_col_scale, pack_panels
 
+    probe = torch.randint(0, 256, (STREAMED_BYTES,), dtype=torch.uint8)
     print("\nper-op, batch 1, weights streamed from memory (rotating copies > cache):")
     for label, (n, k) in SMOLLM2_SHAPES.items():
         w = (torch.randn(n, k) * 8).to(torch.float8_e4m3fn)
         col, one = kernel_col_scale(0.01, n, torch.float8_e4m3fn), torch.tensor([1.0])
         x = torch.randn(1, k)
+        read_gbs = STREAMED_BYTES / best_seconds(lambda: kernels.read_all(probe), 3) / 1e9
         t8 = streamed_seconds([pack_panels(w) for _ in range(max(2, STREAMED_BYTES // (n * k)))],
                               lambda p: kernels.linear(x, p, n, torch.float8_e4m3fn, col, one, one, 448.0))
         t32 = streamed_seconds([torch.ops.mkldnn._reorder_linear_weight(w.float(), 1)
                                 for _ in range(max(2, STREAMED_BYTES // (4 * n * k)))],
                                lambda d: torch.ops.mkldnn._linear_pointwise(x, d, None, "none", [], ""))
         gbs = n * k / t8 / 1e9
-        print(f"  {label:14s} {n:5d}x{k:<5d} FP8 {t8 * 1e6:8.1f} us  {gbs:5.1f} GB/s = {gbs / read_gbs:4.0%} of read   "
-              f"float32 oneDNN {t32 * 1e6:8.1f} us ({4 * n * k / t32 / 1e9:5.1f} GB/s)   FP8 speed-up {t32 / t8:4.2f}x")
-
-
-def read_bandwidth(kernels, num_bytes: int = 1 << 30) -> float:
-    """GB/s of the kernels' read_all over a buffer far larger than the caches, best of 5."""
-    data = torch.randint(0, 256, (num_bytes,), dtype=torch.uint8)
-    return num_bytes / best_seconds(lambda: kernels.read_all(data), 5) / 1e9
+        print(f"  {label:14s} {n:5d}x{k:<5d} FP8 {t8 * 1e6:7.1f} us {gbs:5.1f} GB/s = {gbs / read_gbs:4.0%} of read "
+              f"({read_gbs:4.1f})   float32 oneDNN {t32 * 1e6:7.1f} us ({4 * n * k / t32 / 1e9:4.1f} GB/s)   "
+              f"FP8 speed-up {t32 / t8:4.2f}x")
 
 
 RSS_CODE = """
@@ -138,9 +137,9 @@ def main() -> None:
     model = str(pull("smollm2-135m-instruct"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, kernels {kernels.isa}")
-    read_gbs = read_bandwidth(kernels)
-    print(f"read bandwidth (1 GiB, all threads): {read_gbs:.1f} GB/s")
-    per_op(kernels, read_gbs)
+    print("read bandwidth probe: the kernels' read_all (every byte once, all threads, AVX loads), "
+          f"best of 3 over {STREAMED_BYTES >> 20} MiB, taken before each op")
+    per_op(kernels)
 
     cal = calibrate(model, "builtin", Path(tempfile.mkdtemp(prefix="fp8lm-bench-")), num_samples=16,
                     max_seq_len=256, max_tokens=8, use_tqdm=False)
