@@ -47,18 +47,20 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inverse_frequencies(self.config).to(device)
         t = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(dtype)
+        # rotate_half's sign folded into sin: [-sin, sin] (see apply_rotary)
+        self.sin = torch.cat([-sin, sin], dim=-1).to(dtype)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` [T], shaped [T, 1, head_dim]; gathered once per model step."""
+        """cos and signed sin for `positions` [T], shaped [T, 1, head_dim]; gathered once per step."""
         if self.cos is None:
             raise RuntimeError("RotaryEmbedding.build_cache() must run before the first forward")
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim] rotated by the (cos, sin) of its positions."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim] rotated by its positions' cos and [-sin, sin]: HF's
+    x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, half) * [-sin, sin] (the
+    same products, the negation moved onto sin: bit for bit equal), in two fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
