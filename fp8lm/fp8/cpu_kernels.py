@@ -173,6 +173,8 @@ def cpu_kernels() -> CpuKernels | None:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("CPU FP8 kernels could not be built (%s): using the PyTorch reference path", reason)
         return None
+    if module.PANEL != PANEL:
+        raise FP8LMError(f"CPU FP8 kernels: the extension packs {module.PANEL} rows per panel, the wrapper {PANEL}")
     best = {0: None, 1: "avx2", 2: "avx512"}[module.isa()]
     if best is None:
         log.warning("CPU FP8 kernels need AVX2, FMA and F16C, which this CPU lacks: using the PyTorch reference path")

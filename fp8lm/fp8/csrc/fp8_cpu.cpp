@@ -267,12 +267,15 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
 }  // namespace fp8lm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels touch no Python objects: other Python threads (the server's HTTP side) run meanwhile.
+  using release = py::call_guard<py::gil_scoped_release>;
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
-  m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels");
-  m.def("decode_attention", &fp8lm::decode_attention, "one decode step of FP8 attention over the paged cache");
-  m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache");
-  m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)");
-  m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale");
-  m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)");
+  m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels", release());
+  m.def("decode_attention", &fp8lm::decode_attention, "one decode step of FP8 attention over the paged cache",
+        release());
+  m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache", release());
+  m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)", release());
+  m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale", release());
+  m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)", release());
   m.attr("PANEL") = fp8lm::kPanel;
 }
