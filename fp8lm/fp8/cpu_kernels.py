@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fp8lm.errors import FP8LMError
+from fp8lm.fp8.numerics import FP8_LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ PANEL = 32                      # output rows per packed panel (kPanel in csrc/f
 ISA_CODES = {"avx2": 1, "avx512": 2}
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h")
-# (mantissa bits, smallest normal exponent): what the kernel's activation cast rounds to
-_GRID = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -60,16 +59,16 @@ class CpuKernels:
                limit: float, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] (float32 or bfloat16) @ FP8 weightᵀ -> [M, N] in x's dtype.
 
-        `col_scale` [N]: the weight scale per output channel (E4M3: times 256, see kernel_col_scale);
+        `col_scale` [N]: the weight scale per output channel times byte_value_factor (kernel_col_scale);
         `row_scale` [1] or [M] multiplies each result row (the input scale). With `inv_scale` ([1] or
         [M]) x is first cast to FP8 values of x * inv_scale, saturated at ±limit: W8A8, exactly.
         """
-        if fp8_dtype not in _GRID:
+        if fp8_dtype not in FP8_LAYOUT:
             raise FP8LMError(f"CPU FP8 kernels: unsupported weight dtype {fp8_dtype}; allowed: "
-                             f"{', '.join(str(d) for d in _GRID)}")
+                             f"{', '.join(str(d) for d in FP8_LAYOUT)}")
         if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16):
             raise FP8LMError(f"CPU FP8 kernels: x must be 2-D float32 or bfloat16, got {tuple(x.shape)} {x.dtype}")
-        mantissa, min_exp = _GRID[fp8_dtype]
+        mantissa, min_exp = FP8_LAYOUT[fp8_dtype]
         y = self.module.linear(x.float().contiguous(), packed, out_features, fp8_dtype == torch.float8_e5m2,
                                col_scale, row_scale, inv_scale, float(limit), mantissa, min_exp, bias,
                                ISA_CODES[self.isa])
@@ -77,7 +76,7 @@ class CpuKernels:
 
     def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""
-        mantissa, min_exp = _GRID[fp8_dtype]
+        mantissa, min_exp = FP8_LAYOUT[fp8_dtype]
         return self.module.fake_quant(x.float().contiguous(), float(inv_scale), float(limit), mantissa, min_exp,
                                       ISA_CODES[self.isa])
 
@@ -90,9 +89,11 @@ class CpuKernels:
         bias [B, max_blocks * block_size]; scales: 1/sqrt(d), q·k's two input scales, the softmax
         output scale, p·v's two input scales, the K and V cache scales. Returns [B, heads, d].
         """
-        mantissa, min_exp = _GRID[k_cache.dtype]
+        mantissa, min_exp = FP8_LAYOUT[k_cache.dtype]
+        factor = byte_value_factor(k_cache.dtype)
+        byte_scales = [float(s) for s in scales[:6]] + [float(s) * factor for s in scales[6:]]
         return self.module.decode_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
-                                            bias, k_cache.dtype == torch.float8_e5m2, [float(s) for s in scales],
+                                            bias, k_cache.dtype == torch.float8_e5m2, byte_scales,
                                             requantize[0], requantize[1], float(limit), mantissa, min_exp,
                                             k_cache.shape[0], ISA_CODES[self.isa])
 
@@ -100,28 +101,32 @@ class CpuKernels:
                     limit: float) -> None:
         """New K or V rows x [T, kv_heads, d] into the paged FP8 cache [kv_heads, blocks, block_size, d]
         at `slots`: the bytes of torch's saturating float8 cast of x * inv_scale."""
-        mantissa, min_exp = _GRID[cache.dtype]
+        mantissa, min_exp = FP8_LAYOUT[cache.dtype]
         self.module.write_cache(x.float().contiguous(), cache.view(torch.uint8), slots.contiguous(),
                                 cache.dtype == torch.float8_e5m2, float(inv_scale), float(limit), mantissa, min_exp,
                                 ISA_CODES[self.isa])
 
     def dequantize(self, data: torch.Tensor, scale: float) -> torch.Tensor:
         """float32 values of an FP8 tensor times `scale` (the FP8 KV cache's read path)."""
-        if data.dtype not in _GRID:
+        if data.dtype not in FP8_LAYOUT:
             raise FP8LMError(f"CPU FP8 kernels: cannot dequantize {data.dtype}")
-        factor = 256.0 if data.dtype == torch.float8_e4m3fn else 1.0
         return self.module.dequantize(data.contiguous().view(torch.uint8), data.dtype == torch.float8_e5m2,
-                                      float(scale) * factor, ISA_CODES[self.isa])
+                                      float(scale) * byte_value_factor(data.dtype), ISA_CODES[self.isa])
 
     def read_all(self, data: torch.Tensor) -> int:
         """Reads every byte of a uint8 tensor once on all threads: a read-bandwidth probe."""
         return self.module.read_all(data, ISA_CODES[self.isa])
 
 
+def byte_value_factor(fp8_dtype: torch.dtype) -> float:
+    """What the kernels multiply a dequantized byte by: E4M3 bytes dequantize to their value times
+    2^-8 (through half-precision bits), E5M2 bytes to their value."""
+    return 256.0 if fp8_dtype == torch.float8_e4m3fn else 1.0
+
+
 def kernel_col_scale(weight_scale, out_features: int, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """The kernel's per-channel multiplier: E4M3 bytes are dequantized to their value times 2^-8."""
-    s = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(-1)
-    s = s * 256.0 if fp8_dtype == torch.float8_e4m3fn else s
+    """The kernel's per-channel multiplier: the weight scale times byte_value_factor."""
+    s = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(-1) * byte_value_factor(fp8_dtype)
     return s.expand(out_features).contiguous() if s.numel() == 1 else s.contiguous()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # (mantissa bits, smallest normal exponent) of each float8 format
-_LAYOUT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+FP8_LAYOUT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 _EXPONENT_BITS = 0x7F800000
 
 
@@ -19,7 +19,7 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 def round_to_fp8_grid(y: torch.Tensor, dtype: torch.dtype, limit: float) -> torch.Tensor:
     """y (float32) saturated to ±limit and rounded half-to-even onto the FP8 grid of `dtype`."""
-    mantissa, min_exp = _LAYOUT[dtype]
+    mantissa, min_exp = FP8_LAYOUT[dtype]
     y = y.float().clamp(-limit, limit)
     # The spacing of FP8 values around y is 2^(floor(log2|y|) - mantissa), never below the
     # subnormal spacing; both are read straight from float32's exponent bits.

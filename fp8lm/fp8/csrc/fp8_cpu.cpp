@@ -74,6 +74,9 @@ namespace avx2 {
 
 enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// `call` (a kernel call) in the namespace compiled for `isa`: avx512:: or avx2::.
+#define FP8LM_ISA_CALL(isa, call) ((isa) == kAvx512 ? avx512::call : avx2::call)
+
 int64_t isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -122,22 +125,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
     xq = torch::empty_like(x);
     QuantArgs q{inv_scale->data_ptr<float>(), inv_scale->numel(), static_cast<float>(limit),
                 static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
-    if (want_isa == kAvx512) {
-      avx512::quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>());
-    } else {
-      avx2::quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>());
-    }
+    FP8LM_ISA_CALL(want_isa, quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>()));
   }
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   LinearArgs a{xq.data_ptr<float>(), packed.data_ptr<uint8_t>(), col_scale.data_ptr<float>(),
                row_scale.data_ptr<float>(), row_scale.numel(), bias ? bias->data_ptr<float>() : nullptr,
                y.data_ptr<float>(), M, K, N, e5m2};
-  if (want_isa == kAvx512) {
-    avx512::linear(a);
-  } else {
-    avx2::linear(a);
-  }
+  FP8LM_ISA_CALL(want_isa, linear(a));
   return y;
 }
 
@@ -151,17 +146,14 @@ torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit,
   if (x.numel() == 0) return out;
   const float inv = static_cast<float>(inv_scale);
   QuantArgs q{&inv, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
-  if (want_isa == kAvx512) {
-    avx512::quantize_rows(x.data_ptr<float>(), x.numel() / cols, cols, q, out.data_ptr<float>());
-  } else {
-    avx2::quantize_rows(x.data_ptr<float>(), x.numel() / cols, cols, q, out.data_ptr<float>());
-  }
+  FP8LM_ISA_CALL(want_isa, quantize_rows(x.data_ptr<float>(), x.numel() / cols, cols, q, out.data_ptr<float>()));
   return out;
 }
 
 // One decode step of FP8 attention over the paged FP8 cache (see kernels.inc decode_attention).
-// scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), k_cache_scale,
-// v_cache_scale; requantize_k/v: cast K/V onto the grid again (FP8Matmul does unless it can skip it).
+// scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
+// cache scales (E4M3: times 256, see dequant); requantize_k/v: cast K/V onto the grid again
+// (FP8Matmul does unless it can skip it).
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const torch::Tensor& bias, bool e5m2,
                                std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
@@ -184,7 +176,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
               "bias must be contiguous float32 [B, max_blocks * block_size]");
   auto out = torch::empty_like(q);
   const double qk_a = scales[1], qk_b = scales[2], sm = scales[3], av_a = scales[4], av_b = scales[5];
-  const float factor = e5m2 ? 1.0f : 256.0f;
   DecodeArgs a{q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
                block_tables.data_ptr<int64_t>(), bias.data_ptr<float>(), out.data_ptr<float>(),
                B, H, num_kv_heads, d, k_cache.size(1), k_cache.size(2), block_tables.size(1), e5m2,
@@ -192,13 +183,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
                static_cast<float>(scales[0]), static_cast<float>(1.0 / qk_a), static_cast<float>(qk_a * qk_b),
                static_cast<float>(1.0 / sm), static_cast<float>(sm), static_cast<float>(1.0 / av_a),
                static_cast<float>(av_a * av_b),
-               FP8Operand{static_cast<float>(scales[6]) * factor, static_cast<float>(1.0 / qk_b), requantize_k},
-               FP8Operand{static_cast<float>(scales[7]) * factor, static_cast<float>(1.0 / av_b), requantize_v}};
-  if (want_isa == kAvx512) {
-    avx512::decode_attention(a);
-  } else {
-    avx2::decode_attention(a);
-  }
+               FP8Operand{static_cast<float>(scales[6]), static_cast<float>(1.0 / qk_b), requantize_k},
+               FP8Operand{static_cast<float>(scales[7]), static_cast<float>(1.0 / av_b), requantize_v}};
+  FP8LM_ISA_CALL(want_isa, decode_attention(a));
   return out;
 }
 
@@ -221,13 +208,8 @@ void write_cache(const torch::Tensor& x, torch::Tensor& cache, const torch::Tens
   QuantArgs grid{nullptr, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
   const float inv = static_cast<float>(inv_scale);
   const float* src = x.data_ptr<float>();
-  if (want_isa == kAvx512) {
-    e5m2 ? avx512::write_fp8_rows<true>(src, T * heads, d, inv, grid, dst_row)
-         : avx512::write_fp8_rows<false>(src, T * heads, d, inv, grid, dst_row);
-  } else {
-    e5m2 ? avx2::write_fp8_rows<true>(src, T * heads, d, inv, grid, dst_row)
-         : avx2::write_fp8_rows<false>(src, T * heads, d, inv, grid, dst_row);
-  }
+  e5m2 ? FP8LM_ISA_CALL(want_isa, write_fp8_rows<true>(src, T * heads, d, inv, grid, dst_row))
+       : FP8LM_ISA_CALL(want_isa, write_fp8_rows<false>(src, T * heads, d, inv, grid, dst_row));
 }
 
 // float32 values of FP8 bytes times `scale` (E4M3: the caller folds 256 into it).
@@ -238,11 +220,8 @@ torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int6
   const uint8_t* p = src.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  if (want_isa == kAvx512) {
-    e5m2 ? avx512::dequantize<true>(p, src.numel(), s, o) : avx512::dequantize<false>(p, src.numel(), s, o);
-  } else {
-    e5m2 ? avx2::dequantize<true>(p, src.numel(), s, o) : avx2::dequantize<false>(p, src.numel(), s, o);
-  }
+  e5m2 ? FP8LM_ISA_CALL(want_isa, dequantize<true>(p, src.numel(), s, o))
+       : FP8LM_ISA_CALL(want_isa, dequantize<false>(p, src.numel(), s, o));
   return out;
 }
 
@@ -257,7 +236,7 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
   std::vector<int64_t> sums(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
-      sums[c] = want_isa == kAvx512 ? avx512::sum_bytes(p + c * kChunk, kChunk) : avx2::sum_bytes(p + c * kChunk, kChunk);
+      sums[c] = FP8LM_ISA_CALL(want_isa, sum_bytes(p + c * kChunk, kChunk));
   });
   int64_t total = 0;
   for (int64_t s : sums) total += s;
