@@ -40,12 +40,7 @@ def best_seconds(fn, repeats: int, warmup: int = 1) -> float:
 def read_bandwidth_gbs(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-N time of summing a buffer much larger than the caches."""
     x = torch.ones(num_bytes // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return num_bytes / best / 1e9
+    return num_bytes / best_seconds(x.sum, repeats, warmup=0) / 1e9
 
 
 def decode_bytes_per_token(model) -> int:

@@ -46,12 +46,23 @@ def inverse(scale):
     return 1.0 / scale
 
 
+def scalar_op_kernels(device: torch.device, scale):
+    """The CPU kernels, where they run and the op's scale is one Python float; else None."""
+    return cpu_kernels() if device.type == "cpu" and not torch.is_tensor(scale) else None
+
+
 def fp8_grid(x: torch.Tensor, inv_scale, fmt: FP8Format) -> torch.Tensor:
     """numerics.fake_quant, in one compiled pass on the CPU where the kernels run (same values)."""
-    kernels = cpu_kernels() if x.device.type == "cpu" and not torch.is_tensor(inv_scale) else None
+    kernels = scalar_op_kernels(x.device, inv_scale)
     if kernels is None:
         return fake_quant(x, inv_scale, fmt.dtype, fmt.limit)
     return kernels.fake_quant(x, inv_scale, fmt.dtype, fmt.limit)
+
+
+def kernel_input_scales(s_in) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' row scale and activation inverse scale ([1] static, [M] per token)."""
+    return (torch.as_tensor(s_in, dtype=torch.float32).reshape(-1),
+            torch.as_tensor(inverse(s_in), dtype=torch.float32).reshape(-1))
 
 
 class FP8Linear(nn.Module):
@@ -82,7 +93,7 @@ class FP8Linear(nn.Module):
         self.compute_weight: torch.Tensor | None = None   # the emulation's dequantized copy
         self.packed_weight: torch.Tensor | None = None    # the CPU kernels' panels (replace `weight`)
         self.kernels = None
-        self._static_kernel_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static_kernel_scales: tuple[torch.Tensor, torch.Tensor] | None = None   # set by prepare
 
     @property
     def dynamic(self) -> bool:
@@ -98,7 +109,6 @@ class FP8Linear(nn.Module):
             if name == "weight_scale" and value.numel() > 1 and self.shard_dim == 0:
                 value = self.shard(value, 0)
             set_scale(self, name, value, self.fmt)
-            self._static_kernel_scales = None
         elif name == "bias":
             copy_exact(self.bias, self.shard(full, 0) if self.shard_dim == 0 else full, full.shape)
         elif name != "weight":
@@ -141,6 +151,7 @@ class FP8Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
                                        requires_grad=False)
             self.kernel_col_scale = kernel_col_scale(self.weight_scale, self.out_features, self.fmt.dtype)
+            self.static_kernel_scales = None if self.dynamic else kernel_input_scales(self.input_scale)
             self.backend = f"cpu-{kernels.isa}"
             return
         w = self.weight.float() * torch.as_tensor(self.weight_scale, dtype=torch.float32, device=self.weight.device)
@@ -157,16 +168,6 @@ class FP8Linear(nn.Module):
             return unpack_panels(self.packed_weight, self.out_features, self.fmt.dtype)
         return self.weight.detach()
 
-    def _kernel_scales(self, s_in) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's row scale and activation inverse scale ([1] static, [M] per token)."""
-        if self.input_scale is not None and self._static_kernel_scales is not None:
-            return self._static_kernel_scales
-        scales = (torch.as_tensor(s_in, dtype=torch.float32).reshape(-1),
-                  torch.as_tensor(inverse(s_in), dtype=torch.float32).reshape(-1))
-        if self.input_scale is not None:
-            self._static_kernel_scales = scales
-        return scales
-
     def _input_scale(self, x: torch.Tensor):
         if self.input_scale is None:
             return dynamic_token_scales(x, self.dynamic_spec, self.profile, self.fmt.dtype)
@@ -178,7 +179,7 @@ class FP8Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         s_in = self._input_scale(x)
         if self.packed_weight is not None:
-            row_scale, inv = self._kernel_scales(s_in)
+            row_scale, inv = self.static_kernel_scales or kernel_input_scales(s_in)
             y = self.kernels.linear(x, self.packed_weight, self.out_features, self.fmt.dtype, self.kernel_col_scale,
                                     row_scale, inv, self.fmt.limit, None if bias is None else bias.float())
             return y.reshape(*shape[:-1], y.shape[-1])
@@ -221,13 +222,18 @@ class FP8Matmul(Matmul):
         set_scale(self, "scale_a", scale_a, fmt)
         set_scale(self, "scale_b", scale_b, fmt)
 
+    def reads_own_grid(self, b_grid_scale) -> bool:
+        """Whether b, FP8 values times `b_grid_scale`, is already on this matmul's own grid (the same
+        power-of-two scale), so that rounding it again is the identity."""
+        return b_grid_scale is not None and float(b_grid_scale) == float(self.scale_b) \
+            and math.frexp(float(self.scale_b))[0] == 0.5
+
     def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
         """`b_grid_scale`: b is known to be FP8 values times this scale (K/V read from an FP8 cache).
         If it is this matmul's own power-of-two scale, rounding b again is the identity: skipped
         (on SmolLM2 these are the largest tensors of a decode step)."""
         aq = fp8_grid(a, inverse(self.scale_a), self.fmt)
-        if b_grid_scale is not None and float(b_grid_scale) == float(self.scale_b) \
-                and math.frexp(float(self.scale_b))[0] == 0.5:
+        if self.reads_own_grid(b_grid_scale):
             bq = b.float() * inverse(self.scale_b)
         else:
             bq = fp8_grid(b, inverse(self.scale_b), self.fmt)
@@ -257,11 +263,6 @@ def _no_hooks(modules) -> bool:
         nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
-def _skips_requantization(matmul: "FP8Matmul", cache: "FP8KVCache") -> bool:
-    """FP8Matmul's shortcut: operand b read from a cache on its own power-of-two grid."""
-    return float(cache.scale) == float(matmul.scale_b) and math.frexp(float(matmul.scale_b))[0] == 0.5
-
-
 class FusedFP8DecodeAttention:
     """Decode steps (one query per sequence) of an attention layer whose two matmuls, softmax and
     K/V caches are FP8, as one kernel call over the paged FP8 cache: the modules' arithmetic, fused
@@ -272,7 +273,7 @@ class FusedFP8DecodeAttention:
         qk, sm, av = attn.matmul_qk, attn.softmax, attn.matmul_av
         self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b,
                        attn.k_cache.scale, attn.v_cache.scale]
-        self.requantize = (not _skips_requantization(qk, attn.k_cache), not _skips_requantization(av, attn.v_cache))
+        self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
         self.limit = qk.fmt.limit
         self.modules = (attn, qk, sm, av, attn.k_cache, attn.v_cache)
 
@@ -318,8 +319,7 @@ class FusedFP8Linears:
             start += m.packed_weight.shape[0]
         self.sizes = [m.out_features for m in linears]
         self.col_scale = torch.cat([m.kernel_col_scale for m in linears])
-        self.row_scale = torch.tensor([float(first.input_scale)])
-        self.inv_scale = torch.tensor([inverse(float(first.input_scale))], dtype=torch.float32)
+        self.row_scale, self.inv_scale = first.static_kernel_scales
         self.bias = None if first.bias is None else torch.cat([m.bias.float() for m in linears])
 
     @staticmethod
@@ -375,7 +375,7 @@ class FP8KVCache(KVCache):
         set_scale(self, "scale", full.float().reshape(()), self.fmt)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels() if cache.device.type == "cpu" and not torch.is_tensor(self.scale) else None
+        kernels = scalar_op_kernels(cache.device, self.scale)
         if kernels is not None:
             kernels.write_cache(x, cache, slot_mapping, inverse(self.scale), self.fmt.limit)
             return x
@@ -386,7 +386,7 @@ class FP8KVCache(KVCache):
         return x
 
     def fetch(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        kernels = cpu_kernels() if cache.device.type == "cpu" and not torch.is_tensor(self.scale) else None
+        kernels = scalar_op_kernels(cache.device, self.scale)
         if kernels is None:
             return (super().fetch(cache, block_tables, torch.float32) * self.scale).to(dtype)
         # Only the blocks this step reads are gathered (as bytes) and dequantized.
