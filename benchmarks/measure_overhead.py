@@ -2,21 +2,16 @@
 Target (issue #4): measuring costs at most 1.3x an unmeasured pass."""
 import argparse
 import tempfile
-import time
 
 import torch
 
 from fp8lm import LLM, SamplingParams
+from fp8lm.eval.throughput import best_seconds
 from fp8lm.quant.dataset import load_samples
 
 
 def timed(llm, prompts, params, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(lambda: llm.generate(prompts, params, use_tqdm=False), repeats, warmup=0)
 
 
 def main():
