@@ -29,7 +29,8 @@ class Sink:
     queue: asyncio.Queue
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        if not self.loop.is_closed():          # a closed loop has nobody left to tell
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     @staticmethod
     def deliver(deliveries: list[tuple[Sink, object]]) -> None:
@@ -38,7 +39,8 @@ class Sink:
         for sink, item in deliveries:
             by_loop.setdefault(sink.loop, []).append((sink.queue, item))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, items)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -120,8 +122,10 @@ class AsyncEngine:
             self.error = (f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
                           f"stopped (raise the timeout for slow first steps)")
             log.error(self.error)
-            for sink in list(self._sinks.values()):
-                sink.put(EngineDeadError(self.error))
+            # The engine thread is inside the step, so it does not touch the sinks meanwhile; each
+            # request is failed once here and not again when (if) the step returns.
+            for request_id in list(self._sinks):
+                self._sinks.pop(request_id).put(EngineDeadError(self.error))
             return
 
     def _drain(self, block: bool) -> None:
