@@ -14,8 +14,11 @@ from fp8lm.errors import FP8LMError
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
+from fp8lm.model.fingerprint import model_fingerprint
 from fp8lm.model.registry import resolve_model
 from fp8lm.quant.dataset import load_samples
+from fp8lm.quant.recipe import RECIPES, fp8lm_recipe, inc_recipe, statistics_tensors
+from fp8lm.quant.statistics import StatisticsCollector, save_statistics, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,16 @@ def check_writable(folder: Path) -> None:
 def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, max_seq_len: int = 1024,
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
               use_tqdm: bool = True, quant_overrides: dict | None = None,
-              max_ppl_increase: float | None = None, tensor_parallel_size: int = 1) -> CalibrationResult:
-    """MEASURE over the dataset; with `max_ppl_increase` (%), also a per-layer sensitivity pass on
-    the calibration samples whose blocklist goes into the generated QUANTIZE config."""
+              max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
+              recipe: str = "fp8lm") -> CalibrationResult:
+    """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
+    "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
+    With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
+    high precision (the config's blocklist)."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
+    if recipe not in RECIPES:
+        raise FP8LMError(f"--recipe {recipe!r}: allowed: {', '.join(RECIPES)}")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
     output = Path(output).expanduser().resolve()
     check_writable(output)
@@ -65,9 +73,9 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         max_seq_len = limit
     prefix = output / "inc_output"
     measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
-    quant_cfg = {"mode": "QUANTIZE", "observer": "maxabs", "scale_method": "maxabs_hw",
-                 "allowlist": {"types": [], "names": []}, "blocklist": {"types": [], "names": []},
-                 "dump_stats_path": str(prefix), **(quant_overrides or {})}
+    if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
+        recipe = "inc"       # Gaudi applies only its hardware's power-of-two scales
+    quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
 
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=measure_cfg,
               max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
@@ -86,6 +94,13 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     finally:
         llm.engine.shutdown()
     del llm
+    if recipe == "fp8lm" and tensor_parallel_size > 1:
+        log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
+                    "and softmax options only (no rounded weights, searched scales or K smoothing)",
+                    tensor_parallel_size)
+        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
+    elif recipe == "fp8lm":
+        collect_statistics(model, quant_cfg, prompts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
         blocklist = suggest_blocklist(model, quant_cfg, prompts, max_ppl_increase, device, dtype)
@@ -94,6 +109,30 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     write_json_atomic(measure_path, measure_cfg)
     write_json_atomic(quant_path, quant_cfg)
     return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist)
+
+
+def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], device: str, dtype: str,
+                       max_model_len: int) -> Path:
+    """The statistics pass: the calibration prompts through the model quantized with the recipe's
+    plain scales, then rounded weights, searched scales and key offsets into the statistics file."""
+    plain = {**quant_cfg, "fp8lm": {**quant_cfg["fp8lm"], **fp8lm_recipe(Path(), False)["fp8lm"]}}
+    longest = max(max_model_len, max(len(p) for p in prompts))
+    llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=plain, kv_cache_dtype="fp8_inc",
+              max_model_len=longest, max_num_seqs=1, num_kv_blocks=-(-longest // 16), skip_warmup=True)
+    collector = StatisticsCollector(llm.engine.model)
+    try:
+        for p in prompts:
+            if len(p) >= 2:
+                llm.engine.score(p)
+    finally:
+        collector.detach()
+    tensors = statistics_tensors(collector, resolve_model(model))
+    fingerprint = model_fingerprint(resolve_model(model))
+    path = stats_path(Path(quant_cfg["dump_stats_path"]))
+    save_statistics(path, tensors, {"model": str(fingerprint.get("name")),
+                                    "weights_checksum": str(fingerprint.get("weights_checksum"))})
+    log.info("wrote fp8lm statistics of %d modules to %s", len(collector.linears) + len(collector.keys), path)
+    return path
 
 
 def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max_increase_pct: float,

@@ -115,7 +115,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(args.model, args.dataset, Path(args.output), num_samples=args.num_samples,
                        max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase,
-                       tensor_parallel_size=args.tensor_parallel_size)
+                       tensor_parallel_size=args.tensor_parallel_size, recipe=args.recipe)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
     if args.max_ppl_increase is not None:
         print(f"blocklist for <= {args.max_ppl_increase}% perplexity: {result.blocklist}")
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, default=None,
                    help="run a per-layer sensitivity pass and blocklist layers until FP8 costs at most this %%")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="measure on N ranks: one file per rank")
+    p.add_argument("--recipe", default="fp8lm", choices=("fp8lm", "inc"),
+                   help="fp8lm: accuracy-first (exact scales, LM head kept, GPTQ rounding, K smoothing; "
+                        "needs fp8lm to run); inc: INC's maxabs_hw config, nothing else")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)

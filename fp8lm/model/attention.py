@@ -57,6 +57,10 @@ class PagedAttention(nn.Module):
         self.v_cache = KVCache()
         self.k_cache_tensor: torch.Tensor | None = None
         self.v_cache_tensor: torch.Tensor | None = None
+        # [kv_heads, head_dim] subtracted from every key before it is cached. Exact: each score of a
+        # query's row shifts by the same q·offset, which softmax cancels; a calibrated offset centres
+        # K's channels so that an FP8 cache and q·k lose less to K's channel outliers.
+        self.key_offset: torch.Tensor | None = None
 
     def cache_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
         """What this layer's K/V cache stores: FP8 once its KVCache modules are quantized."""
@@ -69,6 +73,8 @@ class PagedAttention(nn.Module):
         # q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads * d]
         if self.k_cache_tensor is None:
             raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
+        if self.key_offset is not None:
+            k = k - self.key_offset
         fused = getattr(self, "fused_decode", None)     # set by a quantizer that can run decode steps fused
         if fused is not None and fused.applies(self, q, meta):
             return fused(self, q, k, v, meta)

@@ -29,7 +29,40 @@ BOOL_KEYS = ("ignore_modules_wo_measures", "recalc_scales", "use_qdq", "fake_qua
 LEGACY_KEYS = ("method", "quantize_weight", "measure_device")
 KNOWN_KEYS = {"mode", "observer", "scale_method", "allowlist", "blocklist", "whitelist", "blacklist",
               "dump_stats_path", "fp8_config", "hp_dtype", "measure_exclude", "scale_format", "device_for_scales",
-              "scale_params", "calibration_sample_interval", *BOOL_KEYS, *LEGACY_KEYS}
+              "scale_params", "calibration_sample_interval", "fp8lm", *BOOL_KEYS, *LEGACY_KEYS}
+SOFTMAX_SCALES = ("measured", "bound")
+
+
+@dataclass(frozen=True)
+class Fp8lmOptions:
+    """fp8lm's own block of a QUANT_CONFIG ("fp8lm": {...}; INC warns that it does not know the key and
+    ignores it). Statistics come from `<dump_stats_path>_fp8lm_stats.safetensors` (fp8lm calibrate)."""
+    rounded_weights: bool = False           # error-compensating (GPTQ) FP8 weights and their scales
+    searched_scales: bool = False           # input scales chosen by output error among a few candidates
+    k_smoothing: bool = False               # keys minus a calibrated per-channel offset (softmax-exact)
+    softmax_scale: str = "measured"         # "bound": probabilities <= 1 map onto the full FP8 range
+    attention_scales_from_cache: bool = False   # q·k and p·v read K/V with the FP8 cache's own scale
+
+    @property
+    def uses_statistics(self) -> bool:
+        return self.rounded_weights or self.searched_scales or self.k_smoothing
+
+
+def _fp8lm_options(value, where: str) -> Fp8lmOptions:
+    if value is None:
+        return Fp8lmOptions()
+    known = Fp8lmOptions.__dataclass_fields__
+    if not isinstance(value, dict) or set(value) - set(known):
+        unknown = sorted(set(value) - set(known)) if isinstance(value, dict) else value
+        raise FP8LMError(f"{where}: key 'fp8lm': unknown options {unknown!r}; allowed: {', '.join(known)}")
+    for key, v in value.items():
+        if key == "softmax_scale":
+            if v not in SOFTMAX_SCALES:
+                raise FP8LMError(f"{where}: key 'fp8lm.softmax_scale': value {v!r} is not allowed; allowed: "
+                                 f"{', '.join(SOFTMAX_SCALES)}")
+        elif not isinstance(v, bool):
+            raise FP8LMError(f"{where}: key 'fp8lm.{key}': value {v!r} is not allowed; allowed: true, false")
+    return Fp8lmOptions(**value)
 
 
 @dataclass(frozen=True)
@@ -61,6 +94,7 @@ class QuantConfig:
     scale_params: dict[str, Any] = field(default_factory=dict)
     calibration_sample_interval: int = 0
     flags: dict[str, bool] = field(default_factory=dict)
+    fp8lm: Fp8lmOptions = field(default_factory=Fp8lmOptions)
     source: str = "<dict>"
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -185,6 +219,7 @@ def parse_quant_config(data: dict, where: str, base_dir: Path) -> QuantConfig:
         scale_params=scale_params,
         calibration_sample_interval=interval,
         flags=flags,
+        fp8lm=_fp8lm_options(data.get("fp8lm"), where),
         source=where,
         base_dir=base_dir,
     )

@@ -94,6 +94,7 @@ class FP8Linear(nn.Module):
         self.packed_weight: torch.Tensor | None = None    # the CPU kernels' panels (replace `weight`)
         self.kernels = None
         self.static_kernel_scales: tuple[torch.Tensor, torch.Tensor] | None = None   # set by prepare
+        self.rounded_weight: torch.Tensor | None = None   # full FP8 weight rounded at calibration (GPTQ)
 
     @property
     def dynamic(self) -> bool:
@@ -120,6 +121,13 @@ class FP8Linear(nn.Module):
 
     def _quantize_weight(self, full: torch.Tensor) -> None:
         """Quantizes a high-precision checkpoint tensor on the CPU; only FP8 bytes are kept."""
+        if self.rounded_weight is not None:
+            rounded, self.rounded_weight = self.rounded_weight, None
+            if rounded.shape != full.shape:
+                raise ValueError(f"rounded FP8 weight {tuple(rounded.shape)} does not fit checkpoint shape "
+                                 f"{tuple(full.shape)}")
+            self._load_fp8_weight(rounded)
+            return
         full = full.to("cpu", torch.float32)
         if self.weight_scale is None:
             set_scale(self, "weight_scale", compute_weight_scale(full, None, self.weight_spec, self.profile,

@@ -21,7 +21,9 @@ from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul
                                       prepare_fp8_linears)
 from fp8lm.quant.measure_files import (METADATA_KEY, file_payload, find_measurement, measurement_base, rank_suffix,
                                       read_files, write_files)
+from fp8lm.model.attention import PagedAttention
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
+from fp8lm.quant.statistics import load_statistics, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class Quantizer:
         self.profile: DeviceProfile = profile_for(device, config.device_for_scales)
         self.fmt = FP8Format(config.fp8_dtype, self.profile.fullscale(config.fp8_dtype), config.scale_format)
         self.nodes, self.measurement_path = self._read_measurement(model_fingerprint)
+        self.stats = self._read_statistics(model_fingerprint) if config.fp8lm.uses_statistics else {}
         self.quantized: dict[str, dict] = {}
         self.kept_high_precision: list[str] = []
 
@@ -56,6 +59,15 @@ class Quantizer:
         if self.world_size > 1:
             nodes = _max_over_ranks(nodes)
         return nodes, base
+
+    def _read_statistics(self, fingerprint: dict | None) -> dict[str, torch.Tensor]:
+        path = stats_path(self.config.stats_prefix)
+        tensors, meta = load_statistics(path)
+        if fingerprint and meta.get("weights_checksum") not in (None, fingerprint.get("weights_checksum")) \
+                and not self.config.flag("allow_measurement_mismatch"):
+            raise FP8LMError(f"{path} was computed on another model ({meta.get('model')}); run fp8lm calibrate "
+                             f"again, or set \"allow_measurement_mismatch\": true in QUANT_CONFIG ({self.config.source})")
+        return tensors
 
     def _check_provenance(self, meta: dict | None, base: Path, fingerprint: dict | None) -> None:
         if meta is None:
@@ -116,25 +128,85 @@ class Quantizer:
                     cached_weight_scale) -> nn.Module:
         """The FP8 replacement; records its scales for the scale file (weights once loaded)."""
         if kind is LINEAR:
-            s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0)
+            s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0) * self._input_factor(name, spec)
             fits = cached_weight_scale is not None and (cached_weight_scale.numel() > 1) == (spec.weight.granularity == "PCS")
-            w_scale = cached_weight_scale if fits else self._weight_scale(spec, node)
+            rounded = self._rounded_weight(name, spec)
+            w_scale = rounded[1] if rounded else cached_weight_scale if fits else self._weight_scale(spec, node)
             fp8 = FP8Linear(module, self.fmt, s_in, w_scale, spec.weight,
                             spec.activation if spec.activation.dynamic else None, self.profile)
+            fp8.rounded_weight = rounded[0] if rounded else None
             self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": fp8}   # dynamic: none
         elif kind is MATMUL:
-            a, b = self._act(spec, node, "inputs", 0), self._act(spec, node, "inputs", 1)
+            a, b = self._act(spec, node, "inputs", 0), self._matmul_b_scale(name, spec, node)
             fp8 = FP8Matmul(self.fmt, a, b)
             self.quantized[name] = {"inputs": [a, b], "outputs": [a * b]}
         elif kind is SOFTMAX:
-            s = self._act(spec, node, "outputs", 0)
+            bound = self.config.fp8lm.softmax_scale == "bound"
+            s = 1.0 / self.fmt.limit if bound else self._act(spec, node, "outputs", 0)   # probabilities <= 1
             fp8 = FP8Softmax(self.fmt, s)
             self.quantized[name] = {"inputs": [1.0], "outputs": [s]}
         else:
-            s = self._act(spec, node, "inputs", 0)
+            s = self._cache_scale(name.rpartition(".")[0], name.rpartition(".")[2])
             fp8 = FP8KVCache(self.fmt, s)
             self.quantized[name] = {"inputs": [s], "outputs": [s]}
         return fp8
+
+    # ---- fp8lm's recipe options (QUANT_CONFIG "fp8lm") ----------------------------------------------
+    def _input_factor(self, name: str, spec: MethodSpec) -> float:
+        """The searched factor on the max-abs input scale (exact scales only; 1 otherwise)."""
+        factor = self.stats.get(f"{name}.input_scale_factor")
+        if not self.config.fp8lm.searched_scales or factor is None or spec.activation.rounding != "IDENTITY":
+            return 1.0
+        return float(factor)
+
+    def _rounded_weight(self, name: str, spec: MethodSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The statistics file's error-compensated FP8 weight and its scale, for exact per-tensor specs."""
+        weight = self.stats.get(f"{name}.weight")
+        if not self.config.fp8lm.rounded_weights or weight is None:
+            return None
+        if (spec.weight.granularity, spec.weight.rounding, spec.weight.value_type) != ("PTS", "IDENTITY", "MAXABS") \
+                or weight.dtype != self.fmt.dtype:
+            log.warning("%s: the rounded FP8 weight is for exact per-tensor %s scales; rounding to nearest instead",
+                        name, self.config.fp8_config)
+            return None
+        return weight, self.stats[f"{name}.weight_scale"]
+
+    def _key_maxabs(self, attn: str) -> float | None:
+        """K's maximum after smoothing, where K smoothing is on and calibrated for this layer."""
+        value = self.stats.get(f"{attn}.key_maxabs")
+        return float(value) if self.config.fp8lm.k_smoothing and value is not None else None
+
+    def _cache_scale(self, attn: str, which: str) -> float | None:
+        """The scale of `attn`'s FP8 k_cache / v_cache; None where that cache is not FP8."""
+        name, types = f"{attn}.{which}", ("KVCache", "VLLMKVCache")
+        if not (self.kv_cache_fp8 and self.config.should_quantize(name, types)):
+            return None
+        spec = self.config.scale_method.for_node(name, types)
+        smoothed = self._key_maxabs(attn) if which == "k_cache" else None
+        if smoothed is not None and not _is_fixed(spec.activation):
+            return activation_scale(smoothed, spec.activation, self.profile, self.fmt.dtype)
+        return self._act(spec, self.nodes.get(name) or {}, "inputs", 0)
+
+    def _matmul_b_scale(self, name: str, spec: MethodSpec, node: dict) -> float:
+        """q·k reads K and p·v reads V: with the cache's own scale where it is FP8 and the recipe says
+        so (no second rounding), from K's smoothed maximum where K is smoothed, else as measured."""
+        attn, which = name.rpartition(".")[0], {"matmul_qk": "k_cache", "matmul_av": "v_cache"}.get(name.rpartition(".")[2])
+        if which is None:
+            return self._act(spec, node, "inputs", 1)
+        cache = self._cache_scale(attn, which) if self.config.fp8lm.attention_scales_from_cache else None
+        if cache is not None:
+            return cache
+        smoothed = self._key_maxabs(attn) if which == "k_cache" else None
+        if smoothed is not None and not _is_fixed(spec.activation):
+            return activation_scale(smoothed, spec.activation, self.profile, self.fmt.dtype)
+        return self._act(spec, node, "inputs", 1)
+
+    def _apply_key_offsets(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, PagedAttention) and self._key_maxabs(name) is not None:
+                offset = self.stats[f"{name}.key_offset"]
+                n = module.num_kv_heads
+                module.key_offset = offset[self.rank * n:(self.rank + 1) * n].to(self.device, self.dtype)
 
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
         """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
@@ -170,6 +242,7 @@ class Quantizer:
 
     # ---- after loading -----------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
+        self._apply_key_offsets(model)
         prepare_fp8_linears(model, self.device, self.dtype)
         if self.measurement_path is not None:
             self._write_scale_file()

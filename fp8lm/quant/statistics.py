@@ -1,0 +1,115 @@
+"""fp8lm's calibration statistics, beside INC's measurement files: what the accuracy-first recipe
+needs beyond a maximum per tensor.
+
+Collected on the model already quantized with the recipe's plain scales (so each module sees the
+inputs the FP8 model upstream of it produces):
+- per FP8 Linear: H = X_qᵀX_q of its FP8 input (error-compensating weight rounding) and, per
+  candidate input scale, its input's rounding error weighted by the weight's column norms (the
+  output error the candidate causes, for the scale search);
+- per attention layer: each key channel's min and max (after rotary), for K smoothing.
+
+Written as `<dump_stats_path>_fp8lm_stats.safetensors`: the rounded FP8 weights with their scales,
+each attention layer's key offset and the key maximum after smoothing. INC's files are untouched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp8lm.errors import FP8LMError
+from fp8lm.fp8.numerics import fake_quant
+from fp8lm.quant.fp8_modules import FP8Linear
+
+ACTIVATION_CANDIDATES = (1.0, 0.9, 0.8, 0.7)      # factors on the max-abs scale (clipping)
+
+
+def stats_path(stats_prefix: Path) -> Path:
+    return Path(f"{stats_prefix}_fp8lm_stats.safetensors")
+
+
+class LinearStatistics:
+    def __init__(self, module: FP8Linear):
+        self.module = module
+        self.hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
+        weight = module.fp8_weight().float() * torch.as_tensor(module.weight_scale, dtype=torch.float32)
+        self.column_norms = weight.pow(2).sum(dim=0).double()
+        self.candidate_error = torch.zeros(len(ACTIVATION_CANDIDATES), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        m, fmt = self.module, self.module.fmt
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        xq = fake_quant(x, 1 / m.input_scale, fmt.dtype, fmt.limit) * m.input_scale
+        self.hessian += (xq.T @ xq).double()
+        for i, f in enumerate(ACTIVATION_CANDIDATES):
+            s = m.input_scale * f
+            err = (fake_quant(x, 1 / s, fmt.dtype, fmt.limit) * s - x).double().pow(2).sum(dim=0)
+            self.candidate_error[i] += float(err @ self.column_norms)
+
+    def best_activation_factor(self) -> float:
+        return ACTIVATION_CANDIDATES[int(torch.argmin(self.candidate_error))]
+
+
+class KeyStatistics:
+    def __init__(self):
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor) -> None:
+        k = k.detach().float()                      # [T, kv_heads, head_dim]
+        low, high = k.amin(dim=0), k.amax(dim=0)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+
+    def offset(self) -> torch.Tensor:
+        """Each channel's midpoint: subtracting it centres the channel, so its largest |value| halves
+        its range; softmax is unchanged (every score of a row shifts by q·offset)."""
+        return (self.low + self.high) / 2
+
+    def smoothed_maxabs(self) -> float:
+        return float(((self.high - self.low) / 2).max())
+
+
+class StatisticsCollector:
+    """Hooks on every FP8 Linear and every attention layer's key cache of `model`."""
+
+    def __init__(self, model: nn.Module):
+        self.linears: dict[str, LinearStatistics] = {}
+        self.keys: dict[str, KeyStatistics] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, FP8Linear) and not module.dynamic:
+                stats = self.linears[name] = LinearStatistics(module)
+                self._handles.append(module.register_forward_pre_hook(lambda m, args, s=stats: s.update(args[0])))
+        for name, module in model.named_modules():
+            if hasattr(module, "k_cache") and hasattr(module, "bind_cache"):
+                stats = self.keys[name] = KeyStatistics()
+                self._handles.append(module.k_cache.register_forward_pre_hook(
+                    lambda m, args, s=stats: s.update(args[0])))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def save_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_statistics(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FP8LMError(f"{path}: no fp8lm statistics file; the QUANT_CONFIG's \"fp8lm\" options need it "
+                         "(run fp8lm calibrate, or remove those options)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise FP8LMError(f"{path}: not a readable safetensors file ({e})") from None
