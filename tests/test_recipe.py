@@ -1,0 +1,131 @@
+"""fp8lm's accuracy-first recipe, technique by technique, against hand-computed references."""
+import json
+
+import pytest
+import torch
+
+from fp8lm import LLM
+from fp8lm.errors import FP8LMError
+from fp8lm.fp8.gptq import gptq_round, output_error, round_to_nearest
+from fp8lm.fp8.numerics import fake_quant, round_to_fp8_grid
+from fp8lm.quant.config import parse_quant_config
+
+E4M3 = torch.float8_e4m3fn
+
+
+def correlated_inputs(n=512, dim=64, rank=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, dim, generator=g)
+    return torch.randn(n, rank, generator=g) @ basis + 0.05 * torch.randn(n, dim, generator=g)
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    x = correlated_inputs()
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    h = (x.T @ x).double()
+    scale = w.abs().amax() / 448
+    q = gptq_round(w, h, scale, E4M3, 448.0)
+    assert torch.equal(round_to_fp8_grid(q, E4M3, 448.0), q)                    # plain FP8 values
+    nearest = round_to_nearest(w, scale, E4M3, 448.0)
+    gptq_err, rtn_err = output_error(w, q * scale, h), output_error(w, nearest * scale, h)
+    # ||X (W - Ŵ)ᵀ||² measured directly on the inputs, not through H
+    assert gptq_err == pytest.approx(float(((x @ (w - q * scale).T) ** 2).sum()), rel=1e-4)
+    assert gptq_err < 0.5 * rtn_err
+
+
+def test_gptq_is_round_to_nearest_when_inputs_are_uncorrelated():
+    """H = c·I: no column's error can be compensated by another, so GPTQ rounds to nearest."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    scale = torch.full((16, 1), 0.01)
+    q = gptq_round(w, 3.0 * torch.eye(32, dtype=torch.float64), scale, E4M3, 448.0)
+    assert torch.equal(q, round_to_nearest(w, scale, E4M3, 448.0))
+
+
+def test_key_offset_leaves_attention_unchanged(tiny_model):
+    """Subtracting any per-channel constant from the keys shifts every score of a query's row by
+    q·offset, which softmax cancels: float32 logits agree to rounding."""
+    llm = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
+    tokens = list(range(3, 40))
+    before = llm.engine.score(tokens)
+    g = torch.Generator().manual_seed(0)
+    for attn in llm.engine.model.attention_layers():
+        attn.key_offset = 3 * torch.randn(attn.num_kv_heads, attn.head_dim, generator=g)
+    after = llm.engine.score(tokens)
+    assert (after - before).abs().max() < 1e-5
+    for attn in llm.engine.model.attention_layers():
+        attn.key_offset = torch.ones(attn.num_kv_heads, attn.head_dim)
+        attn.key_offset[0, 0] = 1e4   # a key offset that is not shift-invariant would now show
+    assert (llm.engine.score(tokens) - before).abs().max() < 1e-3
+
+
+def test_activation_scale_search_picks_least_output_error():
+    from fp8lm.quant.statistics import ACTIVATION_CANDIDATES, LinearStatistics
+
+    class Stub:   # what LinearStatistics reads of an FP8Linear
+        in_features, input_scale = 8, 10.0 / 448
+        weight_scale = 1.0
+
+        class fmt:
+            dtype, limit = E4M3, 448.0
+
+        def fp8_weight(self):
+            return torch.ones(4, 8)
+
+    stats = LinearStatistics(Stub())
+    x = torch.full((64, 8), 1.0)
+    x[0, 0] = 10.0                     # one outlier sets the max; the rest sit where clipping is harmless
+    stats.update(x)
+    expected = [float(((fake_quant(x, 448 / (10 * f), E4M3, 448.0) * 10 * f / 448 - x) ** 2).sum() * 4)
+                for f in ACTIVATION_CANDIDATES]
+    assert stats.candidate_error.tolist() == pytest.approx(expected, rel=1e-6)
+    assert stats.best_activation_factor() == ACTIVATION_CANDIDATES[expected.index(min(expected))]
+
+
+@pytest.fixture(scope="module")
+def recipe_calibration(tiny_model, tmp_path_factory):
+    from fp8lm.entrypoints.calibrate import calibrate
+
+    return calibrate(str(tiny_model), "builtin", tmp_path_factory.mktemp("recipe"), num_samples=8, max_seq_len=48,
+                     max_tokens=2, use_tqdm=False)
+
+
+def test_calibrate_writes_the_accuracy_first_recipe(recipe_calibration, tiny_model):
+    from safetensors.torch import load_file
+
+    config = json.loads(recipe_calibration.quant_config.read_text())
+    assert config["blocklist"]["names"] == ["^lm_head$"]
+    assert config["scale_method"]["default"]["activation"] == {"rounding_method": "IDENTITY", "backoff": 1.0}
+    parse_quant_config(config, "written", tiny_model)         # a valid INC-style QUANT_CONFIG for fp8lm
+    stats = load_file(f"{config['dump_stats_path']}_fp8lm_stats.safetensors")
+    w = stats["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == E4M3 and w.shape == (64, 64)
+    assert stats["model.layers.1.self_attn.attn.key_offset"].shape == (2, 16)
+
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=str(recipe_calibration.quant_config),
+              kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
+    attn = llm.engine.model.model.layers[0].self_attn.attn
+    assert attn.softmax.output_scale == 1 / 448                               # probabilities <= 1
+    assert attn.matmul_qk.scale_b == attn.k_cache.scale and attn.matmul_av.scale_b == attn.v_cache.scale
+    maxabs = float(stats["model.layers.0.self_attn.attn.key_maxabs"])
+    assert attn.k_cache.scale == pytest.approx(maxabs / 448)                  # of K after smoothing
+    assert torch.equal(attn.key_offset, stats["model.layers.0.self_attn.attn.key_offset"])
+    q = llm.engine.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.fp8_weight(), w)                                     # the rounded weight runs
+    assert q.weight_scale == pytest.approx(float(stats["model.layers.0.self_attn.q_proj.weight_scale"]))
+
+
+def test_recipe_options_are_validated(tiny_model):
+    with pytest.raises(FP8LMError, match=r"'fp8lm'.*'gptq'.*allowed: rounded_weights"):
+        parse_quant_config({"fp8lm": {"gptq": True}}, "cfg", tiny_model)
+    with pytest.raises(FP8LMError, match=r"'fp8lm.softmax_scale': value 'max'.*allowed: measured, bound"):
+        parse_quant_config({"fp8lm": {"softmax_scale": "max"}}, "cfg", tiny_model)
+
+
+def test_missing_statistics_file_is_named(recipe_calibration, tiny_model, tmp_path):
+    config = json.loads(recipe_calibration.quant_config.read_text())
+    for suffix in (".json", ".npz", "_mod_list.json"):
+        src = f"{config['dump_stats_path']}_hooks_maxabs{suffix}"
+        (tmp_path / f"m_hooks_maxabs{suffix}").write_bytes(open(src, "rb").read())
+    config["dump_stats_path"] = str(tmp_path / "m")
+    with pytest.raises(FP8LMError, match=r"m_fp8lm_stats.safetensors: no fp8lm statistics file"):
+        LLM(str(tiny_model), quantization="inc", quant_config=config, max_model_len=64, skip_warmup=True)
