@@ -98,7 +98,7 @@ def test_smollm2_builtin_calibration(tmp_path, smollm2):
 
 def test_max_ppl_increase_writes_a_blocklist(tmp_path, tiny_model):
     result = calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, max_seq_len=40, max_tokens=2,
-                       use_tqdm=False, max_ppl_increase=0.0)
+                       use_tqdm=False, max_ppl_increase=0.0, max_weight_share=1.0)
     cfg = json.loads(result.quant_config.read_text())
-    assert cfg["blocklist"]["names"] == result.blocklist and result.blocklist
-    assert all(n == "^lm_head$" or n.startswith("model\\.layers\\.") for n in result.blocklist)
+    assert cfg["blocklist"]["names"] == ["^lm_head$", *result.blocklist] and result.blocklist
+    assert all(n.startswith("model\\.layers\\.") for n in result.blocklist)

@@ -54,7 +54,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
               use_tqdm: bool = True, quant_overrides: dict | None = None,
               max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
-              recipe: str = "fp8lm") -> CalibrationResult:
+              recipe: str = "fp8lm", max_weight_share: float = 0.15) -> CalibrationResult:
     """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
     "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
     With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
@@ -103,8 +103,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         collect_statistics(model, quant_cfg, prompts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
-        blocklist = suggest_blocklist(model, quant_cfg, prompts, max_ppl_increase, device, dtype)
-        quant_cfg["blocklist"]["names"] = list(quant_cfg["blocklist"]["names"]) + blocklist
+        blocklist = suggest_blocklist(model, quant_cfg, prompts, max_ppl_increase, device, dtype, max_weight_share)
+        quant_cfg["blocklist"]["names"] = list(dict.fromkeys([*quant_cfg["blocklist"]["names"], *blocklist]))
     measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
     write_json_atomic(measure_path, measure_cfg)
     write_json_atomic(quant_path, quant_cfg)
@@ -136,7 +136,9 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
 
 
 def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max_increase_pct: float,
-                      device: str, dtype: str, max_windows: int = 16) -> list[str]:
+                      device: str, dtype: str, max_weight_share: float, max_windows: int = 16) -> list[str]:
+    """Units kept in high precision (the recipe's FP8 attention and KV cache included) until the
+    calibration samples' perplexity rises at most `max_increase_pct`."""
     from fp8lm.eval.report import sensitivity
 
     windows = [p for p in prompts if len(p) >= 2][:max_windows]
@@ -144,10 +146,13 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
     common = dict(device=device, dtype=dtype, max_model_len=longest, max_num_seqs=1, skip_warmup=True,
                   num_kv_blocks=-(-longest // 16))
     reference = LLM(model, **common)
-    candidate = LLM(model, quantization="inc", quant_config=quant_cfg, **common)
-    result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct)
-    log.info("sensitivity: all FP8 %+.2f%%, keeping %s in high precision %+.2f%% (calibration samples)",
-             result.all_fp8_pct, ", ".join(result.blocklist) or "nothing", result.with_blocklist_pct)
+    candidate = LLM(model, quantization="inc", quant_config=quant_cfg, kv_cache_dtype="fp8_inc", **common)
+    result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct, max_weight_share)
+    kept = ", ".join(f"{u} ({result.unit_gain_pct[u]:+.2f} points, {100 * result.unit_share[u]:.1f}% of the "
+                     f"weights)" for u in result.blocklist) or "nothing"
+    log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% with %.1f%% of the "
+             "decoder's Linear weights high (calibration samples)", result.all_fp8_pct, kept,
+             result.with_blocklist_pct, 100 * result.kept_share)
     return result.blocklist_names()
 
 

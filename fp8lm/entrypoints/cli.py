@@ -176,10 +176,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"per-module SQNR: {md}, chart: {png}")
     if args.sensitivity:
         result = sensitivity(reference.engine, candidate.engine, windows, args.max_ppl_increase)
-        for unit, pct in sorted(result.unit_cost_pct.items(), key=lambda kv: -kv[1]):
-            print(f"  {unit:22s} {pct:+.3f}% perplexity when only it is FP8")
+        for unit, pct in sorted(result.unit_gain_pct.items(), key=lambda kv: -kv[1]):
+            print(f"  {unit:26s} {pct:+.3f} points of perplexity when only it is kept high "
+                  f"({100 * result.unit_share[unit]:.1f}% of the decoder's Linear weights)")
         print(f"all FP8: {result.all_fp8_pct:+.2f}%; keeping {len(result.blocklist)} in high precision: "
-              f"{result.with_blocklist_pct:+.2f}%")
+              f"{result.with_blocklist_pct:+.2f}% ({100 * result.kept_share:.1f}% of the weights high)")
         print('blocklist: {"names": ' + json.dumps(result.blocklist_names()) + "}")
     return 0
 
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per sample while measuring")
     p.add_argument("--output", required=True, help="folder for the measurement files and configs")
     p.add_argument("--max-ppl-increase", type=float, default=None,
-                   help="run a per-layer sensitivity pass and blocklist layers until FP8 costs at most this %%")
+                   help="keep the units (a layer's attention projections or MLP) that buy the most per byte in "
+                        "high precision until FP8 costs at most this %% (at most 15%% of the weights)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="measure on N ranks: one file per rank")
     p.add_argument("--recipe", default="fp8lm", choices=("fp8lm", "inc"),
                    help="fp8lm: accuracy-first (exact scales, LM head kept, GPTQ rounding, K smoothing; "

@@ -73,63 +73,92 @@ def write_sqnr_report(errors: list[ModuleError], path_prefix: str, worst: int = 
     return f"{path_prefix}.md", f"{path_prefix}.png"
 
 
-# ---- per-layer sensitivity ------------------------------------------------------------------------
+# ---- mixed precision to a budget -------------------------------------------------------------------
 
-def layer_units(model: nn.Module) -> list[str]:
-    """Units a blocklist can keep in high precision: each decoder layer, and the LM head."""
-    return [f"model.layers.{i}." for i in range(len(model.model.layers))] + ["lm_head"]
+LINEAR_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def linear_units(model: nn.Module) -> dict[str, list[str]]:
+    """Units a blocklist can keep in high precision, each with its FP8 Linears: every decoder layer's
+    attention projections, its MLP, and the LM head."""
+    units: dict[str, list[str]] = {}
+    for i in range(len(model.model.layers)):
+        for group, names in LINEAR_GROUPS.items():
+            units[f"model.layers.{i}.{group}"] = [f"model.layers.{i}.{group}.{n}" for n in names]
+    units["lm_head"] = ["lm_head"]
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    return {u: [n for n in names if n in fp8] for u, names in units.items() if any(n in fp8 for n in names)}
 
 
 def unit_pattern(unit: str) -> str:
-    return re.escape(unit) if unit != "lm_head" else "^lm_head$"
+    """The blocklist name pattern of a unit (the attention ops under self_attn.attn stay FP8)."""
+    if unit == "lm_head":
+        return "^lm_head$"
+    group = unit.rpartition(".")[2]
+    return re.escape(unit) + (r"\.[qkvo]_proj$" if group == "self_attn" else r"\.")
 
 
-class ModuleSwapper:
-    """Puts the FP8 twins of chosen units into the reference model (and back). KV caches stay as
-    they are: their storage dtype is fixed when the cache is allocated."""
+class HighPrecisionSwapper:
+    """Puts the high-precision originals of chosen units into the quantized model (and back); its
+    FP8 attention and KV cache stay as they are."""
 
-    def __init__(self, reference: nn.Module, quantized: nn.Module):
-        self.reference = reference
-        self.twins = {n: m for n, m in fp8_twins(quantized).items() if not isinstance(m, FP8KVCache)}
-        self.originals = {n: reference.get_submodule(n) for n in self.twins}
+    def __init__(self, quantized: nn.Module, reference: nn.Module, units: dict[str, list[str]]):
+        self.quantized, self.units = quantized, units
+        self.fp8 = {n: quantized.get_submodule(n) for names in units.values() for n in names}
+        self.originals = {n: reference.get_submodule(n) for n in self.fp8}
 
-    def use_fp8(self, units_in_fp8: set[str]) -> None:
-        for name in self.twins:
-            in_fp8 = any(name.startswith(u) if u != "lm_head" else name == "lm_head" for u in units_in_fp8)
-            replace_module(self.reference, name, self.twins[name] if in_fp8 else self.originals[name])
+    def keep(self, kept: set[str]) -> None:
+        for unit, names in self.units.items():
+            for n in names:
+                replace_module(self.quantized, n, self.originals[n] if unit in kept else self.fp8[n])
 
 
 @dataclass
 class Sensitivity:
     baseline_ppl: float
-    unit_cost_pct: dict[str, float]          # ppl increase when only that unit is FP8
     all_fp8_pct: float
-    blocklist: list[str]                     # units kept in high precision
+    unit_gain_pct: dict[str, float]          # ppl decrease when only that unit is kept in high precision
+    unit_share: dict[str, float]             # the unit's share of the decoder's FP8 Linear weights
+    blocklist: list[str]                     # units kept, best gain per byte first
     with_blocklist_pct: float
 
     def blocklist_names(self) -> list[str]:
         return [unit_pattern(u) for u in self.blocklist]
 
+    @property
+    def kept_share(self) -> float:
+        return sum(self.unit_share[u] for u in self.blocklist if u != "lm_head")
 
-def sensitivity(reference_engine, quantized_engine, windows, max_increase_pct: float, max_units: int = 8) -> Sensitivity:
-    swapper = ModuleSwapper(reference_engine.model, quantized_engine.model)
-    units = layer_units(reference_engine.model)
+
+def sensitivity(reference_engine, quantized_engine, windows, max_increase_pct: float,
+                max_weight_share: float = 0.15) -> Sensitivity:
+    """Each unit's measured gain when kept alone; then units by gain per byte until the quantized
+    model costs at most `max_increase_pct` or the next unit would exceed `max_weight_share` of the
+    decoder's Linear weights."""
+    units = linear_units(quantized_engine.model)
+    sizes = {u: sum(quantized_engine.model.get_submodule(n).in_features * quantized_engine.model.get_submodule(n)
+                    .out_features for n in names) for u, names in units.items()}
+    decoder = sum(v for u, v in sizes.items() if u != "lm_head")
+    share = {u: v / decoder for u, v in sizes.items()}
+    swapper = HighPrecisionSwapper(quantized_engine.model, reference_engine.model, units)
     base = perplexity(reference_engine, windows).value
 
-    def cost(fp8_units) -> float:
-        swapper.use_fp8(set(fp8_units))
-        return 100 * (perplexity(reference_engine, windows).value / base - 1)
+    def cost(kept) -> float:
+        swapper.keep(set(kept))
+        return 100 * (perplexity(quantized_engine, windows).value / base - 1)
 
     try:
-        unit_cost = {u: cost([u]) for u in units}
-        all_pct = cost(units)
+        all_pct = cost([])
+        gain = {u: all_pct - cost([u]) for u in units}
         kept: list[str] = []
         current = all_pct
-        for unit in sorted(units, key=unit_cost.get, reverse=True)[:max_units]:
-            if current <= max_increase_pct:
+        for unit in sorted(units, key=lambda u: gain[u] / sizes[u], reverse=True):
+            if current <= max_increase_pct or gain[unit] <= 0:
                 break
+            if unit != "lm_head" and sum(share[u] for u in kept if u != "lm_head") + share[unit] > max_weight_share:
+                continue
             kept.append(unit)
-            current = cost([u for u in units if u not in kept])
+            current = cost(kept)
     finally:
-        swapper.use_fp8(set())
-    return Sensitivity(base, unit_cost, all_pct, kept, current)
+        swapper.keep(set())
+    return Sensitivity(base, all_pct, gain, share, kept, current)
