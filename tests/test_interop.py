@@ -97,7 +97,7 @@ def test_fp8lm_runs_llm_compressor_checkpoints(llmc_folder):
 
 def assert_greedy_agrees(llm, hf) -> None:
     tok = llm.get_tokenizer()
-    exact = 0
+    exact = identical = 0
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
@@ -107,9 +107,9 @@ def assert_greedy_agrees(llm, hf) -> None:
         exact += len(expected) - ties
         free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids
-        first = next((i for i, (a, b) in enumerate(zip(free, expected)) if a != b), 16)
-        assert free[:first] == expected[:first]                          # identical up to the first tie
+        identical += next((i for i, (a, b) in enumerate(zip(free, expected)) if a != b), len(expected))
     assert exact >= 38
+    assert identical >= 24            # free-running greedy: on average 8 of 16 tokens before they part
 
 
 def test_transformers_runs_fp8lm_checkpoints(smollm2, tmp_path):
@@ -127,7 +127,7 @@ def test_transformers_runs_fp8lm_checkpoints(smollm2, tmp_path):
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     QuantizationConfig.model_validate(qcfg)                       # compressed-tensors' own classes accept it
     meta = json.loads((folder / "fp8lm_quant.json").read_text())["provenance"]
-    assert meta["measurement"]["model"]["name"] == smollm2.name and meta["scale_method"] == "maxabs_hw"
+    assert meta["measurement"]["model"]["name"] == smollm2.name and meta["scale_method"] == "custom"
 
     hf = transformers_model(folder)
     llm = LLM(str(folder), max_model_len=256, skip_warmup=True)

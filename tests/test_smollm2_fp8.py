@@ -1,55 +1,73 @@
-"""SmolLM2 in FP8 end to end: calibrate (builtin) -> QUANTIZE -> compare with float32 on held-out text."""
+"""SmolLM2 in FP8 end to end with fp8lm's default recipe: calibrate (builtin) -> QUANTIZE -> compare
+with the unquantized model on held-out text, in float32 and bfloat16."""
 import pytest
+import torch
 
-from fp8lm import LLM
+from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import compare, read_text, token_windows
+from fp8lm.quant import fp8_modules
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def calibration(smollm2, tmp_path_factory):
-    return calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal"), num_samples=16, max_seq_len=256,
-                     max_tokens=8, use_tqdm=False)
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def calibration(request, smollm2, tmp_path_factory):
+    result = calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal"), num_samples=32, max_seq_len=256,
+                       max_tokens=8, dtype=request.param, use_tqdm=False)
+    return request.param, result
 
 
-def scoring(model, **kw):
-    return LLM(str(model), max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
+def scoring(model, dtype, **kw):
+    return LLM(str(model), dtype=dtype, max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
 
 
-def test_fp8_stays_close_to_float32(smollm2, calibration):
-    ref = scoring(smollm2)
-    fp8 = scoring(smollm2, quantization="inc", quant_config=str(calibration.quant_config), kv_cache_dtype="fp8_inc")
+def fp8_llm(model, calibration, **kw):
+    dtype, result = calibration
+    return scoring(model, dtype, quantization="inc", quant_config=str(result.quant_config), kv_cache_dtype="fp8_inc",
+                   **kw)
+
+
+def test_default_recipe_stays_close(smollm2, calibration):
+    """Every decoder Linear, q·k, softmax, p·v and the KV cache in FP8 (the LM head kept). Measured
+    (docs/BENCHMARKS.md, 1,601 tokens): float32 +3.2-3.5% / KL 0.033, bfloat16 about the same; the
+    halves of the text differ by ~1 point, so the bounds leave that much."""
+    ref = scoring(smollm2, calibration[0])
     windows = token_windows(ref.get_tokenizer(), read_text(None), 512)
-    result = compare(ref.engine, fp8.engine, windows)
-    # Regression guards, far looser than the figures in docs/BENCHMARKS.md: a broken scale or cast
-    # sends KL above 1 and agreement below 50%.
-    assert result.mean_kl < 0.2 and result.top1_agreement > 0.7 and result.ppl_change_pct < 20
+    result = compare(ref.engine, fp8_llm(smollm2, calibration).engine, windows)
+    assert result.ppl_change_pct < 4.5 and result.mean_kl < 0.040 and result.top1_agreement > 0.86, result.summary()
 
 
-def test_cpu_kernels_and_reference_path_agree(smollm2, calibration, monkeypatch):
-    """The kernel path vs the PyTorch reference path (oneDNN over dequantized weights). Module by
-    module they agree to float32 rounding (tests/test_cpu_kernels.py); end to end their float32
-    sums differ in order, which can move an activation across an FP8 rounding boundary and part
-    the greedy paths at a near tie (as between TP=1 and TP=3, or fp8lm and transformers)."""
-    from fp8lm import SamplingParams
-    from fp8lm.quant import fp8_modules
-    from reference import assert_near_ties_only
+def test_fused_kernels_run_and_agree_with_the_reference_path(smollm2, calibration, monkeypatch):
+    """The kernel path (fused q/k/v and gate/up, fused FP8 decode attention) vs the PyTorch reference
+    path on the same tokens. Module by module they agree to float32 rounding (test_cpu_kernels.py);
+    end to end a sum taken in another order can move an activation across an FP8 rounding boundary
+    (E4M3 values are 6% apart), which a 30-layer model turns into small logit differences."""
+    if calibration[0] != "float32":
+        pytest.skip("the fused decode attention runs in float32 only")
+    calls = {"linears": 0, "decode": 0}
 
-    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    def counting(cls, key):
+        original = cls.__call__
 
-    def run():
-        llm = LLM(str(smollm2), max_model_len=256, max_num_seqs=4, num_kv_blocks=64, skip_warmup=True,
-                  quantization="inc", quant_config=str(calibration.quant_config), kv_cache_dtype="fp8_inc")
-        backends = {m.backend for m in llm.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)}
-        return llm, backends, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        def wrapper(self, *args, **kwargs):
+            calls[key] += 1
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__call__", wrapper)
 
-    _, fast_backends, fast = run()
+    counting(fp8_modules.FusedFP8Linears, "linears")
+    counting(fp8_modules.FusedFP8DecodeAttention, "decode")
+    fast = fp8_llm(smollm2, calibration, max_num_seqs=4)
+    assert all(m.backend.startswith("cpu-") for m in fast.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear))
+    fast.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                  use_tqdm=False)
+    assert calls["decode"] == 7 * 30 and calls["linears"] >= 8 * 30 * 2     # 7 decode steps, 30 layers
+
     monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
-    ref, ref_backends, slow = run()
-    assert all(b.startswith("cpu-") for b in fast_backends) and ref_backends == {"emulated-onednn"}
-    assert sum(a == b for a, b in zip(fast, slow)) >= 1
-    for prompt, tokens in zip(prompts, fast):
-        assert_near_ties_only(ref, prompt, tokens, near_tie=1.5, max_ties=4)
+    slow = fp8_llm(smollm2, calibration)
+    assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
+    windows = token_windows(slow.get_tokenizer(), read_text(None), 512)
+    result = compare(slow.engine, fast.engine, windows)
+    assert result.mean_kl < 2e-3 and result.top1_agreement > 0.97, result.summary()
+    with torch.no_grad():
+        assert float((slow.engine.score(windows[0]) - fast.engine.score(windows[0])).abs().median()) < 0.05

@@ -67,3 +67,36 @@ def test_bad_targets(four_ranks, tmp_path):
         unify_measurements(four_ranks, 2)
     with pytest.raises(FP8LMError, match="no per-rank"):
         unify_measurements(tmp_path / "nothing", 1)
+
+
+def test_per_channel_tp2_unified_equals_tp1(tiny_model, tmp_path):
+    """maxabs_per_channel measured on 2 ranks and unified into 1 gives what one rank measures: weight
+    rows of column-parallel Linears and input features of row-parallel ones are concatenated
+    (they are the split channels), everything else is the maximum over ranks."""
+    from fp8lm import LLM, SamplingParams
+
+    prompts = [[5, 9, 14, 3, 27, 41, 8], [60, 2, 33, 19]]
+
+    def measure(prefix, tp):
+        llm = LLM(str(tiny_model), quantization="inc", max_model_len=64, tensor_parallel_size=tp, skip_warmup=True,
+                  quant_config={"mode": "MEASURE", "observer": "maxabs_per_channel", "dump_stats_path": str(prefix)})
+        try:
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+            llm.finalize_calibration()
+        finally:
+            llm.engine.shutdown()
+
+    measure(tmp_path / "one", 1)
+    measure(tmp_path / "two", 2)
+    unify_measurements(tmp_path / "two", 1, observer="maxabs_per_channel")
+    one = read_files(tmp_path / "one_hooks_maxabs_per_channel")["Nodes"]
+    unified = read_files(tmp_path / "two_hooks_maxabs_per_channel_0_1")["Nodes"]
+    assert set(one) == set(unified)
+    q, o = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert one[q]["params"]["weight"].shape == (64, 1) and one[o]["inputs"][0].shape == (128, 1)
+    for name, node in one.items():
+        for key in ("inputs", "outputs"):
+            for a, b in zip(node.get(key, []), unified[name].get(key, [])):
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+        for key, a in node.get("params", {}).items():
+            np.testing.assert_array_equal(unified[name]["params"][key], a, err_msg=f"{name} {key}")

@@ -1,6 +1,8 @@
-"""Turn measurements from N tensor-parallel ranks into M (N divisible by M): each new rank takes the
-element-wise maximum over a group of N/M consecutive old ranks (per-channel arrays of different
-lengths, i.e. different output-channel shards, are concatenated in rank order)."""
+"""Turn measurements from N tensor-parallel ranks into M (N divisible by M): each new rank merges a
+group of N/M consecutive old ranks. A per-tensor maximum is the maximum over the group. A
+per-channel array is concatenated in rank order where its channels are what the ranks split (a
+column-parallel Linear's weight rows and outputs, a row-parallel Linear's input features) and
+element-wise maximized where every rank sees all channels (the rest)."""
 from __future__ import annotations
 
 import re
@@ -32,10 +34,26 @@ def find_rank_files(prefix: Path, observer: str) -> dict[int, Path]:
     return {rank: base for rank, (_, base) in found.items()}
 
 
-def _merge(arrays: list[np.ndarray]) -> np.ndarray:
-    if all(a.shape == arrays[0].shape for a in arrays):
-        return np.maximum.reduce(arrays)
-    return np.concatenate(arrays, axis=0)
+ROW_PARALLEL = ("o_proj", "down_proj")       # the Llama family's row-parallel Linears (input split)
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # lm_head is replicated
+
+
+def _sharded(name: str, key: str) -> bool:
+    """Whether `name`'s per-channel `key` ("inputs", "outputs", "weight") is split across ranks."""
+    leaf = name.rpartition(".")[2]
+    if leaf in ROW_PARALLEL:
+        return key == "inputs"
+    return leaf in COLUMN_PARALLEL and key in ("outputs", "weight")
+
+
+def _merge(arrays: list[np.ndarray], sharded: bool) -> np.ndarray:
+    seen = [a for a in arrays if a.size]          # a rank that never ran a module observed nothing
+    arrays = seen or arrays[:1]
+    if sharded and arrays[0].size > 1:
+        return np.concatenate(arrays, axis=0)
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise FP8LMError(f"per-rank arrays of shapes {[a.shape for a in arrays]} cannot be merged")
+    return np.maximum.reduce(arrays)
 
 
 def merge_nodes(payloads: list[dict]) -> dict:
@@ -49,9 +67,9 @@ def merge_nodes(payloads: list[dict]) -> dict:
         out = {}
         for key in ("inputs", "outputs"):
             if key in nodes[0]:
-                out[key] = [_merge([n[key][i] for n in nodes]) for i in range(len(nodes[0][key]))]
+                out[key] = [_merge([n[key][i] for n in nodes], _sharded(name, key)) for i in range(len(nodes[0][key]))]
         if "params" in nodes[0]:
-            out["params"] = {k: _merge([n["params"][k] for n in nodes]) for k in nodes[0]["params"]}
+            out["params"] = {k: _merge([n["params"][k] for n in nodes], _sharded(name, k)) for k in nodes[0]["params"]}
         merged[name] = out
     return merged
 
