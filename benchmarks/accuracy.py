@@ -24,7 +24,7 @@ from fp8lm.entrypoints.calibrate import _tokenize, calibrate
 from fp8lm.eval.perplexity import Comparison, Perplexity, compare, read_text, token_windows
 from fp8lm.model.registry import pull
 from fp8lm.quant.dataset import load_samples
-from fp8lm.quant.recipe import FP8LM_OPTIONS, fp8lm_recipe, inc_recipe
+from fp8lm.quant.recipe import FP8LM_OPTIONS, PLAIN_OPTIONS, fp8lm_recipe, inc_recipe
 
 LLMC = """
 import json, sys, torch
@@ -50,15 +50,16 @@ def fp8lm_cases(prefix: Path) -> dict[str, tuple[dict, bool]]:
     default = fp8lm_recipe(prefix)
     cases = {"INC maxabs_hw (everything FP8, FP8 KV)": (inc_recipe(prefix), True),
              "fp8lm default (LM head kept, FP8 attention + KV)": (default, True)}
-    off = {"rounded_weights": False, "searched_scales": False, "k_smoothing": False, "softmax_scale": "measured",
-           "attention_scales_from_cache": False}
-    for key in FP8LM_OPTIONS:
-        cases[f"  default without {key}"] = ({**default, "fp8lm": {**default["fp8lm"], key: off[key]}}, True)
-    cases["  default with plain exact scales only"] = ({**default, "fp8lm": off}, True)
+    flipped = {"rounded_weights": True, "searched_scales": True, "k_smoothing": True, "softmax_scale": "bound",
+               "attention_scales_from_cache": True}
+    for key, value in FP8LM_OPTIONS.items():
+        other = PLAIN_OPTIONS[key] if value == flipped[key] else flipped[key]
+        cases[f"  default, {key}={other}"] = ({**default, "fp8lm": {**default["fp8lm"], key: other}}, True)
+    cases["  default with plain exact scales only"] = ({**default, "fp8lm": PLAIN_OPTIONS}, True)
     cases["  default with the LM head in FP8"] = ({**default, "blocklist": {"types": [], "names": []}}, True)
     linear = {"types": LINEAR_ONLY, "names": ["^lm_head$"]}
     cases["fp8lm Linear only (recipe)"] = ({**default, "blocklist": linear}, False)
-    cases["fp8lm Linear only, plain exact scales"] = ({**default, "blocklist": linear, "fp8lm": off}, False)
+    cases["fp8lm Linear only, plain exact scales"] = ({**default, "blocklist": linear, "fp8lm": PLAIN_OPTIONS}, False)
     return cases
 
 

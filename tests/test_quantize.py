@@ -87,11 +87,50 @@ def test_blocklist_keeps_lm_head_in_high_precision(tiny_model, measured):
     assert not isinstance(llm.engine.model.model.layers[0].self_attn.attn.softmax, FP8Softmax)
 
 
-@pytest.mark.parametrize("method", ["maxabs_pow2", "maxabs_arbitrary", "maxabs_hw_opt_weight",
-                                    "act_maxabs_hw_weights_pcs_maxabs_pow2", "act_maxabs_pow2_weights_pcs_opt_pow2",
-                                    "maxabs_pcs_pow2", "hw_aligned_single_scale"])
-def test_every_method_runs(tiny_model, measured, method):
+def pow2_up(x):
+    return 2.0 ** torch.ceil(torch.log2(torch.as_tensor(x, dtype=torch.float64)))
+
+
+def least_error_scale(w, candidates):
+    """By brute force with torch's own float8 cast: the candidate with the least ||W - Q(W)||²."""
+    errors = [float(((w / c).to(torch.float8_e4m3fn).float() * c - w).pow(2).sum()) for c in candidates]
+    return candidates[errors.index(min(errors))]
+
+
+# (weight scale of q_proj from its weight W and measured max m_w, input scale from measured max m_in),
+# by hand for each method on the cpu profile (E4M3 448, any scale: hw-aligned = pow2)
+EXPECTED = {
+    "maxabs_hw": (lambda w: pow2_up(w.abs().max() / 224), lambda m: pow2_up(m / 112)),
+    "maxabs_pow2": (lambda w: pow2_up(w.abs().max() / 224), lambda m: pow2_up(m / 112)),
+    "maxabs_arbitrary": (lambda w: w.abs().max() / 224, lambda m: m / 112),
+    "maxabs_hw_opt_weight": (lambda w: least_error_scale(w, [2.0 ** e for e in range(-10, 10)]),
+                             lambda m: pow2_up(m / 112)),
+    "maxabs_pow2_opt_weight": (lambda w: least_error_scale(w, [2.0 ** e for e in range(-10, 10)]),
+                               lambda m: pow2_up(m / 112)),
+    "act_maxabs_hw_weights_pcs_maxabs_pow2": (lambda w: pow2_up(w.abs().amax(1, keepdim=True) / 224),
+                                              lambda m: pow2_up(m / 112)),
+    "act_maxabs_pow2_weights_pcs_opt_pow2": (
+        lambda w: torch.stack([torch.tensor(least_error_scale(r[None], [float(pow2_up(r.abs().max() / 224)) * 2.0 ** e
+                                                                         for e in range(-3, 5)])) for r in w])[:, None],
+        lambda m: pow2_up(m / 112)),
+    "maxabs_pcs_pow2": (lambda w: pow2_up(w.abs().amax(1, keepdim=True) / 224), lambda m: None),
+    "hw_aligned_single_scale": (lambda w: 1.0, lambda m: 1.0),
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED))
+def test_every_method_gives_its_scales(tiny_model, measured, method):
+    from safetensors.torch import load_file
+
     llm = quantized(tiny_model, measured, scale_method=method, kv="auto")
+    q = llm.engine.model.model.layers[0].self_attn.q_proj
+    w = load_file(tiny_model / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].float()
+    m_in = json.loads(open(f"{measured}_hooks_maxabs.json").read())["Nodes"]["model.layers.0.self_attn.q_proj"]["inputs"][0][0][0]
+    w_scale, in_scale = EXPECTED[method]
+    got = torch.as_tensor(q.weight_scale, dtype=torch.float64)
+    assert torch.allclose(got.reshape(-1), torch.as_tensor(w_scale(w), dtype=torch.float64).reshape(-1), rtol=1e-6)
+    expected_in = in_scale(m_in)
+    assert (q.input_scale is None) if expected_in is None else q.input_scale == pytest.approx(float(expected_in), rel=1e-6)
     out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 8 for o in out)
     assert (measured.parent / f"{measured.name}_hooks_maxabs_{method.upper()}_CPU.json").is_file()
@@ -153,10 +192,13 @@ def test_auto_mode_measures_then_quantizes(tiny_model, tmp_path):
 
 
 def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, monkeypatch):
-    """K/V read from the FP8 cache are not rounded again when q·kᵀ / p·v use the cache's scale."""
-    llm = quantized(tiny_model, measured)
-    for attn in llm.engine.model.attention_layers():        # make the shortcut apply everywhere
-        attn.matmul_qk.scale_b, attn.matmul_av.scale_b = attn.k_cache.scale, attn.v_cache.scale
+    """K/V read from the FP8 cache are not rounded again when q·kᵀ / p·v use the cache's own
+    power-of-two scale (fp8lm's attention_scales_from_cache), in prefill (FP8Matmul) and in the
+    fused decode kernel alike: the same logprobs as rounding them again."""
+    llm = quantized(tiny_model, measured, fp8lm={"attention_scales_from_cache": True})
+    layers = llm.engine.model.attention_layers()
+    assert all(a.matmul_qk.scale_b == a.k_cache.scale and a.matmul_av.scale_b == a.v_cache.scale for a in layers)
+    assert all(a.fused_decode is not None and a.fused_decode.requantize == (False, False) for a in layers)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
     rounded = []
     original = fp8_modules.fp8_grid
@@ -165,8 +207,10 @@ def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, m
     calls_fast = len(rounded)
     slow_forward = FP8Matmul.forward
     monkeypatch.setattr(FP8Matmul, "forward", lambda self, a, b, b_grid_scale=None: slow_forward(self, a, b))
+    for attn in layers:
+        attn.fused_decode.requantize = (True, True)
     slow = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert len(rounded) - calls_fast > calls_fast      # the slow run rounded K and V again
+    assert len(rounded) - calls_fast > calls_fast      # the slow prefill rounded K and V again
     for a, b in zip(fast, slow):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [{k: v.logprob for k, v in e.items()} for e in a.outputs[0].logprobs] == \
