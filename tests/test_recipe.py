@@ -125,3 +125,33 @@ def test_missing_statistics_file_is_named(recipe_calibration, tiny_model, tmp_pa
     config["dump_stats_path"] = str(tmp_path / "m")
     with pytest.raises(FP8LMError, match=r"m_fp8lm_stats.safetensors: no fp8lm statistics file"):
         LLM(str(tiny_model), quantization="inc", quant_config=config, max_model_len=64, skip_warmup=True)
+
+
+def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_calibration, tiny_model, tmp_path):
+    """`fp8lm quantize` of the default recipe: fp8lm reloads the folder to the same outputs (key offsets
+    and the smoothed K scale from the sidecar); the folder's own k_scale covers unsmoothed keys."""
+    from safetensors.torch import load_file
+
+    from fp8lm import SamplingParams
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+
+    config = json.loads(recipe_calibration.quant_config.read_text())
+    folder = quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    prompts = [[5, 9, 14, 3, 27], [60, 2, 33, 19, 40, 41]]
+    in_memory = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
+                    max_model_len=64, skip_warmup=True)
+    reloaded = LLM(str(folder), max_model_len=64, skip_warmup=True)
+    for a, b in zip(in_memory.generate(prompts, params, use_tqdm=False), reloaded.generate(prompts, params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
+    tensors = load_file(folder / "model.safetensors")
+    keys = {}
+
+    def keep(module, args):
+        keys["k"] = args[0]
+    hook = in_memory.engine.model.model.layers[0].self_attn.attn.k_cache.register_forward_pre_hook(keep)
+    in_memory.engine.model.model.layers[0].self_attn.attn.key_offset = None      # K itself, as other loaders cache it
+    in_memory.engine.score(prompts[1])
+    hook.remove()
+    assert float(keys["k"].abs().max()) <= float(tensors["model.layers.0.self_attn.k_scale"]) * 448 * (1 + 1e-6)

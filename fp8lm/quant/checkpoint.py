@@ -24,9 +24,10 @@ from torch import nn
 from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
+from fp8lm.model.attention import PagedAttention
 from fp8lm.model.layers import ParallelLinear
 from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
-                                      prepare_fp8_linears)
+                                      prepare_fp8_linears, set_scale)
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 SIDECAR = "fp8lm_quant.json"
@@ -84,7 +85,16 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
                 tensors[prefix + "bias"] = module.bias.detach().cpu()
         elif isinstance(module, FP8KVCache):
             attn, which = _KV_RE.match(name).groups()
-            tensors[f"{attn}.{which}_scale"] = torch.tensor(float(module.scale))
+            offset = model.get_submodule(name.rpartition(".")[0]).key_offset if which == "k" else None
+            scale = float(module.scale)
+            if offset is not None:
+                # fp8lm caches K minus the offset (sidecar); other loaders cache K itself, which the
+                # offset's size bounds: |k| <= |k - c| + |c|, so that scale never clips.
+                attention.setdefault(name.rpartition(".")[0], {})["k_scale"] = scale
+                scale += float(offset.abs().max()) / module.fmt.limit
+            tensors[f"{attn}.{which}_scale"] = torch.tensor(scale)
+        elif isinstance(module, PagedAttention) and module.key_offset is not None:
+            attention.setdefault(name, {})["key_offset"] = module.key_offset.float().cpu().tolist()
         elif isinstance(module, ParallelLinear):
             tensors[prefix + "weight"] = module.dense_weight().cpu()
             if module.bias is not None:
@@ -210,6 +220,12 @@ class CheckpointQuantization:
         return name
 
     def finish(self, model: nn.Module) -> None:
+        for name, entry in self.attention.items():
+            if "key_offset" in entry:
+                attn = model.get_submodule(name)
+                attn.key_offset = torch.tensor(entry["key_offset"], dtype=self.dtype, device=self.device)
+                if "k_scale" in entry and isinstance(attn.k_cache, FP8KVCache):
+                    set_scale(attn.k_cache, "scale", entry["k_scale"], self.fmt)
         prepare_fp8_linears(model, self.device, self.dtype)
 
 
