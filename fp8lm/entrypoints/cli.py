@@ -121,6 +121,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"blocklist for <= {args.max_ppl_increase}% perplexity: {result.blocklist}")
     for path in result.measurement_files:
         print(f"  {path}")
+    if args.recipe == "fp8lm":
+        print("recipe fp8lm: exact scales, LM head kept, GPTQ-rounded weights and K smoothing from "
+              f"{result.quant_config.parent}/inc_output_fp8lm_stats.safetensors. INC reads this config but ignores "
+              "its \"fp8lm\" block (round-to-nearest weights, no K smoothing); --recipe inc writes INC's own.")
     print(f"QUANTIZE config: {result.quant_config}\n\nNext, run the FP8 model:\n"
           f"  QUANT_CONFIG={result.quant_config} fp8lm generate {args.model} --quantization inc "
           f"--kv-cache-dtype fp8_inc --prompt 'Hello'")
