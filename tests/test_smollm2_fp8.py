@@ -19,7 +19,8 @@ def calibration(request, smollm2, tmp_path_factory):
 
 
 def scoring(model, dtype, **kw):
-    return LLM(str(model), dtype=dtype, max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
+    return LLM(str(model), **{"dtype": dtype, "max_model_len": 512, "max_num_seqs": 1, "num_kv_blocks": 32,
+                              "skip_warmup": True, **kw})
 
 
 def fp8_llm(model, calibration, **kw):
