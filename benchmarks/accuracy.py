@@ -57,6 +57,12 @@ def fp8lm_cases(prefix: Path) -> dict[str, tuple[dict, bool]]:
         cases[f"  default, {key}={other}"] = ({**default, "fp8lm": {**default["fp8lm"], key: other}}, True)
     cases["  default with plain exact scales only"] = ({**default, "fp8lm": PLAIN_OPTIONS}, True)
     cases["  default with the LM head in FP8"] = ({**default, "blocklist": {"types": [], "names": []}}, True)
+    # each attention part on its own (everything else high precision), with the recipe's options
+    for part, blocked in (("q·k", {"types": ["Linear", "Softmax", "KVCache"], "names": ["matmul_av"]}),
+                          ("softmax", {"types": ["Linear", "Matmul", "KVCache"], "names": []}),
+                          ("p·v", {"types": ["Linear", "Softmax", "KVCache"], "names": ["matmul_qk"]}),
+                          ("KV cache", {"types": ["Linear", "Matmul", "Softmax"], "names": []})):
+        cases[f"  only {part} in FP8 (recipe)"] = ({**default, "blocklist": blocked}, part == "KV cache")
     linear = {"types": LINEAR_ONLY, "names": ["^lm_head$"]}
     cases["fp8lm Linear only (recipe)"] = ({**default, "blocklist": linear}, False)
     cases["fp8lm Linear only, plain exact scales"] = ({**default, "blocklist": linear, "fp8lm": PLAIN_OPTIONS}, False)

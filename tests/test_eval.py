@@ -65,13 +65,13 @@ def test_sensitivity_keeps_the_best_gain_per_byte(engines):
     before = perplexity(fp8, WINDOWS).value
     result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=0.0, max_weight_share=0.5)
     layers = {f"model.layers.{i}.{g}" for i in (0, 1) for g in ("self_attn", "mlp")}
-    assert set(result.unit_gain_pct) == layers | {"lm_head"}
+    assert set(result.unit_gain_kl) == layers | {"lm_head"}
     # q, o: 64x64; k, v: 32x64 (2 KV heads); MLP 3 x 128x64: 12,288 of 73,728 decoder weights
     assert result.unit_share["model.layers.0.self_attn"] == pytest.approx(1 / 6)
     assert result.kept_share <= 0.5 and result.blocklist
     assert result.baseline_ppl == perplexity(ref, WINDOWS).value
     assert result.with_blocklist_pct < result.all_fp8_pct
     sizes = {u: result.unit_share[u] for u in result.blocklist}
-    per_byte = [result.unit_gain_pct[u] / sizes[u] for u in result.blocklist if u != "lm_head"]
+    per_byte = [result.unit_gain_kl[u] / sizes[u] for u in result.blocklist if u != "lm_head"]
     assert per_byte == sorted(per_byte, reverse=True)
     assert perplexity(fp8, WINDOWS).value == before            # the FP8 modules are put back

@@ -11,7 +11,7 @@ import torch
 
 from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError
-from reference import assert_near_ties_only
+from fp8lm.eval.perplexity import compare, read_text, token_windows
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (6, 19, 31)]
@@ -66,26 +66,21 @@ def test_fp8_calibrate_tp3_quantize_unify_tp1(smollm2, tmp_path):
                     use_tqdm=False, tensor_parallel_size=3)
     assert sorted(p.name for p in tmp_path.glob("inc_output_hooks_maxabs_*_3.json")) == [
         f"inc_output_hooks_maxabs_{r}_3.json" for r in range(3)]
-    held_in = ["The river wound through the valley like a silver ribbon,", "def merge_sorted(a, b):",
-               "Quarterly results: revenue 4,812,300 USD"]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     fp8 = dict(quantization="inc", quant_config=str(cal.quant_config), kv_cache_dtype="fp8_inc",
                max_model_len=256, skip_warmup=True)
     three = LLM(str(smollm2), tensor_parallel_size=3, **fp8)
     try:
-        tp3 = [o.outputs[0].token_ids for o in three.generate(held_in, params, use_tqdm=False)]
+        unify_measurements(tmp_path / "inc_output", 1)
+        one = LLM(str(smollm2), **fp8)
+        windows = token_windows(one.get_tokenizer(), read_text(None), 256)[:4]
+        result = compare(one.engine, three.engine, windows)
     finally:
         three.engine.shutdown()
-    unify_measurements(tmp_path / "inc_output", 1)
-    one = LLM(str(smollm2), **fp8)
-    tp1 = [o.outputs[0].token_ids for o in one.generate(held_in, params, use_tqdm=False)]
     # The ranks agree on one activation scale per module (the maximum over ranks), which is what
     # unify gives TP=1; what remains is the all-reduce's summation order, which can move an input
-    # across an FP8 rounding boundary (as between any two FP8 implementations, see test_interop).
-    # So TP=3's tokens, teacher-forced through TP=1, must be TP=1's choice or a near tie.
-    for prompt, b in zip(held_in, tp3):
-        assert_near_ties_only(one, prompt, b, near_tie=1.0, max_ties=3)
-    assert any(a == b for a, b in zip(tp1, tp3))
+    # across an FP8 rounding boundary (E4M3 values are 6% apart) now and then. Measured: see
+    # docs/BENCHMARKS.md; a wrong shard scale or a missed all-reduce costs KL > 0.05.
+    assert result.mean_kl < 5e-3 and result.top1_agreement > 0.95, result.summary()
 
 
 @pytest.mark.slow

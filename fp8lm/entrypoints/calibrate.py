@@ -141,19 +141,27 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
     calibration samples' perplexity rises at most `max_increase_pct`."""
     from fp8lm.eval.report import sensitivity
 
-    windows = [p for p in prompts if len(p) >= 2][:max_windows]
+    windows = calibration_windows(prompts, window=256, max_windows=max_windows)
     longest = max(len(w) for w in windows)
     common = dict(device=device, dtype=dtype, max_model_len=longest, max_num_seqs=1, skip_warmup=True,
                   num_kv_blocks=-(-longest // 16))
     reference = LLM(model, **common)
     candidate = LLM(model, quantization="inc", quant_config=quant_cfg, kv_cache_dtype="fp8_inc", **common)
     result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct, max_weight_share)
-    kept = ", ".join(f"{u} ({result.unit_gain_pct[u]:+.2f} points, {100 * result.unit_share[u]:.1f}% of the "
+    kept = ", ".join(f"{u} (KL -{result.unit_gain_kl[u]:.4f}, {100 * result.unit_share[u]:.1f}% of the "
                      f"weights)" for u in result.blocklist) or "nothing"
     log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% with %.1f%% of the "
              "decoder's Linear weights high (calibration samples)", result.all_fp8_pct, kept,
              result.with_blocklist_pct, 100 * result.kept_share)
     return result.blocklist_names()
+
+
+def calibration_windows(prompts: list[list[int]], window: int, max_windows: int) -> list[list[int]]:
+    """The prompts as one token stream cut into windows, as held-out text is scored: short prompts
+    alone would weigh a sequence's first tokens (where attention sinks are) far above real use."""
+    stream = [t for p in prompts for t in p]
+    windows = [stream[i:i + window] for i in range(0, len(stream), window)]
+    return [w for w in windows if len(w) >= 2][:max_windows]
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:

@@ -180,8 +180,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"per-module SQNR: {md}, chart: {png}")
     if args.sensitivity:
         result = sensitivity(reference.engine, candidate.engine, windows, args.max_ppl_increase)
-        for unit, pct in sorted(result.unit_gain_pct.items(), key=lambda kv: -kv[1]):
-            print(f"  {unit:26s} {pct:+.3f} points of perplexity when only it is kept high "
+        for unit, pct in sorted(result.unit_gain_kl.items(), key=lambda kv: -kv[1]):
+            print(f"  {unit:26s} mean KL -{pct:.5f} when only it is kept high "
                   f"({100 * result.unit_share[unit]:.1f}% of the decoder's Linear weights)")
         print(f"all FP8: {result.all_fp8_pct:+.2f}%; keeping {len(result.blocklist)} in high precision: "
               f"{result.with_blocklist_pct:+.2f}% ({100 * result.kept_share:.1f}% of the weights high)")

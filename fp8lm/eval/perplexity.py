@@ -79,16 +79,23 @@ class Comparison:
                 f"over {self.reference.num_tokens} tokens")
 
 
+def reference_logprobs(engine, windows: list[list[int]]):
+    """Log-probabilities of each window (lazily, one window at a time)."""
+    return (torch.log_softmax(engine.score(w).float(), -1) for w in windows)
+
+
 def compare(reference, candidate, windows: list[list[int]]) -> Comparison:
+    """`reference`: an engine, or the windows' log-probabilities from `reference_logprobs` (kept to
+    compare many candidates against one reference)."""
+    ref_lps = reference_logprobs(reference, windows) if hasattr(reference, "score") else reference
     ref_nll = cand_nll = kl = 0.0
     agree = n = 0
-    for w in windows:
-        a, b = reference.score(w).float(), candidate.score(w).float()
-        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    for w, la in zip(windows, ref_lps):
+        lb = torch.log_softmax(candidate.score(w).float(), -1)
         targets = torch.tensor(w[1:])[:, None]
         ref_nll -= float(la.gather(1, targets).sum())
         cand_nll -= float(lb.gather(1, targets).sum())
         kl += float((la.exp() * (la - lb)).sum())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
         n += len(w) - 1
     return Comparison(Perplexity(ref_nll, n), Perplexity(cand_nll, n), kl, agree)
