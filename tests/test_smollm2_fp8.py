@@ -39,6 +39,17 @@ def test_default_recipe_stays_close(smollm2, calibration):
     assert result.ppl_change_pct < 4.5 and result.mean_kl < 0.040 and result.top1_agreement > 0.86, result.summary()
 
 
+def test_error_compensating_rounding_never_loses_on_smollm2(calibration):
+    from safetensors.torch import load_file
+
+    dtype, result = calibration
+    stats = load_file(f"{result.quant_config.parent}/inc_output_fp8lm_stats.safetensors")
+    ratios = {k[:-len(".gptq_error_ratio")]: float(v) for k, v in stats.items() if k.endswith(".gptq_error_ratio")}
+    assert len(ratios) == 210                                      # every decoder Linear (the LM head is kept)
+    assert max(ratios.values()) < 1.0, max(ratios.items(), key=lambda kv: kv[1])
+    assert sum(ratios.values()) / len(ratios) < 0.9
+
+
 def test_fused_kernels_run_and_agree_with_the_reference_path(smollm2, calibration, monkeypatch):
     """The kernel path (fused q/k/v and gate/up, fused FP8 decode attention) vs the PyTorch reference
     path on the same tokens. Module by module they agree to float32 rounding (test_cpu_kernels.py);

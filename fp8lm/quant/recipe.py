@@ -59,8 +59,8 @@ def _checkpoint_weights(folder: Path, names: list[str]) -> dict[str, torch.Tenso
 
 
 def rounded_linear(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype, limit: float):
-    """(FP8 values, scale, output error, round-to-nearest's output error at that scale): the scale
-    searched among WEIGHT_CANDIDATES by output error, then GPTQ unless it loses to rounding."""
+    """(FP8 values, scale, GPTQ's output error, round-to-nearest's output error at that scale): the
+    scale searched among WEIGHT_CANDIDATES by output error, then GPTQ unless it loses to rounding."""
     base = weight.abs().amax().clamp(min=2.0 ** -100) / limit
     errors = {f: output_error(weight, round_to_nearest(weight, base * f, dtype, limit) * base * f, hessian)
               for f in WEIGHT_CANDIDATES}
@@ -68,9 +68,7 @@ def rounded_linear(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dty
     nearest = round_to_nearest(weight, scale, dtype, limit)
     rounded = gptq_round(weight, hessian, scale, dtype, limit)
     err_nearest, err = errors[min(errors, key=errors.get)], output_error(weight, rounded * scale, hessian)
-    if err >= err_nearest:
-        return nearest, scale, err_nearest, err_nearest
-    return rounded, scale, err, err_nearest
+    return (nearest if err >= err_nearest else rounded), scale, err, err_nearest
 
 
 def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> dict[str, torch.Tensor]:
@@ -87,6 +85,7 @@ def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> di
         tensors[f"{name}.weight"] = q.to(module.fmt.dtype)
         tensors[f"{name}.weight_scale"] = scale.float()
         gains.append(err / err_nearest if err_nearest > 0 else 1.0)
+        tensors[f"{name}.gptq_error_ratio"] = torch.tensor([gains[-1]])     # < 1: GPTQ's weight is used
     for name, keys in collector.keys.items():
         if keys.low is not None:
             tensors[f"{name}.key_offset"] = keys.offset()

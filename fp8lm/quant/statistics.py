@@ -8,8 +8,9 @@ inputs the FP8 model upstream of it produces):
   output error the candidate causes, for the scale search);
 - per attention layer: each key channel's min and max (after rotary), for K smoothing.
 
-Written as `<dump_stats_path>_fp8lm_stats.safetensors`: the rounded FP8 weights with their scales,
-each attention layer's key offset and the key maximum after smoothing. INC's files are untouched.
+Written as `<dump_stats_path>_fp8lm_stats.safetensors`: the rounded FP8 weights with their scales
+(and GPTQ's output error relative to round-to-nearest's), the input scales' searched factors, each
+attention layer's key offset and the key maximum after smoothing. INC's files are untouched.
 """
 from __future__ import annotations
 
