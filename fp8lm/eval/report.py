@@ -50,12 +50,19 @@ def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError
                 err.noise += float((out.double() - approx.double()).pow(2).sum())
 
         handles.append(module.register_forward_hook(hook))
+    # The reference takes the quantized model's key offsets (exact for it), so that its caches and
+    # q·k hand the twins the smoothed keys they were scaled for.
+    pairs = list(zip(reference_engine.model.attention_layers(), quantized_engine.model.attention_layers()))
+    for ref_attn, q_attn in pairs:
+        ref_attn.key_offset = q_attn.key_offset
     try:
         for w in windows:
             reference_engine.score(w)
     finally:
         for h in handles:
             h.remove()
+        for ref_attn, _ in pairs:
+            ref_attn.key_offset = None
     return list(errors.values())
 
 
