@@ -186,12 +186,23 @@ class LMHead(ColumnParallelLinear):
     """Output projection to the vocabulary; with tensor parallelism each rank holds a slice of it."""
 
 
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of `dtype` on this CPU (bfloat16 needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT; on AVX2-only CPUs torch refuses, and the plain weight is used)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack_linears_for_cpu(model: nn.Module, batch_hint: int = 32) -> int:
     """Packs every high-precision linear of a CPU model for oneDNN; returns how many."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
+    packable = {d for d in (torch.float32, torch.bfloat16) if onednn_packs(d)}
     linears = [m for m in model.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear, LMHead)
-               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
+               and m.weight.device.type == "cpu" and m.weight.dtype in packable]
     for m in linears:
         m.pack_for_onednn(batch_hint)
     return len(linears)
