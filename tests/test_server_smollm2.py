@@ -34,6 +34,8 @@ def test_64_concurrent_streams_equal_offline(smollm2):
     assert got == expected
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 13, not met yet: in bfloat16 the default recipe's FP8 model answers "
+                   "\"L'Étoile, la Cité, le Régiment, le\" (float32 FP8 and bfloat16 without FP8: Paris)")
 def test_seed_command_line_with_fp8(smollm2, tmp_path):
     """calibrate (the default recipe), then the seed's serve line with fp8lm as the engine's name,
     answered by openai: in bfloat16 + FP8 the model still knows what float32 knows."""
