@@ -1,7 +1,6 @@
 """SmolLM2 in FP8 end to end with fp8lm's default recipe: calibrate (builtin) -> QUANTIZE -> compare
 with the unquantized model on held-out text, in float32 and bfloat16."""
 import pytest
-import torch
 
 from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.calibrate import calibrate
@@ -50,11 +49,9 @@ def test_error_compensating_rounding_never_loses_on_smollm2(calibration):
     assert sum(ratios.values()) / len(ratios) < 0.9
 
 
-def test_fused_kernels_run_and_agree_with_the_reference_path(smollm2, calibration, monkeypatch):
-    """The kernel path (fused q/k/v and gate/up, fused FP8 decode attention) vs the PyTorch reference
-    path on the same tokens. Module by module they agree to float32 rounding (test_cpu_kernels.py);
-    end to end a sum taken in another order can move an activation across an FP8 rounding boundary
-    (E4M3 values are 6% apart), which a 30-layer model turns into small logit differences."""
+def test_fused_kernels_run(smollm2, calibration, monkeypatch):
+    """The kernel path runs q/k/v and gate/up as one call each (FusedFP8Linears) and decode attention
+    as one kernel over the FP8 cache (FusedFP8DecodeAttention)."""
     if calibration[0] != "float32":
         pytest.skip("the fused decode attention runs in float32 only")
     calls = {"linears": 0, "decode": 0}
@@ -75,11 +72,21 @@ def test_fused_kernels_run_and_agree_with_the_reference_path(smollm2, calibratio
                   use_tqdm=False)
     assert calls["decode"] == 7 * 30 and calls["linears"] >= 8 * 30 * 2     # 7 decode steps, 30 layers
 
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 13, a bug to find: the kernel path and the PyTorch reference path of the same FP8 "
+                          "model differ by mean KL 0.029 / top-1 90.1% on held-out text (measured), far more than "
+                          "float32 summation order explains; the old near-tie test hid it")
+def test_kernel_and_reference_paths_agree(smollm2, calibration, monkeypatch):
+    """The kernel path vs the PyTorch reference path on the same tokens. Module by module they agree
+    to float32 rounding (test_cpu_kernels.py); end to end a sum taken in another order can move an
+    activation across an FP8 rounding boundary now and then, which cannot reach KL 1e-3."""
+    if calibration[0] != "float32":
+        pytest.skip("compared in float32")
+    fast = fp8_llm(smollm2, calibration)
     monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
     slow = fp8_llm(smollm2, calibration)
     assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
     windows = token_windows(slow.get_tokenizer(), read_text(None), 512)
     result = compare(slow.engine, fast.engine, windows)
     assert result.mean_kl < 2e-3 and result.top1_agreement > 0.97, result.summary()
-    with torch.no_grad():
-        assert float((slow.engine.score(windows[0]) - fast.engine.score(windows[0])).abs().median()) < 0.05
