@@ -126,8 +126,9 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
                 llm.engine.score(p)
     finally:
         collector.detach()
-    tensors = statistics_tensors(collector, resolve_model(model))
-    fingerprint = model_fingerprint(resolve_model(model))
+    folder = resolve_model(model)
+    tensors = statistics_tensors(collector, folder)
+    fingerprint = model_fingerprint(folder)
     path = stats_path(Path(quant_cfg["dump_stats_path"]))
     save_statistics(path, tensors, {"model": str(fingerprint.get("name")),
                                     "weights_checksum": str(fingerprint.get("weights_checksum"))})
@@ -159,9 +160,9 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
 def calibration_windows(prompts: list[list[int]], window: int, max_windows: int) -> list[list[int]]:
     """The prompts as one token stream cut into windows, as held-out text is scored: short prompts
     alone would weigh a sequence's first tokens (where attention sinks are) far above real use."""
-    stream = [t for p in prompts for t in p]
-    windows = [stream[i:i + window] for i in range(0, len(stream), window)]
-    return [w for w in windows if len(w) >= 2][:max_windows]
+    from fp8lm.eval.perplexity import split_windows
+
+    return split_windows([t for p in prompts for t in p], window, max_windows)
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:

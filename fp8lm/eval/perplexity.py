@@ -25,7 +25,11 @@ def read_text(path: str | None) -> str:
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[list[int]]:
     """Consecutive, non-overlapping windows of `window` tokens (the last may be shorter)."""
-    ids = tokenizer.encode(text)
+    return split_windows(tokenizer.encode(text), window, max_windows)
+
+
+def split_windows(ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
+    """`ids` cut into consecutive windows of `window` tokens (those of at least 2 tokens)."""
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     return windows[:max_windows] if max_windows else windows

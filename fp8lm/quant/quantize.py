@@ -182,10 +182,15 @@ class Quantizer:
         if not (self.kv_cache_fp8 and self.config.should_quantize(name, types)):
             return None
         spec = self.config.scale_method.for_node(name, types)
-        smoothed = self._key_maxabs(attn) if which == "k_cache" else None
-        if smoothed is not None and not _is_fixed(spec.activation):
-            return activation_scale(smoothed, spec.activation, self.profile, self.fmt.dtype)
-        return self._act(spec, self.nodes.get(name) or {}, "inputs", 0)
+        smoothed = self._smoothed_key_scale(attn, spec) if which == "k_cache" else None
+        return smoothed if smoothed is not None else self._act(spec, self.nodes.get(name) or {}, "inputs", 0)
+
+    def _smoothed_key_scale(self, attn: str, spec: MethodSpec) -> float | None:
+        """The scale of `attn`'s keys after smoothing, where K smoothing applies; else None."""
+        smoothed = self._key_maxabs(attn)
+        if smoothed is None or _is_fixed(spec.activation):
+            return None
+        return activation_scale(smoothed, spec.activation, self.profile, self.fmt.dtype)
 
     def _matmul_b_scale(self, name: str, spec: MethodSpec, node: dict) -> float:
         """q·k reads K and p·v reads V: with the cache's own scale where it is FP8 and the recipe says
@@ -196,10 +201,8 @@ class Quantizer:
         cache = self._cache_scale(attn, which) if self.config.fp8lm.attention_scales_from_cache else None
         if cache is not None:
             return cache
-        smoothed = self._key_maxabs(attn) if which == "k_cache" else None
-        if smoothed is not None and not _is_fixed(spec.activation):
-            return activation_scale(smoothed, spec.activation, self.profile, self.fmt.dtype)
-        return self._act(spec, node, "inputs", 1)
+        smoothed = self._smoothed_key_scale(attn, spec) if which == "k_cache" else None
+        return smoothed if smoothed is not None else self._act(spec, node, "inputs", 1)
 
     def _apply_key_offsets(self, model: nn.Module) -> None:
         for name, module in model.named_modules():

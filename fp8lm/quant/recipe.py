@@ -62,12 +62,12 @@ def rounded_linear(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dty
     """(FP8 values, scale, GPTQ's output error, round-to-nearest's output error at that scale): the
     scale searched among WEIGHT_CANDIDATES by output error, then GPTQ unless it loses to rounding."""
     base = weight.abs().amax().clamp(min=2.0 ** -100) / limit
-    errors = {f: output_error(weight, round_to_nearest(weight, base * f, dtype, limit) * base * f, hessian)
-              for f in WEIGHT_CANDIDATES}
-    scale = (base * min(errors, key=errors.get)).reshape(1)
-    nearest = round_to_nearest(weight, scale, dtype, limit)
+    candidates = {f: round_to_nearest(weight, base * f, dtype, limit) for f in WEIGHT_CANDIDATES}
+    errors = {f: output_error(weight, q * base * f, hessian) for f, q in candidates.items()}
+    best = min(errors, key=errors.get)
+    scale, nearest, err_nearest = (base * best).reshape(1), candidates[best], errors[best]
     rounded = gptq_round(weight, hessian, scale, dtype, limit)
-    err_nearest, err = errors[min(errors, key=errors.get)], output_error(weight, rounded * scale, hessian)
+    err = output_error(weight, rounded * scale, hessian)
     return (nearest if err >= err_nearest else rounded), scale, err, err_nearest
 
 
