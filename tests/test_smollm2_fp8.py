@@ -6,6 +6,7 @@ from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import compare, read_text, token_windows
 from fp8lm.quant import fp8_modules
+from fp8_noise import perturb_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -75,20 +76,49 @@ def test_fused_kernels_run(smollm2, calibration, monkeypatch):
     assert calls["decode"] == 7 * 30 and calls["linears"] >= 8 * 30 * 2     # 7 decode steps, 30 layers
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 13, a bug to find: the kernel path and the PyTorch reference path of the same FP8 "
-                          "model differ by mean KL 0.029 / top-1 90.1% on held-out text (measured), far more than "
-                          "float32 summation order explains; the old near-tie test hid it")
 def test_kernel_and_reference_paths_agree(smollm2, calibration, monkeypatch):
-    """The kernel path vs the PyTorch reference path on the same tokens. Module by module they agree
-    to float32 rounding (test_cpu_kernels.py); end to end a sum taken in another order can move an
-    activation across an FP8 rounding boundary now and then, which cannot reach KL 1e-3."""
+    """End to end, the kernel path is as far from the PyTorch reference path as the reference path
+    is from itself with its embeddings perturbed by 1e-6 (tests/fp8_noise.py: measured ratio
+    0.97-1.13 per window); a real difference between the paths adds to that floor."""
+    if calibration[0] != "float32":
+        pytest.skip("compared in float32")
+    fast = fp8_llm(smollm2, calibration)
+    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    slow, perturbed = fp8_llm(smollm2, calibration), fp8_llm(smollm2, calibration)
+    assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
+    perturb_embeddings(perturbed, 1e-6)
+    windows = token_windows(slow.get_tokenizer(), read_text(None), 512)[:3]
+    paths, floor = compare(slow.engine, fast.engine, windows), compare(slow.engine, perturbed.engine, windows)
+    assert floor.mean_kl > 0.01, floor.summary()            # the floor exists (FP8 is that sensitive)
+    assert paths.mean_kl < 1.25 * floor.mean_kl, (paths.summary(), floor.summary())
+
+
+def test_kernel_modules_equal_reference_modules_on_real_activations(smollm2, calibration, monkeypatch):
+    """Given the same input (captured from the reference path on held-out text), every FP8 Linear of
+    the kernel path, alone and fused (q/k/v, gate/up), gives the reference output up to float32
+    summation order: the input's FP8 cast is the same arithmetic, so no rounding can flip."""
     if calibration[0] != "float32":
         pytest.skip("compared in float32")
     fast = fp8_llm(smollm2, calibration)
     monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
     slow = fp8_llm(smollm2, calibration)
-    assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
-    windows = token_windows(slow.get_tokenizer(), read_text(None), 512)
-    result = compare(slow.engine, fast.engine, windows)
-    assert result.mean_kl < 2e-3 and result.top1_agreement > 0.97, result.summary()
+    seen = {}
+    for name, m in slow.engine.model.named_modules():
+        if isinstance(m, fp8_modules.FP8Linear):
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: (args[0], out)}))
+    slow.engine.score(token_windows(slow.get_tokenizer(), read_text(None), 128)[0])
+    kernel_modules = dict(fast.engine.model.named_modules())
+
+    def relative(got, want):
+        return float((got - want).norm() / want.norm())
+
+    worst = max((relative(kernel_modules[n](x), y), n) for n, (x, y) in seen.items())
+    assert len(seen) == 210 and worst[0] < 1e-5, worst
+    fused = [(n, m.fused) for n, m in kernel_modules.items() if getattr(m, "fused", None) is not None]
+    assert len(fused) == 2 * 30
+    for name, group in fused:
+        prefix = name.rsplit(".", 1)[0]
+        outputs = group(seen[name][0])
+        members = [n for n, m in kernel_modules.items() if any(m is g for g in group.members)]
+        worst = max(relative(o, seen[n][1]) for o, n in zip(outputs, members))
+        assert worst < 1e-5, (prefix, worst)
