@@ -32,22 +32,31 @@ def write_char_tokenizer(folder: Path) -> int:
 def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: bool = True, max_shard_size: str | None = None,
                     **overrides) -> Path:
     """Saves a random transformers LlamaForCausalLM (and a char tokenizer) into `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return make_tiny(folder, "llama", seed, tokenizer, max_shard_size, **overrides)
+
+
+def make_tiny(folder: Path, model_type: str, seed: int = 0, tokenizer: bool = True,
+              max_shard_size: str | None = None, **overrides) -> Path:
+    """Saves a random transformers model of `model_type` (llama, qwen2, qwen3, mistral, phi3) and a
+    char tokenizer into `folder`. Norms and biases are random too, so that a wrong or missing one
+    cannot hide behind all-ones or zeros."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_char_tokenizer(folder) if tokenizer else 128
     cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                initializer_range=0.1)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
-    # Random norms too, so that a wrong RMSNorm weight cannot hide behind all-ones.
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder

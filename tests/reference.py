@@ -16,10 +16,13 @@ def full_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tens
     model.rotary.build_cache(max(n, 2), torch.device("cpu"), torch.float32)
     pos = torch.arange(n)
     padded = num_blocks * block_size
-    meta = AttentionMetadata(
-        slot_mapping=pos, block_tables=torch.arange(num_blocks)[None], max_context_len=padded,
-        query_index=pos[None], flat_index=pos,
-        attn_bias=build_attn_bias(pos[None], torch.tensor([n]), padded, torch.float32))
+    def metadata(window=None):
+        return AttentionMetadata(
+            slot_mapping=pos, block_tables=torch.arange(num_blocks)[None], max_context_len=padded,
+            query_index=pos[None], flat_index=pos,
+            attn_bias=build_attn_bias(pos[None], torch.tensor([n]), padded, torch.float32, window))
+    meta = metadata()
+    meta.windows = {w: metadata(w) for w in set(model.config.layer_windows) - {None}}
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(token_ids), pos, meta))
 

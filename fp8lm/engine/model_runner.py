@@ -24,6 +24,7 @@ class ModelRunner:
         self.model, self.device, self.dtype = model, device, dtype
         self.channel = channel
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.windows = sorted({w for w in model.config.layer_windows if w is not None})
         model.rotary.build_cache(max_model_len, device, dtype)
         self._allocate_kv_cache()
 
@@ -55,14 +56,31 @@ class ModelRunner:
             flat_index.extend(range(i * max_q, i * max_q + q))
             start += q
         max_ctx = max_blocks * self.block_size
+        qpos, ctx, slot_mapping = self._tensor(query_pos), self._tensor(context_lens), self._tensor(slots)
+        first = [p[0] for p in query_pos]
         return AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+            slot_mapping=slot_mapping,
             block_tables=self._tensor(block_tables),
             max_context_len=max_ctx,
             query_index=self._tensor(query_index),
             flat_index=self._tensor(flat_index),
-            attn_bias=build_attn_bias(self._tensor(query_pos), self._tensor(context_lens), max_ctx, self.dtype),
+            attn_bias=build_attn_bias(qpos, ctx, max_ctx, self.dtype),
+            windows={w: self._window_view(w, seqs, first, qpos, ctx, slot_mapping, query_index, flat_index)
+                     for w in self.windows},
         )
+
+    def _window_view(self, window: int, seqs: list[Sequence], first_query: list[int], qpos, ctx, slot_mapping,
+                     query_index, flat_index) -> AttentionMetadata:
+        """The step for a layer with a sliding window: blocks before every query's window are cut."""
+        skip = [max(0, p - window + 1) // self.block_size for p in first_query]
+        tables = [s.block_table[k:] for s, k in zip(seqs, skip)]
+        max_blocks = max(len(t) for t in tables)
+        max_ctx = max_blocks * self.block_size
+        start = self._tensor([k * self.block_size for k in skip])
+        return AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=self._tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
+            max_context_len=max_ctx, query_index=self._tensor(query_index), flat_index=self._tensor(flat_index),
+            attn_bias=build_attn_bias(qpos, ctx, max_ctx, self.dtype, window, start))
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
@@ -110,4 +128,6 @@ class ModelRunner:
 def _to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
     if meta.slot_mapping.device == device:
         return meta
-    return AttentionMetadata(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(meta).items()})
+    fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(meta).items()}
+    fields["windows"] = {w: _to_device(view, device) for w, view in meta.windows.items()}
+    return AttentionMetadata(**fields)

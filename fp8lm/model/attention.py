@@ -7,7 +7,7 @@ share one code path. Queries are padded to [batch, max_query_len]; one additive 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +25,12 @@ class AttentionMetadata:
     query_index: torch.Tensor      # [B, max_query_len] index of each padded query in the flat tokens
     flat_index: torch.Tensor       # [T] index of each flat token in the padded [B * max_query_len]
     attn_bias: torch.Tensor        # [1, B, 1, max_query_len, max_context_len], 0 or -inf
+    # Per sliding window: the same step seen by a windowed layer, each sequence's block table cut
+    # to the blocks its queries' windows touch (the others are never read) and the bias to match.
+    windows: dict[int, AttentionMetadata] = field(default_factory=dict)
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        return self if window is None else self.windows[window]
 
     @property
     def batch_size(self) -> int:
@@ -36,19 +42,25 @@ class AttentionMetadata:
 
 
 def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, max_context_len: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """query_positions: [B, L] absolute positions (padding: 0); context_lens: [B]."""
-    keys = torch.arange(max_context_len, device=query_positions.device)
-    allowed = (keys[None, None, :] <= query_positions[:, :, None]) & (keys[None, None, :] < context_lens[:, None, None])
+                    dtype: torch.dtype, window: int | None = None, key_start: torch.Tensor | None = None) -> torch.Tensor:
+    """query_positions: [B, L] absolute positions (padding: 0); context_lens: [B]. With `window`,
+    a query at p sees keys p-window+1..p; `key_start` [B]: the absolute position of key column 0."""
+    keys = torch.arange(max_context_len, device=query_positions.device)[None, None, :]
+    if key_start is not None:
+        keys = keys + key_start[:, None, None]
+    allowed = (keys <= query_positions[:, :, None]) & (keys < context_lens[:, None, None])
+    if window is not None:
+        allowed &= keys > query_positions[:, :, None] - window
     bias = torch.zeros(allowed.shape, dtype=dtype, device=query_positions.device)
     bias.masked_fill_(~allowed, float("-inf"))
     return bias[None, :, None]
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window
         self.scale = head_dim ** -0.5
         self.matmul_qk = Matmul()
         self.softmax = Softmax()
@@ -75,6 +87,7 @@ class PagedAttention(nn.Module):
             raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
         if self.key_offset is not None:
             k = k - self.key_offset
+        meta = meta.for_window(self.sliding_window)
         fused = getattr(self, "fused_decode", None)     # set by a quantizer that can run decode steps fused
         if fused is not None and fused.applies(self, q, meta):
             return fused(self, q, k, v, meta)

@@ -7,8 +7,9 @@ from typing import Any
 
 from fp8lm.errors import ModelLoadError
 from fp8lm.files import read_json
+from fp8lm.model.families import FAMILIES, Family, check_family_options, family_of
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -28,16 +29,24 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    layer_windows: tuple[int | None, ...] = ()     # per layer: sliding window, or None (full attention)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "config") -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        if cfg.get("model_type") != "llama" and not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            raise ModelLoadError(
-                f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"fp8lm runs {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama')")
+        family = family_of(cfg, source)
+        check_family_options(family, cfg, source)
         try:
+            layers = int(cfg["num_hidden_layers"])
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             rope_theta, rope_scaling = _rope_settings(cfg)
@@ -47,7 +56,7 @@ class ModelConfig:
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -58,6 +67,12 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                architecture=family.architecture,
+                qkv_bias=family.qkv_bias(cfg),
+                o_bias=family.o_bias(cfg),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=family.qk_norm,
+                layer_windows=family.layer_windows(cfg, layers),
                 raw=dict(cfg),
             )
         except KeyError as e:

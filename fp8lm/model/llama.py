@@ -1,4 +1,5 @@
-"""The Llama model in plain PyTorch. Input is a flat list of tokens from many sequences
+"""The Llama decoder in plain PyTorch, with the options its relatives need (model/families.py:
+q/k/v and o bias, q/k norm, head_dim, sliding windows). Input is a flat list of tokens from many sequences
 (`input_ids`, `positions`: [T]); `AttentionMetadata` says which sequence each belongs to."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class TensorParallel:
 class LlamaAttention(nn.Module):
     fusable_projections = (("q_proj", "k_proj", "v_proj"),)    # same input: one matmul where quantized
 
-    def __init__(self, config: ModelConfig, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, layer: int):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         if config.num_attention_heads % tp.size or config.num_key_value_heads % tp.size:
@@ -35,19 +36,25 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads // tp.size
         self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = d
-        bias = bool(config.raw.get("attention_bias", False))
+        bias = config.qkv_bias
         self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, bias, **tp.linear_args())
         self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
         self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
-        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, bias, process_group=tp.group,
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, config.o_bias, process_group=tp.group,
                                         **tp.linear_args())
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
+        # Qwen3: RMSNorm over each head's q and k (one weight of head_dim, replicated on every rank).
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        window = config.layer_windows[layer] if config.layer_windows else None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, sliding_window=window)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), *rope)
+        q, k = q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -58,7 +65,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        bias = bool(config.raw.get("mlp_bias", False))
+        bias = config.mlp_bias
         self.gate_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
         self.up_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
         self.down_proj = RowParallelLinear(i, h, bias, process_group=tp.group, **tp.linear_args())
@@ -69,10 +76,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, tp)
+        self.self_attn = LlamaAttention(config, tp, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
@@ -86,7 +93,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.rotary = RotaryEmbedding(config)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

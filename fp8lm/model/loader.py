@@ -12,6 +12,7 @@ from torch import nn
 
 from fp8lm.errors import ModelLoadError
 from fp8lm.model.config import ModelConfig
+from fp8lm.model.families import fused_parts
 from fp8lm.model.layers import copy_exact
 from fp8lm.model.llama import LlamaForCausalLM, TensorParallel
 
@@ -89,10 +90,32 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str = "c
     weights = iter_checkpoint(folder)
     if rename is not None:
         weights = ((rename(n), t) for n, t in weights)
+    if config.family.fused_checkpoint:
+        weights = split_fused(config, weights)
     load_weights(model, weights, source=str(folder), required=required)
     if staging != torch.device(device):
         model.to(device)
     return model.eval()
+
+
+def split_fused(config: ModelConfig, weights):
+    """Fused qkv_proj / gate_up_proj tensors (and their biases and scales) split into the modules
+    they hold: row blocks where the tensor has one row per output feature, else the same value
+    (a per-tensor scale) for each."""
+    d = config.head_dim
+    rows = {"self_attn.q_proj": config.num_attention_heads * d, "self_attn.k_proj": config.num_key_value_heads * d,
+            "self_attn.v_proj": config.num_key_value_heads * d, "mlp.gate_proj": config.intermediate_size,
+            "mlp.up_proj": config.intermediate_size}
+    for name, tensor in weights:
+        parts = fused_parts(name)
+        if parts is None:
+            yield name, tensor
+            continue
+        prefix, suffix, members = parts
+        sizes = [rows[m] for m in members]
+        pieces = tensor.split(sizes) if tensor.dim() and tensor.shape[0] == sum(sizes) else [tensor] * len(members)
+        for member, piece in zip(members, pieces):
+            yield f"{prefix}{member}.{suffix}", piece
 
 
 def _load_one(model: nn.Module, target: str, tensor: torch.Tensor, where: str) -> None:
