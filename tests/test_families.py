@@ -105,3 +105,122 @@ def test_unsupported_architectures_name_what_is_missing(tmp_path):
         text = str(e.value)
         assert arch in text and "Qwen3ForCausalLM" in text and "Phi3ForCausalLM" in text
         assert missing is None or missing in text
+
+
+def test_fp8_flow(family, tmp_path):
+    """calibrate -> QUANTIZE (everything FP8, FP8 KV) -> generate; then a Linear-only `fp8lm quantize`
+    folder that transformers loads and runs as fp8lm does."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from fp8lm.entrypoints.calibrate import calibrate
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+    from fp8lm.eval.perplexity import compare
+    from fp8lm.quant import fp8_modules
+
+    name, folder, _ = family
+    cal = calibrate(str(folder), "builtin", tmp_path / "cal", num_samples=8, max_seq_len=64, max_tokens=4,
+                    use_tqdm=False)
+    fp8 = engine_llm(folder, quantization="inc", quant_config=str(cal.quant_config), kv_cache_dtype="fp8_inc")
+    linears = [m for m in fp8.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)]
+    assert len(linears) == 2 * 7 and all(m.backend.startswith("cpu-") for m in linears)
+    attn = fp8.engine.model.model.layers[0].self_attn
+    fusable = attn.q_proj.out_features % 32 == 0 and attn.k_proj.out_features % 32 == 0     # kernel panels
+    assert (getattr(attn.q_proj, "fused", None) is not None) == fusable          # q/k/v as one call, bias too
+    windows = [PROMPT, list(range(3, 90))]
+    result = compare(engine_llm(folder).engine, fp8.engine, windows)
+    print(name, "FP8 vs float32:", result.summary())
+    assert result.mean_kl < 0.02, result.summary()
+    assert len(greedy(fp8)) == 20
+    nodes = json.loads((tmp_path / "cal" / "inc_output_hooks_maxabs.json").read_text())["Nodes"]
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.gate_proj",
+            "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.attn.k_cache"} <= set(nodes)   # INC's names
+
+    config = json.loads(cal.quant_config.read_text())
+    config["blocklist"] = {"types": ["Matmul", "Softmax", "KVCache"], "names": []}
+    out = quantize_to_folder(str(folder), tmp_path / "fp8", config, kv_cache_dtype="auto")
+    written = json.loads((out / "config.json").read_text())
+    if name == "phi3":
+        from safetensors import safe_open
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert "model.layers.0.self_attn.qkv_proj.weight" in f.keys()
+            assert not any(".q_proj." in k or ".gate_proj." in k for k in f.keys())
+    assert written["architectures"] == json.loads((folder / "config.json").read_text())["architectures"]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = engine_llm(out)
+    folder_result = compare(ours.engine, _Scorer(hf), windows)
+    print(name, "fp8lm vs transformers on the FP8 folder:", folder_result.summary())
+    assert folder_result.mean_kl < 1e-3, folder_result.summary()
+
+
+class _Scorer:
+    """transformers' model behind engine.score's contract (logits predicting tokens 1..n-1)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def score(self, ids):
+        return hf_logits(self.hf, ids)[:-1]
+
+
+def test_fp8_tensor_parallel(family, tmp_path):
+    """MEASURE and QUANTIZE at TP=2 (biases and q/k norms sharded or replicated as in float)."""
+    from fp8lm.entrypoints.calibrate import calibrate
+    from fp8lm.eval.perplexity import compare
+
+    name, folder, _ = family
+    cal = calibrate(str(folder), "builtin", tmp_path, num_samples=8, max_seq_len=64, max_tokens=4, use_tqdm=False,
+                    tensor_parallel_size=2)
+    two = engine_llm(folder, tensor_parallel_size=2, quantization="inc", quant_config=str(cal.quant_config),
+                     kv_cache_dtype="fp8_inc")
+    try:
+        result = compare(engine_llm(folder).engine, two.engine, [PROMPT, list(range(3, 90))])
+        assert len(greedy(two)) == 20
+    finally:
+        two.engine.shutdown()
+    print(name, "FP8 at TP=2 vs float32:", result.summary())
+    assert result.mean_kl < 0.02, result.summary()
+
+
+# Without windows: llama.cpp runs qwen2 and llama-architecture (Mistral) GGUFs with full attention.
+GGUF_FAMILIES = {"llama": {}, "qwen2": {}, "qwen3": dict(head_dim=24), "mistral": dict(sliding_window=None),
+                 "phi3": dict(sliding_window=8)}
+
+
+@pytest.mark.parametrize("model_type", GGUF_FAMILIES)
+def test_gguf_in_llama_cpp_layout_loads_the_same(model_type, tmp_path):
+    from gguf_writer import ARCH, write_gguf
+
+    from fp8lm.model.gguf_convert import convert_gguf
+
+    folder = make_tiny(tmp_path / "hf", model_type, seed=2, **GGUF_FAMILIES[model_type])
+    gguf_path = write_gguf(folder, tmp_path / "model.gguf")
+    converted = convert_gguf(gguf_path, tmp_path / "converted")
+    assert ModelConfig.from_folder(converted).architecture == ModelConfig.from_folder(folder).architecture \
+        or (ARCH[model_type] == "llama" and model_type == "mistral")        # llama.cpp stores Mistral as llama
+    ids = list(range(3, 60))
+    ours = full_logits(load_model(converted, torch.float32), ids)
+    assert (ours - full_logits(load_model(folder, torch.float32), ids)).abs().max() < 1e-5
+    llm = LLM(str(converted), max_model_len=64, skip_warmup=True)
+    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert chat == "user: hi\nassistant: "                                  # the GGUF's chat template
+
+
+def test_served_chat_uses_the_family_model(family):
+    """`fp8lm serve` on the family's folder: the chat answer equals offline greedy generation."""
+    import openai
+
+    from server_util import running_server
+
+    name, folder, _ = family
+    messages = [{"role": "user", "content": "hi"}]
+    offline = LLM(str(folder), max_model_len=128, skip_warmup=True)
+    prompt = offline.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
+    expected = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].text
+    with running_server(str(folder), "--max-model-len", "128", "--served-model-name", name) as proc:
+        client = openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == expected

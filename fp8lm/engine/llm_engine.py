@@ -403,7 +403,7 @@ class LLMEngine(ModelHost):
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""
-        if self._worker is not None:
+        if getattr(self, "_worker", None) is not None:       # None too when __init__ failed before it
             self._worker.stop()
         everyone_alive = all(p.is_alive() for p in self.workers)
         if getattr(self, "channel", None) is not None and not self.dead_reason and everyone_alive:

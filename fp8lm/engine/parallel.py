@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,11 @@ from fp8lm.errors import FP8LMError
 
 log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 30.0     # a hung rank fails every other rank's next collective within this
+# The other ranks wait for rank 0's next message as long as a server stays idle. A rank that dies
+# closes its sockets, which fails a waiting broadcast at once; a hung one is caught by the step's
+# own collectives (COLLECTIVE_TIMEOUT_S).
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+PARENT_POLL_S = 1.0
 
 
 @dataclass
@@ -77,6 +84,7 @@ def worker_main(engine_config, rank: int, world_size: int, init_method: str) -> 
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
     from fp8lm.engine.model_host import WorkerEngine
 
+    exit_with_parent()
     try:
         WorkerEngine(engine_config, DistInfo(rank, world_size, rank), init_method).serve()
     except Exception as e:
@@ -84,15 +92,33 @@ def worker_main(engine_config, rank: int, world_size: int, init_method: str) -> 
         raise SystemExit(1) from None
 
 
+def exit_with_parent() -> None:
+    """Ends this process as soon as the one that started it is gone, even by SIGKILL (which runs no
+    handler there): a daemon thread watches the parent pid."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        log.error("rank 0 (pid %d) is gone; this rank exits", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fp8lm-parent-watch", daemon=True).start()
+
+
 class StepChannel:
-    """Rank 0 -> all ranks: one pickled message per call (commands and step inputs)."""
+    """Rank 0 -> all ranks: one pickled message per call (commands and step inputs), over a gloo
+    group of its own whose timeout is IDLE_TIMEOUT (created collectively: every rank builds one)."""
+
+    def __init__(self):
+        self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
     def send(self, message) -> None:
-        dist.broadcast_object_list([message], src=0)
+        dist.broadcast_object_list([message], src=0, group=self.group)
 
     def receive(self):
         box = [None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
 

@@ -1,7 +1,9 @@
-"""Convert a llama.cpp GGUF file (Llama architecture) into an HF-style folder.
+"""Convert a llama.cpp GGUF file (architectures llama, qwen2, qwen3, phi3) into an HF-style folder.
 
-Weights are dequantized to float32 and q/k are un-permuted (llama.cpp interleaves the rotary
-halves of each head; HF keeps them split). The folder is built next to its destination and
+Weights are dequantized to float32. For `llama` q/k are un-permuted (llama.cpp's converter
+interleaves the rotary halves of each head; HF keeps them split); qwen2, qwen3 and phi3 are stored
+unpermuted (llama.cpp runs them with NeoX-style rotary). Phi-3's fused attn_qkv and ffn_up (gate
+and up) stay fused, under HF's names, as in a Phi-3 checkpoint. The folder is built next to its destination and
 renamed into place, so an interrupted conversion never leaves a half folder behind.
 """
 from __future__ import annotations
@@ -28,7 +30,13 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",
 }
+# llama.cpp architecture -> (HF architecture, model_type)
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                  "qwen3": ("Qwen3ForCausalLM", "qwen3"), "phi3": ("Phi3ForCausalLM", "phi3")}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -48,21 +56,24 @@ def _field(reader, key: str, default=None):
 
 def gguf_config(reader, path: Path) -> dict:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; fp8lm runs 'llama'")
-    a = "llama."
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; fp8lm runs "
+                             f"{', '.join(_ARCHITECTURES)}")
+    architecture, model_type = _ARCHITECTURES[arch]
+    a = arch + "."
     heads = int(_field(reader, a + "attention.head_count"))
     hidden = int(_field(reader, a + "embedding_length"))
     names = {t.name for t in reader.tensors}
+    head_dim = _field(reader, a + "attention.key_length") or _field(reader, a + "rope.dimension_count", hidden // heads)
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, a + "feed_forward_length")),
         "num_hidden_layers": int(_field(reader, a + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+        "head_dim": int(head_dim),
         "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
@@ -74,6 +85,9 @@ def gguf_config(reader, path: Path) -> dict:
         "torch_dtype": "float32",
         "gguf_source": {"file": path.name, "name": _field(reader, "general.name")},
     }
+    window = _field(reader, a + "attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = int(window)
     factor = _field(reader, a + "rope.scaling.factor")
     if _field(reader, a + "rope.scaling.type") == "linear" and factor:
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
@@ -89,12 +103,14 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
 def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
+    permuted = cfg["model_type"] == "llama"
+    layer_names = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"} if cfg["model_type"] == "phi3" else _LAYER_NAMES
     out = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
         parts = base.split(".")
-        if parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-            name = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+        if parts[0] == "blk" and parts[2] in layer_names:
+            name = f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
         elif base in _GLOBAL_NAMES:
             name = f"{_GLOBAL_NAMES[base]}.{suffix}"
         else:
@@ -104,9 +120,9 @@ def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from None
         w = w.reshape([int(n) for n in reversed(t.shape)])
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             w = _unpermute(w, cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, cfg["num_key_value_heads"])
         out[name] = torch.tensor(w)  # a copy: GGUF memory maps are read-only
     return out

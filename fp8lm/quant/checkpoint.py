@@ -25,6 +25,7 @@ from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.attention import PagedAttention
+from fp8lm.model.families import FUSED_MODULES, fused_module_name
 from fp8lm.model.layers import ParallelLinear
 from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
                                       prepare_fp8_linears, set_scale)
@@ -43,16 +44,20 @@ def _float_args(strategy: str, dynamic: bool) -> dict:
 
 # ---- writing ------------------------------------------------------------------------------------
 
-def quantization_config(model: nn.Module) -> dict:
+def quantization_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    """`tensors`: what checkpoint_tensors wrote (names as in the checkpoint, fused for Phi-3)."""
+    checkpoint_name = fused_module_name if model.config.family.fused_checkpoint else (lambda n: n)
     groups: dict[tuple[str, bool], list[str]] = {}
-    ignore = []
+    ignore = set()
     for name, module, _, kind in quantizable_modules(model):
         if kind is LINEAR:
-            ignore.append(name)
+            ignore.add(checkpoint_name(name))
     for name, module in model.named_modules():
         if isinstance(module, FP8Linear):
-            strategy = "channel" if torch.as_tensor(module.weight_scale).numel() > 1 else "tensor"
-            groups.setdefault((strategy, module.dynamic), []).append(name)
+            name = checkpoint_name(name)
+            strategy = "channel" if tensors[name + ".weight_scale"].numel() > 1 else "tensor"
+            if name not in groups.setdefault((strategy, module.dynamic), []):
+                groups[(strategy, module.dynamic)].append(name)
     config_groups = {}
     single = len(groups) == 1
     for i, ((strategy, dynamic), names) in enumerate(sorted(groups.items())):
@@ -110,6 +115,43 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
     return {k: v.contiguous() for k, v in tensors.items()}, attention
 
 
+def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Phi-3's checkpoint layout: q/k/v as one qkv_proj and gate/up as one gate_up_proj. FP8 weight
+    scales that differ between the members are written per output channel (each row keeps its
+    member's scale: the same numbers); the members read one input, so they share its scale."""
+    out = dict(tensors)
+    for fused_local, members_local in FUSED_MODULES.items():
+        for first in [n for n in tensors if n.endswith(f".{members_local[0]}.weight")]:
+            head = first[:-len(f"{members_local[0]}.weight")]          # 'model.layers.3.'
+            out.update(_fused(out, head + fused_local, [head + m for m in members_local]))
+    return out
+
+
+def _fused(tensors: dict[str, torch.Tensor], fused: str, members: list[str]) -> dict[str, torch.Tensor]:
+    """Pops the members' tensors from `tensors`; returns the fused module's."""
+    out = {}
+    parts = {suffix: [tensors.pop(f"{m}.{suffix}") for m in members if f"{m}.{suffix}" in tensors]
+             for suffix in ("weight", "bias", "weight_scale", "input_scale")}
+    if len({w.dtype for w in parts["weight"]}) != 1 or len(parts["weight_scale"]) not in (0, len(members)):
+        raise FP8LMError(f"{fused}: {', '.join(members)} must all be FP8 or all high precision in a fused "
+                         "checkpoint; block or allow them together")
+    out[f"{fused}.weight"] = torch.cat(parts["weight"])
+    if parts["bias"]:
+        out[f"{fused}.bias"] = torch.cat(parts["bias"])
+    scales = parts["weight_scale"]
+    if scales and all(s.numel() == 1 for s in scales) and len({float(s) for s in scales}) == 1:
+        out[f"{fused}.weight_scale"] = scales[0]
+    elif scales:
+        out[f"{fused}.weight_scale"] = torch.cat([s.reshape(-1, 1).expand(w.shape[0], 1) if s.numel() == 1 else s
+                                                 for s, w in zip(scales, parts["weight"])]).contiguous()
+    if parts["input_scale"]:
+        if len({float(s) for s in parts["input_scale"]}) != 1:
+            raise FP8LMError(f"{fused}: its members' input scales differ "
+                             f"({[float(s) for s in parts['input_scale']]}); a fused checkpoint has one")
+        out[f"{fused}.input_scale"] = parts["input_scale"][0]
+    return out
+
+
 def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenance: dict) -> Path:
     """Writes the folder next to its destination and renames it into place."""
     output = Path(output).expanduser().resolve()
@@ -119,12 +161,14 @@ def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenan
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         tensors, attention = checkpoint_tensors(model)
+        if model.config.family.fused_checkpoint:
+            tensors = fuse_projections(tensors)
         config = json.loads((Path(source_folder) / "config.json").read_text())
         if "lm_head.weight" in tensors and tensors["lm_head.weight"].dtype != tensors["model.embed_tokens.weight"].dtype:
             config["tie_word_embeddings"] = False       # an FP8 LM head is its own tensor
         elif config.get("tie_word_embeddings"):
             tensors.pop("lm_head.weight", None)
-        config["quantization_config"] = quantization_config(model)
+        config["quantization_config"] = quantization_config(model, tensors)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o644)
         (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "provenance": provenance}, indent=2))
@@ -167,7 +211,9 @@ class CheckpointQuantization:
         self.attention = json.loads(sidecar.read_text())["attention_scales"] if sidecar.is_file() else {}
         self.fmt = FP8Format(torch.float8_e4m3fn, 448.0, "CONST")
 
-    def _group_for(self, name: str) -> dict | None:
+    def _group_for(self, name: str, fused: bool) -> dict | None:
+        if fused:
+            name = fused_module_name(name)      # Phi-3 folders name qkv_proj / gate_up_proj
         if any(_matches(t, name, "Linear") for t in self.ignore):
             return None
         for _, group in self.groups:
@@ -178,7 +224,7 @@ class CheckpointQuantization:
     def patch(self, model: nn.Module) -> None:
         for name, module, _, kind in list(quantizable_modules(model)):
             if kind is LINEAR:
-                group = self._group_for(name)
+                group = self._group_for(name, model.config.family.fused_checkpoint)
                 if group is not None:
                     replace_module(model, name, self._linear(name, module, group))
             elif kind is KV_CACHE and self.kv_fp8:
