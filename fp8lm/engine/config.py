@@ -85,6 +85,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     kv_cache_memory: int | float | str | None = None
     num_kv_blocks: int | None = None
     kv_cache_dtype: str = "auto"

@@ -29,6 +29,7 @@ from fp8lm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = 256
+DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
 
 @dataclass
@@ -53,18 +54,23 @@ class LLMEngine(ModelHost):
         self._threads_before_tp = torch.get_num_threads()   # the gloo ranks share the cores; restored at shutdown
         dist_info = self._join_tensor_parallel_group(config)
         super().__init__(config, dist_info)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if self.max_num_batched_tokens < self.max_model_len:
+        chunked = config.enable_chunked_prefill
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (
+            DEFAULT_CHUNKED_BATCHED_TOKENS if chunked else max(self.max_model_len, DEFAULT_CHUNKED_BATCHED_TOKENS))
+        if not chunked and self.max_num_batched_tokens < self.max_model_len:
             raise FP8LMError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
-                             f"max_model_len={self.max_model_len}: a full-length prompt could never be scheduled")
+                             f"max_model_len={self.max_model_len}: without chunked prefill a full-length prompt "
+                             "could never be scheduled")
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.num_kv_blocks = self._num_kv_blocks()
         self.channel = StepChannel() if self.world_size > 1 else None
         if self.channel is not None:
             self.channel.send(("init", self.num_kv_blocks))
         self.runner = self.make_runner(self.num_kv_blocks, self.channel)
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        # MEASURE observes every prompt token, as INC does: no prefix cache while calibrating.
+        caching = config.enable_prefix_caching and self.measurement is None
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, chunked)
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler(self.eos_token_ids)
@@ -148,13 +154,14 @@ class LLMEngine(ModelHost):
         start = time.perf_counter()
         params = SamplingParams(temperature=0, max_tokens=1)
         prefill_len = min(WARMUP_PREFILL_TOKENS, self.max_model_len - 1)
-        batches = [([Sequence(-1, "warmup", 0, [0] * prefill_len, params, None)], True)]
+        prefill_len = min(prefill_len, self.max_num_batched_tokens)
+        batches = [[Sequence(-1, "warmup", 0, [0] * prefill_len, params, None)]]
         num_decode = min(self.config.max_num_seqs, self.block_manager.num_free_blocks)
-        batches.append(([Sequence(-1, "warmup", i, [0], params, None) for i in range(num_decode)], False))
-        for seqs, is_prefill in batches:
+        batches.append([Sequence(-1, "warmup", i, [0], params, None) for i in range(num_decode)])
+        for seqs in batches:
             for seq in seqs:
-                self.block_manager.allocate(seq)
-            self.runner.run(seqs, is_prefill)
+                self.block_manager.allocate(seq, cached=False)
+            self.runner.run(seqs, [s.num_tokens for s in seqs])
             for seq in seqs:
                 self.block_manager.free(seq)
         log.info("warm-up: prefill of %d tokens and decode of %d sequences in %.2f s",
@@ -249,48 +256,61 @@ class LLMEngine(ModelHost):
     def step(self) -> list[RequestOutput]:
         """One model step; returns the current output of every request it advanced."""
         self._check_alive()
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, query_lens = self.scheduler.schedule()
         if not seqs:
             return []
-        want_prompt = {s.seq_id for s in seqs if is_prefill and s.index == 0 and s.params.prompt_logprobs is not None
+        want_prompt = {s.seq_id for s in seqs if s.index == 0 and s.params.prompt_logprobs is not None
+                       and s.num_computed_tokens < s.num_prompt_tokens
                        and self.requests[s.request_id].prompt_logprobs is None}
-        out = self._run(seqs, is_prefill, want_prompt)
+        out = self._run(seqs, query_lens, want_prompt)
         try:
-            return self._postprocess(seqs, is_prefill, out)
+            return self._postprocess(seqs, query_lens, out)
         except EngineDeadError:
             raise
         except Exception as e:  # a bug here would otherwise leave requests waiting forever
             log.exception("sampling failed")
             self._die(f"sampling or output processing failed: {type(e).__name__}: {e}")
 
-    def _postprocess(self, seqs: list[Sequence], is_prefill: bool, out) -> list[RequestOutput]:
-        tokens = self.sampler(out.logits, seqs)
-        touched: dict[str, Request] = {}
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            request = self.requests[seq.request_id]
+    def _postprocess(self, seqs: list[Sequence], query_lens: list[int], out) -> list[RequestOutput]:
+        """Advances every sequence by its new tokens; those whose tokens are all computed now (a
+        decode, or the last chunk of a prompt) sample their next token."""
+        sampling = []
+        for row, (seq, q) in enumerate(zip(seqs, query_lens)):
+            self.stats["prompt_tokens"] += max(0, min(seq.num_computed_tokens + q, seq.num_prompt_tokens)
+                                               - seq.num_computed_tokens)
+            seq.num_computed_tokens += q
+            self.block_manager.mark_computed(seq)
             if seq.seq_id in out.prompt_logits:
-                request.prompt_logprobs = self._prompt_logprobs(request, out.prompt_logits[seq.seq_id])
+                seq.prompt_logit_rows.append(out.prompt_logits[seq.seq_id])
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(row)
+        tokens = self.sampler(out.logits[sampling], [seqs[i] for i in sampling])
+        touched: dict[str, Request] = {}
+        for row, token in zip(sampling, tokens):
+            seq = seqs[row]
+            request = self.requests[seq.request_id]
+            if seq.prompt_logit_rows:
+                rows = torch.cat(seq.prompt_logit_rows)[:seq.num_prompt_tokens - 1]
+                seq.prompt_logit_rows = []
+                request.prompt_logprobs = self._prompt_logprobs(request, rows)
             self._append_token(seq, token, out.logits[row])
             touched[request.request_id] = request
-        self.stats["generation_tokens"] += len(seqs)
-        num_processed = sum(s.num_tokens - 1 for s in seqs) if is_prefill else len(seqs)
-        if is_prefill:
-            self.stats["prompt_tokens"] += num_processed
+        self.stats["generation_tokens"] += len(sampling)
         if self.measurement is not None:
-            self.measurement.num_tokens += num_processed
+            self.measurement.num_tokens += sum(query_lens)
         results = [self.request_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 self.requests.pop(r.request_id, None)
         return results
 
-    def _run(self, seqs: list[Sequence], is_prefill: bool, want_prompt: set[int]):
+    def _run(self, seqs: list[Sequence], query_lens: list[int], want_prompt: set[int]):
         timeout = self.config.iteration_timeout_s or None
         self.last_step_started = time.monotonic()
         try:
             if self._worker is None:
-                return self.runner.run(seqs, is_prefill, want_prompt)
-            return self._worker.call(self.runner.run, seqs, is_prefill, want_prompt, timeout=timeout)
+                return self.runner.run(seqs, query_lens, want_prompt)
+            return self._worker.call(self.runner.run, seqs, query_lens, want_prompt, timeout=timeout)
         except concurrent.futures.TimeoutError:
             self._die(f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
                       f"stopped (raise the timeout for slow first steps)")
@@ -376,14 +396,14 @@ class LLMEngine(ModelHost):
         if not 2 <= len(token_ids) <= self.max_model_len:
             raise FP8LMError(f"score(): {len(token_ids)} tokens; need 2..max_model_len={self.max_model_len}")
         seq = Sequence(-1, "score", 0, list(token_ids), SamplingParams(temperature=0, max_tokens=1), None)
-        if not self.block_manager.can_allocate(seq):
+        if not self.block_manager.can_allocate(seq, cached=False):
             raise FP8LMError("score(): the KV cache cannot hold the sequence")
-        self.block_manager.allocate(seq)
+        self.block_manager.allocate(seq, cached=False)      # every position's logits are wanted
         try:
-            out = self.runner.run([seq], True, {seq.seq_id})
+            out = self.runner.run([seq], [seq.num_tokens], {seq.seq_id})
         finally:
             self.block_manager.free(seq)
-        return out.prompt_logits[seq.seq_id]
+        return out.prompt_logits[seq.seq_id][:-1]
 
     def request_output(self, request: Request) -> RequestOutput:
         outputs = []

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from fp8lm.engine.sequence import Sequence
-from fp8lm.model.attention import AttentionMetadata, build_attn_bias
+from fp8lm.model.attention import AttentionMetadata, StepMetadata, build_attn_bias
 from fp8lm.model.llama import LlamaForCausalLM
 
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor                      # [B, V] float32: next-token logits per sequence
-    prompt_logits: dict[int, torch.Tensor]    # seq_id -> [prompt_len - 1, V] for prompt_logprobs
+    logits: torch.Tensor                      # [B, V] float32: logits after each sequence's last new token
+    prompt_logits: dict[int, torch.Tensor]    # seq_id -> [q, V]: after each of its new tokens (prompt_logprobs)
 
 
 class ModelRunner:
@@ -43,10 +43,13 @@ class ModelRunner:
 
     def _metadata(self, seqs: list[Sequence], query_lens: list[int], positions: list[int],
                   slots: list[int]) -> AttentionMetadata:
+        """One part of a step: its sequences' queries padded to the longest; each sequence's keys
+        are its tokens up to its last query (blocks past them are not read)."""
         max_q = max(query_lens)
-        context_lens = [s.num_tokens for s in seqs]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        block_tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        context_lens = [s.num_computed_tokens + q for s, q in zip(seqs, query_lens)]
+        tables = [s.block_table[:-(-n // self.block_size)] for s, n in zip(seqs, context_lens)]
+        max_blocks = max(len(t) for t in tables)
+        block_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
         query_index, query_pos, flat_index = [], [], []
         start = 0
         for i, q in enumerate(query_lens):
@@ -65,15 +68,15 @@ class ModelRunner:
             query_index=self._tensor(query_index),
             flat_index=self._tensor(flat_index),
             attn_bias=build_attn_bias(qpos, ctx, max_ctx, self.dtype),
-            windows={w: self._window_view(w, seqs, first, qpos, ctx, slot_mapping, query_index, flat_index)
+            windows={w: self._window_view(w, tables, first, qpos, ctx, slot_mapping, query_index, flat_index)
                      for w in self.windows},
         )
 
-    def _window_view(self, window: int, seqs: list[Sequence], first_query: list[int], qpos, ctx, slot_mapping,
+    def _window_view(self, window: int, tables: list[list[int]], first_query: list[int], qpos, ctx, slot_mapping,
                      query_index, flat_index) -> AttentionMetadata:
         """The step for a layer with a sliding window: blocks before every query's window are cut."""
         skip = [max(0, p - window + 1) // self.block_size for p in first_query]
-        tables = [s.block_table[k:] for s, k in zip(seqs, skip)]
+        tables = [t[k:] for t, k in zip(tables, skip)]
         max_blocks = max(len(t) for t in tables)
         max_ctx = max_blocks * self.block_size
         start = self._tensor([k * self.block_size for k in skip])
@@ -85,23 +88,21 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        ids, positions, slots, query_lens = [], [], [], []
-        for seq in seqs:
-            n = seq.num_tokens
-            ids.extend(seq.token_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(seq, p) for p in range(n))
-            query_lens.append(n)
-        meta = self._metadata(seqs, query_lens, positions, slots)
-        return self._tensor(ids), self._tensor(positions), meta, query_lens
-
-    def prepare_decode(self, seqs: list[Sequence]):
-        ids = [s.token_ids[-1] for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
-        meta = self._metadata(seqs, [1] * len(seqs), positions, slots)
-        return self._tensor(ids), self._tensor(positions), meta, [1] * len(seqs)
+    def prepare(self, seqs: list[Sequence], query_lens: list[int]):
+        """Flat inputs of a step: tokens num_computed_tokens .. + q of each sequence. Decodes (q = 1)
+        come first (the scheduler's order) and attend as a part of their own, so a prompt chunk in
+        the same step does not pad them to its length."""
+        ids, positions, slots = [], [], []
+        for seq, q in zip(seqs, query_lens):
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + q])
+            positions.extend(range(c, c + q))
+            slots.extend(self._slot(seq, p) for p in range(c, c + q))
+        cut = next((i for i, q in enumerate(query_lens) if q > 1), len(seqs))    # decodes | prompt chunks
+        parts = [self._metadata(seqs[a:b], query_lens[a:b], positions[ta:tb], slots[ta:tb])
+                 for a, b, ta, tb in ((0, cut, 0, cut), (cut, len(seqs), cut, len(ids))) if b > a]
+        meta = parts[0] if len(parts) == 1 else StepMetadata(parts)
+        return self._tensor(ids), self._tensor(positions), meta
 
     @torch.inference_mode()
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -109,9 +110,8 @@ class ModelRunner:
         return self.model(input_ids.to(self.device), positions.to(self.device), _to_device(meta, self.device))
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, want_prompt_logits: set[int] = frozenset()) -> StepOutput:
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        input_ids, positions, meta, query_lens = prepare(seqs)
+    def run(self, seqs: list[Sequence], query_lens: list[int], want_prompt_logits: set[int] = frozenset()) -> StepOutput:
+        input_ids, positions, meta = self.prepare(seqs, query_lens)
         if self.channel is not None:
             self.channel.send(("step", input_ids, positions, meta))
         hidden = self.execute(input_ids, positions, meta)
@@ -120,12 +120,14 @@ class ModelRunner:
         prompt_logits = {}
         for seq, end, q in zip(seqs, ends.tolist(), query_lens):
             if seq.seq_id in want_prompt_logits:
-                # Rows 0..n-2 predict prompt tokens 1..n-1.
-                prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[end - q:end - 1])
+                # Row i predicts token num_computed + i + 1 (the last row: past this chunk).
+                prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[end - q:end])
         return StepOutput(logits, prompt_logits)
 
 
-def _to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+def _to_device(meta: AttentionMetadata | StepMetadata, device: torch.device) -> AttentionMetadata | StepMetadata:
+    if isinstance(meta, StepMetadata):
+        return StepMetadata([_to_device(part, device) for part in meta.parts])
     if meta.slot_mapping.device == device:
         return meta
     fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(meta).items()}

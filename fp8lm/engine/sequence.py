@@ -32,6 +32,10 @@ class Sequence:
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.num_computed_tokens = 0           # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0             # of those, found in the prefix cache at admission
+        self.block_keys: list[bytes] = []      # prefix-cache keys of its full computed blocks
+        self.prompt_logit_rows: list = []      # prompt logits gathered chunk by chunk (prompt_logprobs)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None

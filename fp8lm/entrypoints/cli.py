@@ -25,7 +25,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default: 2048 with chunked prefill, else max(max_model_len, 2048))")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split long prompts across steps, mixed with running decodes (default: on)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompts' shared prefixes across requests (default: on)")
     p.add_argument("--kv-cache-memory", default=None, help="bytes (e.g. 2GiB) or a fraction of free memory")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--quantization", default=None, help="inc: FP8 with QUANT_CONFIG")
@@ -45,7 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
+                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+                enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ class LLM:
                  kv_cache_memory: int | float | str | None = None, num_kv_blocks: int | None = None,
                  seed: int = 0, quantization: str | None = None, quant_config: str | dict | None = None,
                  kv_cache_dtype: str = "auto",
-                 tensor_parallel_size: int = 1, skip_warmup: bool | None = None, **unsupported):
+                 tensor_parallel_size: int = 1, skip_warmup: bool | None = None,
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True, **unsupported):
         if unsupported:
             raise TypeError(f"LLM() got unsupported options: {', '.join(sorted(unsupported))}")
         self.engine = LLMEngine(EngineConfig(
@@ -31,7 +32,8 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, seed=seed, quantization=quantization,
             quant_config=quant_config,
-            kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup))
+            kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup,
+            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching))
         self._request_ids = itertools.count()
         if self.engine.measurement is not None:
             # INC writes its measurements at interpreter exit too; so does fp8lm.

@@ -41,6 +41,16 @@ class AttentionMetadata:
         return self.query_index.shape[1]
 
 
+@dataclass
+class StepMetadata:
+    """A step whose flat tokens form consecutive parts attended separately (decodes, then prompt
+    chunks), so that short queries are not padded to a long chunk's length."""
+    parts: list[AttentionMetadata]
+
+
+QUERY_BLOCK = 256     # prefill queries attended per block: scores stay [.., 256, context], not [.., L, context]
+
+
 def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, max_context_len: int,
                     dtype: torch.dtype, window: int | None = None, key_start: torch.Tensor | None = None) -> torch.Tensor:
     """query_positions: [B, L] absolute positions (padding: 0); context_lens: [B]. With `window`,
@@ -81,8 +91,16 @@ class PagedAttention(nn.Module):
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache_tensor, self.v_cache_tensor = k_cache, v_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata | StepMetadata) -> torch.Tensor:
         # q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads * d]
+        if isinstance(meta, StepMetadata):
+            outs, start = [], 0
+            for part in meta.parts:
+                end = start + part.slot_mapping.numel()
+                outs.append(self.forward(q[start:end], k[start:end], v[start:end], part))
+                start = end
+            return torch.cat(outs)
         if self.k_cache_tensor is None:
             raise RuntimeError("no KV cache bound to this attention layer (bind_cache)")
         if self.key_offset is not None:
@@ -96,13 +114,25 @@ class PagedAttention(nn.Module):
         keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]
         values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, q.dtype)
 
-        b, L, s, d = meta.batch_size, meta.max_query_len, meta.max_context_len, self.head_dim
+        b, L, d = meta.batch_size, meta.max_query_len, self.head_dim
         kvh, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
         # Heads that share a KV head are stacked along the query axis: no K/V duplication.
-        qp = (q * self.scale)[meta.query_index].view(b, L, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh, b, g * L, d)
-        scores = self.matmul_qk(qp, keys.transpose(-1, -2), b_grid_scale=self.k_cache.grid_scale)  # [kvh,B,gL,S]
-        scores = scores.view(kvh, b, g, L, s) + meta.attn_bias
-        probs = self.softmax(scores, dim=-1).view(kvh, b, g * L, s)
-        out = self.matmul_av(probs, values, b_grid_scale=self.v_cache.grid_scale)  # [kvh, B, g*L, d]
-        out = out.view(kvh, b, g, L, d).permute(1, 3, 0, 2, 4).reshape(b * L, kvh * g * d)
+        qp = (q * self.scale)[meta.query_index].view(b, L, kvh, g, d).permute(2, 0, 3, 1, 4)    # [kvh, B, g, L, d]
+        # Rows of softmax are independent: query blocks give the same numbers with scores of
+        # [.., QUERY_BLOCK, S] at a time (the FP8 casts and measurement hooks see every row once).
+        out = torch.cat([self._attend_block(qp[:, :, :, i:i + QUERY_BLOCK], keys, values,
+                                            meta.attn_bias[..., i:i + QUERY_BLOCK, :])
+                         for i in range(0, L, QUERY_BLOCK)], dim=3)                              # [kvh, B, g, L, d]
+        out = out.permute(1, 3, 0, 2, 4).reshape(b * L, kvh * g * d)
         return out[meta.flat_index]
+
+    def _attend_block(self, qp: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+        kvh, b, g, lq, d = qp.shape
+        s = keys.shape[2]
+        scores = self.matmul_qk(qp.reshape(kvh, b, g * lq, d), keys.transpose(-1, -2),
+                                b_grid_scale=self.k_cache.grid_scale)                             # [kvh, B, g*lq, S]
+        scores = scores.view(kvh, b, g, lq, s) + bias
+        probs = self.softmax(scores, dim=-1).view(kvh, b, g * lq, s)
+        out = self.matmul_av(probs, values, b_grid_scale=self.v_cache.grid_scale)                 # [kvh, B, g*lq, d]
+        return out.view(kvh, b, g, lq, d)
