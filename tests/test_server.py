@@ -145,10 +145,14 @@ def test_models_version_metrics(server, client):
     assert httpx.get(f"{server.base_url}/version").json()["version"]
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3)
     text = httpx.get(f"{server.base_url}/metrics").text
-    for name in ("fp8lm:request_success_total", "fp8lm:prompt_tokens_total", "fp8lm:generation_tokens_total",
-                 "fp8lm:num_requests_running", "fp8lm:num_requests_waiting", "fp8lm:kv_cache_blocks_used",
-                 "fp8lm:time_to_first_token_seconds_bucket", "fp8lm:inter_token_latency_seconds_bucket"):
-        assert name in text
+    for name in ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"):
+        assert name + "{" in text and f'model_name="{MODEL}"' in text, name
+    assert metric(server.base_url, "vllm:generation_tokens_total") >= 3
+    assert metric(server.base_url, "vllm:e2e_request_latency_seconds_count") >= 1
 
 
 def metric(base_url: str, name: str) -> float:
@@ -166,10 +170,10 @@ def test_disconnected_clients_free_their_blocks(server):
             next(lines)
             next(lines)
     deadline = time.monotonic() + 10
-    while metric(server.base_url, "fp8lm:kv_cache_blocks_used") and time.monotonic() < deadline:
+    while metric(server.base_url, "vllm:kv_cache_usage_perc") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert metric(server.base_url, "fp8lm:kv_cache_blocks_used") == 0
-    assert metric(server.base_url, "fp8lm:num_requests_running") == 0
+    assert metric(server.base_url, "vllm:kv_cache_usage_perc") == 0
+    assert metric(server.base_url, "vllm:num_requests_running") == 0
 
 
 def test_api_key(tiny_model):

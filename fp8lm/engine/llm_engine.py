@@ -40,6 +40,8 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    arrival_time: float = 0.0                      # time.monotonic() when added
+    first_scheduled_time: float | None = None      # when a step first ran one of its sequences
 
     @property
     def finished(self) -> bool:
@@ -180,7 +182,7 @@ class LLMEngine(ModelHost):
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
-        request = Request(request_id, text, token_ids, params, seqs)
+        request = Request(request_id, text, token_ids, params, seqs, arrival_time=time.monotonic())
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
@@ -242,11 +244,20 @@ class LLMEngine(ModelHost):
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        """Requests with a sequence in the running batch (vLLM counts requests, not sequences)."""
+        return len({s.request_id for s in self.scheduler.running})
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        """Unfinished requests none of whose sequences is running."""
+        running = {s.request_id for s in self.scheduler.running}
+        return len({s.request_id for s in self.scheduler.waiting} - running)
+
+    def metric_totals(self) -> dict[str, int]:
+        cache = self.block_manager.cache
+        return {"prompt_tokens": self.stats["prompt_tokens"], "generation_tokens": self.stats["generation_tokens"],
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_queries": cache.queries if cache else 0, "prefix_cache_hits": cache.hits if cache else 0}
 
     # ---- stepping ---------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -262,6 +273,11 @@ class LLMEngine(ModelHost):
         want_prompt = {s.seq_id for s in seqs if s.index == 0 and s.params.prompt_logprobs is not None
                        and s.num_computed_tokens < s.num_prompt_tokens
                        and self.requests[s.request_id].prompt_logprobs is None}
+        now = time.monotonic()
+        for s in seqs:
+            request = self.requests.get(s.request_id)
+            if request is not None and request.first_scheduled_time is None:
+                request.first_scheduled_time = now
         out = self._run(seqs, query_lens, want_prompt)
         try:
             return self._postprocess(seqs, query_lens, out)
@@ -419,7 +435,8 @@ class LLMEngine(ModelHost):
             outputs.append(CompletionOutput(seq.index, text, seq.output_token_ids, cumulative, seq.logprobs,
                                             seq.finish_reason, seq.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,
-                             outputs, request.finished)
+                             outputs, request.finished, {"arrival_time": request.arrival_time,
+                                                         "first_scheduled_time": request.first_scheduled_time})
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""

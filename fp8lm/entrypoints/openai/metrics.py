@@ -1,9 +1,18 @@
-"""Prometheus metrics of one server (its own registry: two servers in one process never collide)."""
+"""Prometheus metrics of one server under vLLM's names (`vllm:*`, label `model_name`), so vLLM's
+dashboards, autoscalers and gateways read them; its own registry: two servers in one process never
+collide."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                    480.0, 960.0)
+# Engine totals -> counters (the counter takes the increase since the last update).
+_ENGINE_TOTALS = {"prompt_tokens": "Prompt tokens processed", "generation_tokens": "Tokens generated",
+                  "num_preemptions": "Preemptions (sequences recomputed later)",
+                  "prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+                  "prefix_cache_hits": "Prompt tokens found in the prefix cache"}
 
 
 class ServerMetrics:
@@ -11,19 +20,21 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
-        self.requests = Counter("fp8lm:request_success", "Finished requests", labels + ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("fp8lm:prompt_tokens", "Prompt tokens processed", labels, registry=r)
-        self.generation_tokens = Counter("fp8lm:generation_tokens", "Tokens generated", labels, registry=r)
-        self.running = Gauge("fp8lm:num_requests_running", "Sequences in the running batch", labels, registry=r)
-        self.waiting = Gauge("fp8lm:num_requests_waiting", "Sequences waiting to be scheduled", labels, registry=r)
-        self.kv_blocks_used = Gauge("fp8lm:kv_cache_blocks_used", "KV cache blocks in use", labels, registry=r)
-        self.kv_blocks_total = Gauge("fp8lm:kv_cache_blocks_total", "KV cache blocks", labels, registry=r)
-        self.ttft = Histogram("fp8lm:time_to_first_token_seconds", "Time to first token", labels,
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("fp8lm:inter_token_latency_seconds", "Time between output tokens", labels,
-                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"], registry=r)
+        self.totals = {key: Counter(f"vllm:{key}", doc, labels, registry=r) for key, doc in _ENGINE_TOTALS.items()}
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent)", labels, registry=r)
+
+        def histogram(name, doc, buckets=_LATENCY_BUCKETS):
+            return Histogram(f"vllm:{name}", doc, labels, buckets=buckets, registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
+        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens")
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish", _REQUEST_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Time from arrival to first scheduled",
+                                    _REQUEST_BUCKETS)
         self.model_name = model_name
-        self._counted = {"prompt_tokens": 0, "generation_tokens": 0}
+        self._counted = dict.fromkeys(_ENGINE_TOTALS, 0)
 
     def labels(self, metric):
         return metric.labels(model_name=self.model_name)
@@ -31,12 +42,11 @@ class ServerMetrics:
     def update_engine(self, engine) -> None:
         self.labels(self.running).set(engine.num_running)
         self.labels(self.waiting).set(engine.num_waiting)
-        self.labels(self.kv_blocks_used).set(engine.block_manager.num_used_blocks)
-        self.labels(self.kv_blocks_total).set(engine.block_manager.num_blocks)
-        # The engine keeps totals; counters take the increase since the last update.
-        for key, counter in (("prompt_tokens", self.prompt_tokens), ("generation_tokens", self.generation_tokens)):
-            self.labels(counter).inc(engine.stats[key] - self._counted[key])
-            self._counted[key] = engine.stats[key]
+        bm = engine.block_manager
+        self.labels(self.kv_usage).set(bm.num_used_blocks / bm.num_blocks)
+        for key, value in engine.metric_totals().items():
+            self.labels(self.totals[key]).inc(value - self._counted[key])
+            self._counted[key] = value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -137,8 +137,13 @@ class _ServerState:
             self.last_token_time[out.request_id] = now
             if out.finished:
                 self.last_token_time.pop(out.request_id, None)
+                arrived, scheduled = out.metrics.get("arrival_time"), out.metrics.get("first_scheduled_time")
+                if arrived is not None:      # the engine's clock is time.monotonic() too
+                    self.metrics.labels(self.metrics.e2e).observe(now - arrived)
+                    if scheduled is not None:
+                        self.metrics.labels(self.metrics.queue_time).observe(scheduled - arrived)
                 for o in out.outputs:
-                    self.metrics.requests.labels(model_name=self.model_name, finish_reason=o.finish_reason).inc()
+                    self.metrics.requests.labels(model_name=self.model_name, finished_reason=o.finish_reason).inc()
 
     # ---- shared request handling ------------------------------------------------------------------
     def check_model(self, body: SamplingFields) -> None:
