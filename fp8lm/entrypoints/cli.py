@@ -205,7 +205,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fp8lm.engine.config import EngineConfig
-    from fp8lm.entrypoints.openai.server import rpc_timeout_seconds, run_server
+    from fp8lm.entrypoints.openai.launch import rpc_timeout_seconds, run_server
     from fp8lm.model.config import ModelConfig
     from fp8lm.model.registry import resolve_model
 
@@ -214,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ModelConfig.from_folder(folder)
     rpc_timeout_seconds()
     config = EngineConfig(model=str(folder), **engine_kwargs(args))
-    run_server(config, args.host, args.port, args.api_key, args.served_model_name or args.model)
+    run_server(config, args.host, args.port, args.api_key, args.served_model_name or args.model,
+               args.max_waiting_requests)
     return 0
 
 
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="beyond this many waiting requests, answer 503 with Retry-After (default: unbounded)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")

@@ -66,6 +66,11 @@ class AsyncEngine:
         self._thread.start()
         self._watchdog.start()
 
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued for the engine thread, or waiting in its scheduler."""
+        engine = self.engine
+        return self._commands.qsize() + (engine.num_waiting if engine is not None else 0)
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.error is None

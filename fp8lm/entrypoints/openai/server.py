@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -21,33 +22,51 @@ from fp8lm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionR
 from fp8lm.errors import EngineDeadError, FP8LMError
 from fp8lm.version import __version__
 
+DISCONNECT_POLL_S = 0.25
+
 log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def error_body(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+def error_body(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+class ApiKeyMiddleware:
+    """'Authorization: Bearer KEY' on /v1/*, compared in constant time. Plain ASGI (not
+    BaseHTTPMiddleware, which hides a client's disconnect from the handlers)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_body(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              max_waiting_requests: int | None = None) -> FastAPI:
+    """`max_waiting_requests`: beyond this many requests waiting for the engine, new ones get a 503
+    with Retry-After (None: unbounded)."""
     app = FastAPI(title="fp8lm OpenAI-compatible server", version=__version__)
     metrics = ServerMetrics(model_name)
-    state = _ServerState(engine, model_name, metrics)
+    state = _ServerState(engine, model_name, metrics, max_waiting_requests)
     engine.on_step = state.record_step
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_body(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -62,7 +81,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.get("/health")
     async def health():
@@ -100,8 +119,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
 
 class _ServerState:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, max_waiting: int | None):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
+        self.max_waiting = max_waiting
         self.started = int(time.time())
         self.submitted: dict[str, float] = {}        # request id -> when it was handed to the engine
         self.last_token_time: dict[str, float] = {}
@@ -168,6 +188,10 @@ class _ServerState:
     async def start(self, prompts: list, params: SamplingParams, base_id: str, **kwargs):
         """Submits every prompt and waits for each one's first output, so that a rejected request is
         a 400 before any streaming starts. Returns [(generator, first output)]."""
+        waiting = self.engine.num_waiting()
+        if self.max_waiting is not None and waiting + len(prompts) > self.max_waiting:
+            raise APIError(503, f"{waiting} requests are waiting, the server takes at most --max-waiting-requests="
+                                f"{self.max_waiting}; retry later", "service_unavailable", headers={"Retry-After": "1"})
         started = []
         try:
             for i, prompt in enumerate(prompts):
@@ -182,8 +206,13 @@ class _ServerState:
             raise _as_api_error(e) from None
         return started
 
+    async def finish(self, started, request: Request) -> list[RequestOutput]:
+        """Every request's final output; a client that disconnects meanwhile aborts them (the
+        engine stops computing for nobody)."""
+        return await _unless_disconnected(request, self._collect(started))
+
     @staticmethod
-    async def finish(started) -> list[RequestOutput]:
+    async def _collect(started) -> list[RequestOutput]:
         finals = []
         try:
             for gen, out in started:
@@ -203,11 +232,11 @@ class _ServerState:
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
         params = self.sampling_params(body, body.max_tokens, body.logprobs, echo_lp)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        started = await self.start(prompts, params, base_id)
+        started = await _unless_disconnected(request, self.start(prompts, params, base_id))
         tok = self.engine.engine.tokenizer
         if body.stream:
             return _sse(self._stream_completions(started, body, params, base_id, tok))
-        finals = await self.finish(started)
+        finals = await self.finish(started, request)
         choices = []
         for p_index, out in enumerate(finals):
             for o in out.outputs:
@@ -265,10 +294,10 @@ class _ServerState:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs, None)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        started = await self.start([prompt], params, base_id, add_special_tokens=False)
+        started = await _unless_disconnected(request, self.start([prompt], params, base_id, add_special_tokens=False))
         if body.stream:
             return _sse(self._stream_chat(started, body, params, base_id, tok))
-        finals = await self.finish(started)
+        finals = await self.finish(started, request)
         out = finals[0]
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o.logprobs, o.token_ids, tok, body.top_logprobs or 0)
@@ -315,6 +344,30 @@ def _as_api_error(e: BaseException) -> BaseException:
     if isinstance(e, FP8LMError):
         return APIError(400, str(e))
     return e
+
+
+async def _unless_disconnected(request: Request, work):
+    """Awaits `work` unless the client goes away first; then cancels it (its generators abort their
+    requests) and answers 499, which nobody reads."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise APIError(499, "the client closed the connection", "client_closed_request")
 
 
 def _prompt_list(prompt) -> list:
@@ -418,61 +471,3 @@ def _chunk(payload: dict) -> str:
 
 def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream")
-
-
-def rpc_timeout_seconds() -> float:
-    """FP8LM_RPC_TIMEOUT (alias VLLM_RPC_TIMEOUT) in milliseconds, as vLLM reads it; default 10 minutes."""
-    from fp8lm.engine.config import env_value
-
-    raw = env_value("RPC_TIMEOUT", "600000")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise FP8LMError(f"FP8LM_RPC_TIMEOUT={raw!r}: expected milliseconds") from None
-    if value <= 0:
-        raise FP8LMError(f"FP8LM_RPC_TIMEOUT={raw!r}: must be positive (milliseconds)")
-    return value / 1000
-
-
-def run_server(engine_config, host: str, port: int, api_key: str | None, model_name: str) -> None:
-    """Serves until SIGINT/SIGTERM. The model loads on the engine thread; meanwhile /health and
-    /v1/* answer 503, so clients can poll."""
-    import threading
-
-    import uvicorn
-
-    from fp8lm.engine.llm_engine import LLMEngine
-
-    if engine_config.iteration_timeout_s is None:
-        engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
-    engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
-    app = build_app(engine, model_name, api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=3))
-
-    failure: list[str] = []
-
-    def supervise():
-        """Announces readiness; with tensor parallelism, ends the server when any rank is lost."""
-        announced = False
-        while not server.should_exit:
-            if engine.ready and server.started and not announced:
-                log.info("fp8lm server ready: http://%s:%d/v1 (model %s)", host, port, model_name)
-                announced = True
-            lost = [p for p in (engine.engine.workers if engine.engine else []) if not p.is_alive()]
-            if lost or (engine.error and engine_config.tensor_parallel_size > 1):
-                reason = engine.error or f"tensor-parallel worker {lost[0].name} exited with code {lost[0].exitcode}"
-                log.error("stopping the server: %s", reason)
-                failure.append(reason)
-                server.should_exit = True
-                return
-            time.sleep(0.2)
-
-    engine.start()
-    threading.Thread(target=supervise, daemon=True).start()
-    try:
-        server.run()
-    finally:
-        engine.stop()
-    if failure:
-        raise FP8LMError(f"the server stopped: {failure[0]}")

@@ -1,0 +1,73 @@
+"""`fp8lm serve`: the app of server.py on uvicorn, with the engine on its own thread, and a
+supervisor that ends the process when the engine or a tensor-parallel rank fails."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fp8lm.entrypoints.openai.async_engine import AsyncEngine
+from fp8lm.entrypoints.openai.server import build_app
+from fp8lm.errors import FP8LMError
+
+log = logging.getLogger(__name__)
+
+
+def rpc_timeout_seconds() -> float:
+    """FP8LM_RPC_TIMEOUT (alias VLLM_RPC_TIMEOUT) in milliseconds, as vLLM reads it; default 10 minutes."""
+    from fp8lm.engine.config import env_value
+
+    raw = env_value("RPC_TIMEOUT", "600000")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FP8LMError(f"FP8LM_RPC_TIMEOUT={raw!r}: expected milliseconds") from None
+    if value <= 0:
+        raise FP8LMError(f"FP8LM_RPC_TIMEOUT={raw!r}: must be positive (milliseconds)")
+    return value / 1000
+
+
+def run_server(engine_config, host: str, port: int, api_key: str | None, model_name: str,
+               max_waiting_requests: int | None = None) -> None:
+    """Serves until SIGINT/SIGTERM. The model loads on the engine thread; meanwhile /health and
+    /v1/* answer 503, so clients can poll."""
+    import uvicorn
+
+    from fp8lm.engine.llm_engine import LLMEngine
+
+    if engine_config.iteration_timeout_s is None:
+        engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
+    engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
+    app = build_app(engine, model_name, api_key, max_waiting_requests)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=3))
+
+    failure: list[str] = []
+
+    def supervise():
+        """Announces readiness; ends the server (non-zero exit, for a supervisor to restart it) when
+        the engine fails — to start, in a step, past the step watchdog — or a tensor-parallel rank is
+        lost. Requests in flight get their 503 first."""
+        announced = False
+        while not server.should_exit:
+            if engine.ready and server.started and not announced:
+                log.info("fp8lm server ready: http://%s:%d/v1 (model %s)", host, port, model_name)
+                announced = True
+            lost = [p for p in (engine.engine.workers if engine.engine else []) if not p.is_alive()]
+            if lost or engine.error:
+                reason = engine.error or f"tensor-parallel worker {lost[0].name} exited with code {lost[0].exitcode}"
+                log.error("stopping the server: %s", reason)
+                failure.append(reason)
+                time.sleep(0.5)             # lets the failed requests' 503s go out
+                server.should_exit = True
+                return
+            time.sleep(0.2)
+
+    engine.start()
+    threading.Thread(target=supervise, daemon=True).start()
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    if failure:
+        raise FP8LMError(f"the server stopped: {failure[0]}")
