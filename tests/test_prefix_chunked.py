@@ -83,3 +83,29 @@ def test_query_blocks_give_the_unblocked_numbers(tiny_model, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     blocked = engine(tiny_model, enable_prefix_caching=False).engine.score(p)
     assert (full - blocked).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def fp8_tiny(tiny_model, tmp_path_factory):
+    """The tiny model calibrated with fp8lm's recipe: FP8 Linears, q·k, softmax, p·v and KV cache."""
+    from fp8lm.entrypoints.calibrate import calibrate
+
+    cal = calibrate(str(tiny_model), "builtin", tmp_path_factory.mktemp("cal"), num_samples=8, max_seq_len=64,
+                    max_tokens=4, use_tqdm=False)
+    return dict(quantization="inc", quant_config=str(cal.quant_config), kv_cache_dtype="fp8_inc")
+
+
+def test_fp8_query_blocks_and_prefix_cache_are_exact(tiny_model, fp8_tiny, monkeypatch):
+    """With FP8 attention and an FP8 KV cache: query blocks give the same scores bit for bit (each
+    row's FP8 casts are the same arithmetic), and cached FP8 blocks give the uncached answers."""
+    p = prompt(150, 12)
+    full = engine(tiny_model, enable_prefix_caching=False, **fp8_tiny).engine.score(p)
+    with monkeypatch.context() as m:
+        m.setattr(attention, "QUERY_BLOCK", 16)
+        assert (engine(tiny_model, enable_prefix_caching=False, **fp8_tiny).engine.score(p) - full).abs().max() < 1e-5
+    prompts = [p[:100] + prompt(5, s) for s in (13, 14)]
+    plain = outputs(engine(tiny_model, enable_prefix_caching=False, **fp8_tiny), prompts)
+    cached = engine(tiny_model, **fp8_tiny)
+    got = [outputs(cached, [q])[0] for q in prompts]
+    assert cached.engine.block_manager.cache.hits == 96
+    assert_same(got, plain)
