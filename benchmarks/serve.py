@@ -3,7 +3,13 @@ requests/s, output tokens/s, TTFT and inter-token latency p50/p99; then the same
 offline `LLM.generate` in this process (after the server stops, so they never share the CPUs).
 Target (issue #6): at concurrency 32 the server's output tokens/s is within 15% of offline.
 
-    python benchmarks/serve.py [--model smollm2-135m-instruct] [--max-tokens 64]
+Workloads of issue #14, each side by side in one run (two servers, one after the other):
+  --workload shared-prefix: 32 requests sharing a 1,500-token system prompt, TTFT with and without
+      prefix caching;
+  --workload long-prompt: 4 streams running while a 4,000-token prompt arrives, their ITL p99 with
+      and without chunked prefill.
+
+    python benchmarks/serve.py [--model smollm2-135m-instruct] [--max-tokens 64] [--workload levels]
 """
 from __future__ import annotations
 
@@ -25,12 +31,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def start_server(model: str, max_seqs: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_seqs: int, *extra: str, max_model_len: int = 1024) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "fp8lm", "serve", model, "--port", str(port), "--max-model-len",
-                             "1024", "--max-num-seqs", str(max_seqs)], stdout=subprocess.DEVNULL,
+                             str(max_model_len), "--max-num-seqs", str(max_seqs), *extra], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     while True:
@@ -71,12 +77,57 @@ async def run_level(base: str, model: str, prompts: list[str], concurrency: int,
     return {"rps": len(prompts) / elapsed, "tps": tokens / elapsed, "ttft": ttfts, "itl": itls}
 
 
+def served(model: str, extra: tuple[str, ...], work) -> dict:
+    proc, base = start_server(model, 32, *extra, max_model_len=8192)
+    try:
+        return asyncio.run(work(base))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def shared_prefix(args) -> None:
+    from fp8lm.entrypoints.llm import LLM
+
+    tok = LLM(args.model, max_model_len=64, skip_warmup=True).get_tokenizer()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "fp8lm", "data", "heldout.txt")).read()
+    system = tok.decode(tok.encode(text)[:1500])
+    prompts = [f"{system}\nQuestion {i}: what is this text about?" for i in range(32)]
+    for label, extra in (("prefix caching on ", ()), ("prefix caching off", ("--no-enable-prefix-caching",))):
+        r = served(args.model, extra, lambda base: run_level(base, args.model, prompts, 8, args.max_tokens))
+        print(f"shared 1,500-token prefix, 32 requests at concurrency 8, {label}: TTFT p50 "
+              f"{1e3 * percentile(r['ttft'], .5):7.1f} ms p99 {1e3 * percentile(r['ttft'], .99):7.1f} ms, "
+              f"{r['tps']:6.1f} output tok/s", flush=True)
+
+
+def long_prompt(args) -> None:
+    import random
+
+    words = " ".join(random.Random(0).choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(4000))
+
+    async def work(base):
+        streams = asyncio.gather(*(run_level(base, args.model, [f"Story {i}:"], 1, 256) for i in range(4)))
+        await asyncio.sleep(3)
+        long = await run_level(base, args.model, [words], 1, 1)
+        got = await streams
+        return {"itl": [x for r in got for x in r["itl"]], "ttft": long["ttft"]}
+
+    for label, extra in (("chunked prefill on ", ()), ("chunked prefill off", ("--no-enable-chunked-prefill",))):
+        r = served(args.model, extra, work)
+        print(f"4 streams + one ~4,000-token prompt, {label}: stream ITL p50 {1e3 * percentile(r['itl'], .5):6.1f} ms "
+              f"p99 {1e3 * percentile(r['itl'], .99):7.1f} ms max {1e3 * max(r['itl']):7.1f} ms; long prompt TTFT "
+              f"{1e3 * r['ttft'][0]:7.1f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--workload", choices=["levels", "shared-prefix", "long-prompt"], default="levels")
     args = parser.parse_args()
+    if args.workload != "levels":
+        return (shared_prefix if args.workload == "shared-prefix" else long_prompt)(args)
     prompts = [f"Tell me something interesting about the number {i}." for i in range(args.num_prompts)]
     proc, base = start_server(args.model, 32)
     results = {}
