@@ -109,3 +109,17 @@ def test_fp8_query_blocks_and_prefix_cache_are_exact(tiny_model, fp8_tiny, monke
     got = [outputs(cached, [q])[0] for q in prompts]
     assert cached.engine.block_manager.cache.hits == 96
     assert_same(got, plain)
+
+
+def test_prompt_logprobs_gathered_across_chunks(tiny_model):
+    p = prompt(100, 15)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+
+    def prompt_lps(llm):
+        return [None if e is None else {t: x.logprob for t, x in e.items()}
+                for e in llm.generate([p], params, use_tqdm=False)[0].prompt_logprobs]
+
+    whole = prompt_lps(engine(tiny_model, enable_chunked_prefill=False))
+    chunked = prompt_lps(engine(tiny_model, max_num_batched_tokens=16))
+    assert len(chunked) == len(whole) == 100 and chunked[0] is None
+    assert all(abs(a[t] - b[t]) < 1e-5 for a, b in zip(whole[1:], chunked[1:]) for t in a)

@@ -63,4 +63,4 @@ def test_a_failed_engine_ends_the_process(long_model):
         r = httpx.post(f"{proc.base_url}/v1/completions", json=body(prompt="x" * 7000, max_tokens=10), timeout=60)
         assert r.status_code == 503
         assert proc.wait(15) != 0
-        assert "stopping the server: a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S" in proc.stdout.read()
+        assert "stopping the server: a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S" in proc.output()

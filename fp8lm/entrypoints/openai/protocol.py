@@ -36,7 +36,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_INT64)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT64)      # 0: score the prompt (with echo)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 

@@ -19,6 +19,7 @@ from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
 from fp8lm.entrypoints.openai.async_engine import AsyncEngine, RequestTimeout
 from fp8lm.entrypoints.openai.metrics import ServerMetrics
 from fp8lm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from fp8lm.entrypoints.openai.tokenize_routes import add_tokenize_routes
 from fp8lm.errors import EngineDeadError, FP8LMError
 from fp8lm.version import __version__
 
@@ -90,6 +91,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.get("/version")
     async def version():
         return {"version": __version__}
+
+    add_tokenize_routes(app, state, APIError)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -230,20 +233,27 @@ class _ServerState:
         self.check_model(body)
         prompts = _prompt_list(body.prompt)
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
-        params = self.sampling_params(body, body.max_tokens, body.logprobs, echo_lp)
+        scoring = body.max_tokens == 0      # echo's prompt logprobs only: one token is run and dropped
+        if scoring and not body.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", param="max_tokens")
+        params = self.sampling_params(body, 1 if scoring else body.max_tokens, body.logprobs, echo_lp)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         started = await _unless_disconnected(request, self.start(prompts, params, base_id))
         tok = self.engine.engine.tokenizer
         if body.stream:
+            if scoring:
+                raise APIError(400, "max_tokens: 0 is not supported with stream", param="max_tokens")
             return _sse(self._stream_completions(started, body, params, base_id, tok))
         finals = await self.finish(started, request)
         choices = []
         for p_index, out in enumerate(finals):
             for o in out.outputs:
                 prefix = (out.prompt or "") if body.echo else ""
-                choices.append({"index": p_index * body.n + o.index, "text": prefix + o.text,
-                                "logprobs": _completion_logprobs(o.logprobs, o.token_ids, tok) if body.logprobs is not None
-                                else None, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                entries, token_ids = _echoed(out, o, scoring) if body.echo else (o.logprobs, o.token_ids)
+                choices.append({"index": p_index * body.n + o.index, "text": prefix + ("" if scoring else o.text),
+                                "logprobs": _completion_logprobs(entries, token_ids, tok) if body.logprobs is not None
+                                else None, "finish_reason": "length" if scoring else o.finish_reason,
+                                "stop_reason": None if scoring else o.stop_reason})
         return {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
                 "choices": choices, "usage": _usage(finals)}
 
@@ -255,19 +265,20 @@ class _ServerState:
             for o in out.outputs:
                 index = p_index * body.n + o.index
                 text_sent, tokens_sent = sent.get(index, (0, 0))
-                if body.echo and index not in sent:
-                    text_delta_prefix = out.prompt or ""
-                else:
-                    text_delta_prefix = ""
+                echo_now = body.echo and index not in sent          # the prompt goes out with the first chunk
+                text_delta_prefix = (out.prompt or "") if echo_now else ""
                 upto = _stream_upto(o.text, params, o.finish_reason is not None)
                 delta = o.text[text_sent:upto]
                 new_tokens = o.token_ids[tokens_sent:]
-                if not (delta or text_delta_prefix or o.finish_reason) and index in sent:
+                if not (delta or echo_now or o.finish_reason) and index in sent:
                     continue
                 sent[index] = (max(text_sent, upto), len(o.token_ids))
                 lp = None
                 if body.logprobs is not None and o.logprobs is not None:
-                    lp = _completion_logprobs(o.logprobs[tokens_sent:], new_tokens, tok)
+                    entries = o.logprobs[tokens_sent:]
+                    if echo_now:
+                        entries, new_tokens = (out.prompt_logprobs or []) + entries, out.prompt_token_ids + new_tokens
+                    lp = _completion_logprobs(entries, new_tokens, tok)
                 yield _chunk({"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
                               "choices": [{"index": index, "text": text_delta_prefix + delta, "logprobs": lp,
                                            "finish_reason": o.finish_reason}]})
@@ -442,15 +453,24 @@ def _token_text(tok, token_id: int) -> str:
 
 
 def _completion_logprobs(entries, token_ids, tok) -> dict:
+    """OpenAI's completion logprobs; an entry None (the first prompt token, which nothing predicts)
+    gives null logprobs, as OpenAI and vLLM answer for echo."""
     tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
     for token, entry in zip(token_ids, entries or []):
         text = _token_text(tok, token)
         tokens.append(text)
-        token_lps.append(entry[token].logprob)
-        tops.append({_token_text(tok, t): lp.logprob for t, lp in entry.items()})
+        token_lps.append(None if entry is None else entry[token].logprob)
+        tops.append(None if entry is None else {_token_text(tok, t): lp.logprob for t, lp in entry.items()})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echoed(out: RequestOutput, o, scoring_only: bool) -> tuple[list, list[int]]:
+    """Logprob entries and token ids of the prompt followed by the completion (echo); with
+    max_tokens 0 (scoring) the prompt alone."""
+    generated = ([], []) if scoring_only else (o.logprobs or [], o.token_ids)
+    return (out.prompt_logprobs or []) + generated[0], out.prompt_token_ids + generated[1]
 
 
 def _chat_logprobs(entries, token_ids, tok, top: int) -> dict:
