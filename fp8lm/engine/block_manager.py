@@ -34,14 +34,22 @@ class BlockManager:
         (prompt_logprobs, `cached` False) compute everything."""
         if self.cache is None or not cached or seq.params.prompt_logprobs is not None:
             return []
-        blocks, parent = [], None
-        for i in range((seq.num_tokens - 1) // self.block_size):
-            parent = block_key(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block = self.cache.lookup(parent)
+        blocks = []
+        for key in self._keys(seq, (seq.num_tokens - 1) // self.block_size):
+            block = self.cache.lookup(key)
             if block is None:
                 break
             blocks.append(block)
         return blocks
+
+    def _keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The prefix-cache keys of the sequence's first `num_blocks` full blocks, each computed once
+        (tokens are only ever appended, so a full block's key never changes)."""
+        keys = seq.block_keys
+        while len(keys) < num_blocks:
+            i = len(keys)
+            keys.append(block_key(keys[-1] if keys else None, seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        return keys[:num_blocks]
 
     def can_allocate(self, seq: Sequence, cached: bool = True) -> bool:
         hits = self._cached_prefix(seq, cached)
@@ -60,7 +68,6 @@ class BlockManager:
             self.refs[b] += 1
         seq.block_table = hits + [self._take() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
-        seq.block_keys = []
         if self.cache is not None and cached:
             self.cache.queries += seq.num_tokens
             self.cache.hits += seq.num_cached_tokens
@@ -89,13 +96,11 @@ class BlockManager:
         while len(seq.block_table) < self.blocks_for(num_tokens):
             seq.block_table.append(self._take())
 
-    def mark_computed(self, seq: Sequence) -> None:
-        """After a step: the sequence's newly full, computed blocks become findable."""
+    def mark_computed(self, seq: Sequence, computed_before: int) -> None:
+        """After a step that took the sequence from `computed_before` to num_computed_tokens: the
+        blocks it filled become findable."""
         if self.cache is None:
             return
-        full = seq.num_computed_tokens // self.block_size
-        keys = seq.block_keys
-        while len(keys) < full:
-            i = len(keys)
-            keys.append(block_key(keys[-1] if keys else None, seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
-            self.cache.register(keys[-1], seq.block_table[i])
+        first, full = computed_before // self.block_size, seq.num_computed_tokens // self.block_size
+        for i, key in enumerate(self._keys(seq, full)[first:], start=first):
+            self.cache.register(key, seq.block_table[i])

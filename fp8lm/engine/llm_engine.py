@@ -295,7 +295,7 @@ class LLMEngine(ModelHost):
             self.stats["prompt_tokens"] += max(0, min(seq.num_computed_tokens + q, seq.num_prompt_tokens)
                                                - seq.num_computed_tokens)
             seq.num_computed_tokens += q
-            self.block_manager.mark_computed(seq)
+            self.block_manager.mark_computed(seq, seq.num_computed_tokens - q)
             if seq.seq_id in out.prompt_logits:
                 seq.prompt_logit_rows.append(out.prompt_logits[seq.seq_id])
             if seq.num_computed_tokens == seq.num_tokens:

@@ -34,7 +34,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_cached_tokens = 0             # of those, found in the prefix cache at admission
-        self.block_keys: list[bytes] = []      # prefix-cache keys of its full computed blocks
+        self.block_keys: list[bytes] = []      # prefix-cache keys of its first full blocks (BlockManager._keys)
         self.prompt_logit_rows: list = []      # prompt logits gathered chunk by chunk (prompt_logprobs)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
