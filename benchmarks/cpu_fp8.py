@@ -152,7 +152,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for label, kw in engines.items():
         llm = LLM(model, max_model_len=1024, max_num_seqs=32, **kw)
-        prompts = make_prompts(llm.get_tokenizer(), 32)
+        prompts = make_prompts(llm.engine.tokenizer, 32)
         for batch_label, batch in (("batch-1", prompts[:1]), ("32 sequences", prompts)):
             run_fp8lm(llm, batch[:1], 8)
             t, n = run_fp8lm(llm, batch, args.tokens)

@@ -176,8 +176,10 @@ def test_disconnected_clients_free_their_blocks(server):
     assert metric(server.base_url, "vllm:num_requests_running") == 0
 
 
-def test_api_key(tiny_model):
-    with running_server(str(tiny_model), "--api-key", "secret", "--max-model-len", "64") as proc:
+@pytest.mark.parametrize("how", ["flag", "VLLM_API_KEY"])
+def test_api_key(tiny_model, how):
+    args, env = (["--api-key", "secret"], {}) if how == "flag" else ([], {how: "secret"})
+    with running_server(str(tiny_model), *args, "--max-model-len", "64", env=env) as proc:
         base = proc.base_url
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401

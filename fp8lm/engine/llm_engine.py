@@ -22,6 +22,7 @@ from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
 from fp8lm.engine.scheduler import Scheduler
 from fp8lm.engine.sequence import Logprob, Sequence
 from fp8lm.engine.step_worker import StepWorker
+from fp8lm.engine.structured_outputs import GrammarBackend
 from fp8lm.errors import EngineDeadError, FP8LMError
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.registry import resolve_model
@@ -76,6 +77,7 @@ class LLMEngine(ModelHost):
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler(self.eos_token_ids)
+        self._grammar_backend: GrammarBackend | None = None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -182,6 +184,9 @@ class LLMEngine(ModelHost):
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
+        if params.structured_outputs is not None:
+            for seq, matcher in zip(seqs, self._grammars().matchers(params.structured_outputs, params.n)):
+                seq.grammar = matcher
         request = Request(request_id, text, token_ids, params, seqs, arrival_time=time.monotonic())
         self.requests[request_id] = request
         for seq in seqs:
@@ -189,6 +194,15 @@ class LLMEngine(ModelHost):
         if self.measurement is not None:
             self.measurement.num_samples += 1
         return request
+
+    def _grammars(self) -> GrammarBackend:
+        """Built on the first constrained request (converting the vocabulary takes a fraction of a second)."""
+        if self._grammar_backend is None:
+            if self.tokenizer is None:
+                raise SamplingParamsError("structured_outputs", "this model has no tokenizer to constrain")
+            self._grammar_backend = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size,
+                                                   list(self.eos_token_ids))
+        return self._grammar_backend
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -217,9 +231,10 @@ class LLMEngine(ModelHost):
                               f"max_model_len={self.max_model_len}")
         if params.n > self.config.max_num_seqs:
             raise SamplingParamsError("n", f"{params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad_stop:
-            raise SamplingParamsError("stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise SamplingParamsError(name, f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.greedy:
@@ -347,6 +362,13 @@ class LLMEngine(ModelHost):
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         seq.token_ids.append(token)
         p = seq.params
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # Only a row the sampler could not constrain (min_tokens hiding the one allowed stop) gets here.
+            log.warning("request %s: token %d does not fit its grammar; finishing it", seq.request_id, token)
+            seq.grammar = None
+            seq.finish("stop")
+            self.scheduler.finish(seq)
+            return
         if seq.logprobs is not None:
             entry = top_logprobs(torch.log_softmax(logits, dim=-1), token, p.logprobs)
             self._decode_logprob_tokens(entry)
@@ -367,6 +389,8 @@ class LLMEngine(ModelHost):
                 hit = self._find_stop_string(seq)
                 if hit is not None:
                     return "stop", hit
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop", None                         # the grammar is complete (ignore_eos or not)
         max_tokens = p.max_tokens or self.max_model_len
         if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
             return "length", None

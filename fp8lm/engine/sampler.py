@@ -1,11 +1,12 @@
-"""Turns one row of logits per sequence into the next token: penalties, min_tokens, temperature,
-top-k / top-p / min-p, then greedy or seeded sampling. Each sequence samples with its own
-generator, so a seeded request gives the same tokens whatever else is in the batch."""
+"""Turns one row of logits per sequence into the next token: penalties, logit_bias, min_tokens,
+grammar masks (structured outputs), temperature, top-k / top-p / min-p, then greedy or seeded sampling. Each
+sequence samples with its own generator, so a seeded request gives the same tokens whatever else is in the batch."""
 from __future__ import annotations
 
 import torch
 
 from fp8lm.engine.sequence import Logprob, Sequence
+from fp8lm.engine.structured_outputs import mask_disallowed
 
 
 class Sampler:
@@ -15,7 +16,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [B, V] float32, one row per sequence; not modified."""
         logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_logit_bias(logits, seqs)
         logits = self._mask_stops_before_min_tokens(logits, seqs)
+        grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if grammar_rows:
+            logits = mask_disallowed(logits, grammar_rows, [seqs[i].grammar for i in grammar_rows])
         greedy = [s.params.greedy for s in seqs]
         tokens = [0] * len(seqs)
         if any(greedy):
@@ -54,6 +59,17 @@ class Sampler:
                 row = torch.where(seen, penalized, row)
             row = row - p.frequency_penalty * out_counts - p.presence_penalty * (out_counts > 0).float()
             logits[i] = row
+        return logits
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            bias = seqs[i].params.logit_bias
+            logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
         return logits
 
     def _mask_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

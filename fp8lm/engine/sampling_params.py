@@ -1,6 +1,7 @@
 """Per-request sampling settings, with vLLM's names and defaults."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from fp8lm.errors import FP8LMError
@@ -12,6 +13,32 @@ class SamplingParamsError(FP8LMError, ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one constraint, by vLLM's field names: a JSON schema (`json`, a dict or its text),
+    a regular expression, a list of choices, an EBNF (GBNF) or Lark grammar, or any JSON object."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", f"give exactly one of json, regex, choice, grammar, "
+                                                            f"json_object; got {given or 'none'}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of strings")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise SamplingParamsError("structured_outputs", f"the JSON schema is not JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise SamplingParamsError("structured_outputs", "a JSON schema must be an object")
 
 
 @dataclass
@@ -34,6 +61,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None              # token id -> added to its logit
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +89,8 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be non-negative"),
             ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
+            ("logit_bias", all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()),
+             "values must be in [-100, 100]"),
         ]
         for name, ok, message in checks:
             if not ok:

@@ -40,6 +40,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.text = ""
+        self.grammar = None                    # its grammar matcher (structured outputs), fed every new token
         self.num_preemptions = 0
 
     @property

@@ -166,7 +166,7 @@ def calibration_windows(prompts: list[list[int]], window: int, max_windows: int)
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
-    tok = llm.get_tokenizer()
+    tok = llm.engine.tokenizer
     if tok is None:
         raise FP8LMError("calibration needs a model with a tokenizer")
     prompts, truncated = [], 0

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from fp8lm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from fp8lm.errors import FP8LMError
 
 DEMO_PROMPTS = [
@@ -204,7 +205,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fp8lm.engine.config import EngineConfig
+    from fp8lm.engine.config import EngineConfig, env_value
+    from fp8lm.entrypoints.openai.chat_routes import ToolSettings
     from fp8lm.entrypoints.openai.launch import rpc_timeout_seconds, run_server
     from fp8lm.model.config import ModelConfig
     from fp8lm.model.registry import resolve_model
@@ -214,8 +216,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ModelConfig.from_folder(folder)
     rpc_timeout_seconds()
     config = EngineConfig(model=str(folder), **engine_kwargs(args))
-    run_server(config, args.host, args.port, args.api_key, args.served_model_name or args.model,
-               args.max_waiting_requests)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise FP8LMError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+    api_key = args.api_key or env_value("API_KEY")
+    run_server(config, args.host, args.port, api_key, args.served_model_name or args.model,
+               args.max_waiting_requests, ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser))
     return 0
 
 
@@ -296,10 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: FP8LM_API_KEY or VLLM_API_KEY, "
+                        "which keep the key out of `ps`)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="beyond this many waiting requests, answer 503 with Retry-After (default: unbounded)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide when to call the request's tools (tool_choice 'auto')")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                   help="how tool calls are read from the model's replies (with --enable-auto-tool-choice)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks: throughput (fp8lm vs transformers)")

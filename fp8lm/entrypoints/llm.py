@@ -44,7 +44,8 @@ class LLM:
         return self.engine.finalize_calibration()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """The transformers tokenizer of the model folder (None without tokenizer files), as vLLM returns."""
+        return None if self.engine.tokenizer is None else self.engine.tokenizer.hf
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     llm = LLM(args.model, dtype="float32", device="cpu", max_num_seqs=args.num_prompts, max_model_len=1024,
               tensor_parallel_size=args.tensor_parallel_size)
-    tok = llm.get_tokenizer()
+    tok = llm.engine.tokenizer
     prompts = make_prompts(tok, args.num_prompts)
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
         llm.engine.model_path, dtype=torch.float32).eval()

@@ -30,11 +30,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI function definitions, for templates that render them."""
         if not self.hf.chat_template:
             raise FP8LMError("this model's tokenizer has no chat template; use a plain prompt")
         _check_messages(messages)
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           tools=[{"type": "function", "function": t} for t in tools] if tools else None)
 
 
 def _check_messages(messages) -> None:

@@ -28,7 +28,7 @@ def rpc_timeout_seconds() -> float:
 
 
 def run_server(engine_config, host: str, port: int, api_key: str | None, model_name: str,
-               max_waiting_requests: int | None = None) -> None:
+               max_waiting_requests: int | None = None, tools=None) -> None:
     """Serves until SIGINT/SIGTERM. The model loads on the engine thread; meanwhile /health and
     /v1/* answer 503, so clients can poll."""
     import uvicorn
@@ -38,7 +38,7 @@ def run_server(engine_config, host: str, port: int, api_key: str | None, model_n
     if engine_config.iteration_timeout_s is None:
         engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
     engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
-    app = build_app(engine, model_name, api_key, max_waiting_requests)
+    app = build_app(engine, model_name, api_key, max_waiting_requests, tools)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=3))
 

@@ -44,7 +44,7 @@ def add_tokenize_routes(app: FastAPI, state, api_error) -> None:
             raise api_error(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
             try:
-                text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
+                text = tok.apply_chat_template([m.for_template() for m in body.messages],
                                                add_generation_prompt=body.add_generation_prompt)
             except Exception as e:  # no template, or jinja errors (roles that must alternate): the client's
                 raise api_error(400, f"messages: the chat template rejected them: {e}", param="messages") from None
