@@ -1,8 +1,12 @@
-"""Mask cost per token of the two grammar engines the issue names (xgrammar, llguidance), on this CPU:
-the SmolLM2 tokenizer, one JSON schema, one valid answer replayed token by token. Prints the
-median microseconds per token (mask computed + token accepted) and the grammar compile time.
+"""Structured outputs on this CPU, in two parts.
 
-    .venv/bin/python benchmarks/grammar_mask.py
+1. Mask cost per token of the two grammar engines considered (xgrammar, llguidance): the SmolLM2
+   tokenizer, one JSON schema, one valid answer replayed token by token (mask computed + token
+   accepted), and each engine's set-up and compile time.
+2. fp8lm's decode with a JSON-schema constraint against free decoding, same prompts, batch 1 and
+   batch 32, side by side in one run: milliseconds per generated token and the ratio.
+
+    .venv/bin/python benchmarks/grammar_mask.py [--skip-engines] [--skip-decode]
 """
 from __future__ import annotations
 
@@ -79,7 +83,67 @@ def byte_level_tokenizer(hf):
                                    eos_token=hf.eos_token)
 
 
+# Long enough to keep a batch decoding for the whole run (so the two sides time the same kind of steps).
+LONG_SCHEMA = {"type": "object", "properties": {"facts": {"type": "array", "items": {"type": "string", "maxLength": 40},
+                                                          "minItems": 30, "maxItems": 30}},
+               "required": ["facts"], "additionalProperties": False}
+
+
+def decode_overhead(batch: int, max_tokens: int = 96, repeats: int = 2) -> None:
+    """End to end (best of `repeats`, the two sides alternating), and the time spent in the
+    sampler's grammar masking itself (every call timed)."""
+    from fp8lm import LLM, SamplingParams
+    from fp8lm.engine import sampler
+    from fp8lm.engine.sampling_params import StructuredOutputsParams
+
+    mask_seconds = []
+    untimed = sampler.mask_disallowed
+
+    def timed(*args):
+        start = time.perf_counter()
+        result = untimed(*args)
+        mask_seconds.append(time.perf_counter() - start)
+        return result
+    sampler.mask_disallowed = timed
+
+    llm = LLM("smollm2-135m-instruct", max_model_len=1024, max_num_seqs=batch)
+    chats = [[{"role": "user", "content": f"List facts about the number {i} as JSON."}] for i in range(batch)]
+    constrained = SamplingParams(temperature=0, max_tokens=max_tokens,
+                                 structured_outputs=StructuredOutputsParams(json=LONG_SCHEMA))
+    free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm.chat(chats[:1], constrained, use_tqdm=False)           # builds the grammar backend (once per engine)
+    best = {"free": float("inf"), "json_schema": float("inf")}
+    for _ in range(repeats):
+        for name, params in (("free", free), ("json_schema", constrained)):
+            mask_seconds.clear()
+            start = time.perf_counter()
+            outs = llm.chat(chats, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            best[name] = min(best[name], seconds / tokens * batch * 1e3)   # ms per decode step
+            if name == "json_schema":
+                masked = sum(mask_seconds) / len(mask_seconds) * 1e3
+    print(f"batch {batch:2d}: free {best['free']:.2f} ms/step, json_schema {best['json_schema']:.2f} ms/step "
+          f"(ratio {best['json_schema'] / best['free']:.3f}); grammar masks {masked:.3f} ms/step "
+          f"= {masked / best['free'] * 100:.1f}% of a free step, {masked / batch * 1e3:.0f} us per sequence-token")
+    sampler.mask_disallowed = untimed
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_engines:
+        compare_engines()
+    if not args.skip_decode:
+        for batch in (1, 32):
+            decode_overhead(batch)
+
+
+def compare_engines() -> None:
     from transformers import AutoTokenizer
 
     from fp8lm.model.config import ModelConfig
