@@ -65,3 +65,19 @@ def test_tokenize_and_detokenize_as_vllm_answers(client, tiny_model):
     assert httpx.post(f"{base}/detokenize", json={"tokens": r["tokens"]}).json()["prompt"].endswith("hello there")
     assert httpx.post(f"{base}/detokenize", json={"tokens": [10**6]}).status_code == 400
     assert httpx.post(f"{base}/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
+
+
+def test_prompt_logprobs_field_in_vllm_s_shape(client, reference):
+    """vLLM's `prompt_logprobs` extra field: per prompt token null (the first) or {token id: {logprob,
+    rank, decoded_token}} holding the prompt token and the top-k; completions per choice, chat at the top."""
+    r = client.completions.create(model="tiny", prompt=IDS, max_tokens=1, temperature=0,
+                                  extra_body={"prompt_logprobs": 2}).model_dump()
+    entries = r["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(IDS) and entries[0] is None
+    for i, entry in enumerate(entries[1:]):
+        token = entry[str(IDS[i + 1])]
+        assert abs(token["logprob"] - reference[i]) < 1e-4 and token["rank"] >= 1
+        assert 2 <= len(entry) <= 3 and sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0}).model_dump()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])

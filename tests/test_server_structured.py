@@ -204,3 +204,36 @@ def test_an_error_mid_stream_ends_with_an_error_event_and_done():
     assert out[0] == "data: {}\n\n" and out[-1] == "data: [DONE]\n\n"
     error = json.loads(out[1].removeprefix("data: "))["error"]
     assert error["code"] == 503 and "a model step failed" in error["message"]
+
+
+@pytest.mark.slow
+def test_smollm2_structured_replies_and_tool_calls(smollm2):
+    """The real model: the openai client's own parsing of a json_schema reply into a pydantic model
+    (strict schema, as `parse` sends it), and a required tool choice. SmolLM2's chat template does not
+    render tools, so the model never sees them; with parallel calls allowed it measured calling `now`
+    until max_tokens ran out — a model that knows no better, which the grammar keeps valid. One call."""
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        country: str
+        capital: str
+        in_europe: bool
+
+    with running_server(str(smollm2), "--max-model-len", "1024", "--served-model-name", "smol") as proc:
+        client = openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+        ask = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+        parsed = client.chat.completions.parse(model="smol", messages=ask, response_format=Capital, temperature=0,
+                                               max_tokens=60)
+        answer = parsed.choices[0].message.parsed
+        assert isinstance(answer, Capital) and "Paris" in answer.capital, parsed.choices[0].message.content
+        weather = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+        r = client.chat.completions.create(model="smol", messages=weather, tools=[WEATHER, CLOCK],
+                                           tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                           max_tokens=120)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls
+        for call in calls:
+            assert call.function.name in ("get_weather", "now")
+            params = (WEATHER if call.function.name == "get_weather" else CLOCK)["function"]["parameters"]
+            jsonschema.validate(json.loads(call.function.arguments), params)
+        print("calls:", [(c.function.name, c.function.arguments) for c in calls])
