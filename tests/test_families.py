@@ -203,7 +203,8 @@ def test_gguf_in_llama_cpp_layout_loads_the_same(model_type, tmp_path):
     ours = full_logits(load_model(converted, torch.float32), ids)
     assert (ours - full_logits(load_model(folder, torch.float32), ids)).abs().max() < 1e-5
     llm = LLM(str(converted), max_model_len=64, skip_warmup=True)
-    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                               tokenize=False)
     assert chat == "user: hi\nassistant: "                                  # the GGUF's chat template
 
 
@@ -216,7 +217,7 @@ def test_served_chat_uses_the_family_model(family):
     name, folder, _ = family
     messages = [{"role": "user", "content": "hi"}]
     offline = LLM(str(folder), max_model_len=128, skip_warmup=True)
-    prompt = offline.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
+    prompt = offline.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     expected = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                 use_tqdm=False)[0].outputs[0].text
     with running_server(str(folder), "--max-model-len", "128", "--served-model-name", name) as proc:
