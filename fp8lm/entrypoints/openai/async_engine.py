@@ -1,5 +1,5 @@
 """The engine on its own thread, fed by an asyncio server: requests go in through a queue, each
-request's outputs come back to its own asyncio queue."""
+request's newest output comes back to its own `Sink` (one pending output at most)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
 
 from fp8lm.engine.llm_engine import LLMEngine
@@ -22,30 +21,46 @@ class RequestTimeout(FP8LMError):
     """No output from the engine within FP8LM_RPC_TIMEOUT."""
 
 
-@dataclass(frozen=True)
 class Sink:
-    """Where one request's outputs go: an asyncio queue, fed from the engine thread."""
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """Where one request's outputs go, from the engine thread to its asyncio consumer. An output is
+    cumulative (the text, tokens and logprobs so far), so a newer one supersedes one not yet read:
+    a client slower than the engine holds one pending output, not one per step. An error is final."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending = None
+        self._ready = asyncio.Event()           # created on the loop's thread (in generate)
 
     def put(self, item) -> None:
         if not self.loop.is_closed():          # a closed loop has nobody left to tell
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.offer, item)
+
+    def offer(self, item) -> None:
+        """On the loop's thread."""
+        if not isinstance(self._pending, Exception):
+            self._pending = item
+            self._ready.set()
+
+    async def get(self):
+        await self._ready.wait()
+        item, self._pending = self._pending, None
+        self._ready.clear()
+        return item
 
     @staticmethod
     def deliver(deliveries: list[tuple[Sink, object]]) -> None:
         """A step's outputs, with one wake-up of each event loop instead of one per request."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for sink, item in deliveries:
-            by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+            by_loop.setdefault(sink.loop, []).append((sink, item))
         for loop, items in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_offer_all, items)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for target, item in items:
-        target.put_nowait(item)
+def _offer_all(items: list[tuple[Sink, object]]) -> None:
+    for sink, item in items:
+        sink.offer(item)
 
 
 class AsyncEngine:
@@ -171,14 +186,13 @@ class AsyncEngine:
         """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
         if self.error:
             raise EngineDeadError(self.error)
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", request_id, prompt, params, kwargs, Sink(loop, outputs)))
+        sink = Sink(asyncio.get_running_loop())
+        self._commands.put(("add", request_id, prompt, params, kwargs, sink))
         finished = False
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(outputs.get(), timeout=self.rpc_timeout_s)
+                    item = await asyncio.wait_for(sink.get(), timeout=self.rpc_timeout_s)
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no output from the engine within FP8LM_RPC_TIMEOUT "
                                          f"({self.rpc_timeout_s * 1000:.0f} ms)") from None
