@@ -26,7 +26,8 @@ class StructuredOutputsParams:
     json_object: bool | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False)]
+        kinds = ("json", "regex", "choice", "grammar", "json_object")
+        given = [k for k in kinds if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise SamplingParamsError("structured_outputs", f"give exactly one of json, regex, choice, grammar, "
                                                             f"json_object; got {given or 'none'}")

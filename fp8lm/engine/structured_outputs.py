@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+
 import numpy as np
 import torch
 

@@ -13,7 +13,8 @@ from fp8lm.entrypoints.openai.completion_routes import vllm_prompt_logprobs
 from fp8lm.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice
 from fp8lm.entrypoints.openai.serving import (APIError, ServingState, chunk, merge, sse, stream_upto, token_text,
                                               unless_disconnected, usage)
-from fp8lm.entrypoints.openai.tool_parsers import TOOL_PARSERS, forced_named, forced_required, required_schema
+from fp8lm.entrypoints.openai.tool_parsers import (TOOL_PARSERS, Extraction, forced_named, forced_required,
+                                                   required_schema)
 
 
 @dataclass
@@ -100,12 +101,9 @@ def _tool_call(name: str, arguments: str) -> dict:
 
 @dataclass
 class _ChoiceStream:
-    text_sent: int = 0
     tokens_sent: int = 0
-    calls_sent: int = 0
     content_sent: int = 0
-    started: bool = False
-    calls: list = field(default_factory=list)
+    calls: list = field(default_factory=list)                  # the tool calls sent, with their ids
 
 
 async def _stream(state: ServingState, started, body, params, base_id, tok, parser) -> AsyncIterator[str]:
@@ -114,11 +112,11 @@ async def _stream(state: ServingState, started, body, params, base_id, tok, pars
     final = None
     async for _, out in merge(started):
         for o in out.outputs:
-            s = streams.setdefault(o.index, _ChoiceStream())
-            if not s.started:
-                s.started = True
+            if o.index not in streams:
+                streams[o.index] = _ChoiceStream()
                 yield chunk({**head, "choices": [{"index": o.index, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}]})
+            s = streams[o.index]
             done = o.finish_reason is not None
             upto = stream_upto(o.text, params, done)
             delta = _delta(s, o.text, upto, done, parser)
@@ -139,23 +137,18 @@ async def _stream(state: ServingState, started, body, params, base_id, tok, pars
 
 def _delta(s: _ChoiceStream, text: str, upto: int, done: bool, parser) -> dict:
     """What is new in this choice's reply: content, and (with a parser) each tool call once complete."""
-    if parser is None:
-        delta = text[s.text_sent:upto]
-        s.text_sent = max(s.text_sent, upto)
-        return {"content": delta} if delta else {}
-    found = parser(text[:upto], done)
+    found = parser(text[:upto], done) if parser is not None else Extraction(text[:upto])
     out: dict = {}
     if len(found.content) > s.content_sent:
         out["content"] = found.content[s.content_sent:]
         s.content_sent = len(found.content)
-    new_calls = found.calls[s.calls_sent:]
+    new_calls = found.calls[len(s.calls):]
     if new_calls:
         out["tool_calls"] = []
         for name, args in new_calls:
             call = _tool_call(name, args)
             s.calls.append(call)
             out["tool_calls"].append({"index": len(s.calls) - 1, **call})
-        s.calls_sent = len(found.calls)
     return out
 
 

@@ -100,8 +100,8 @@ class SamplingFields(BaseModel):
         except ValueError:
             raise UnsupportedField("logit_bias", "keys must be token ids") from None
 
-    def structured(self) -> tuple[str, StructuredOutputsParams] | None:
-        """The one output constraint the request asks for, with the field that asked for it."""
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one output constraint the request asks for (two are refused, naming the second's field)."""
         asked = []
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
@@ -120,7 +120,7 @@ class SamplingFields(BaseModel):
                 asked.append((name, StructuredOutputsParams(**{key: getattr(self, name)})))
         if len(asked) > 1:
             raise UnsupportedField(asked[1][0], f"only one output constraint per request (also {asked[0][0]})")
-        return asked[0] if asked else None
+        return asked[0][1] if asked else None
 
 
 class CompletionRequest(SamplingFields):

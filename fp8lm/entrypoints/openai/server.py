@@ -71,7 +71,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def version():
         return {"version": __version__}
 
-    add_tokenize_routes(app, state, APIError)
+    add_tokenize_routes(app, state)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():

@@ -84,16 +84,20 @@ class ServingState:
                     self.metrics.requests.labels(model_name=self.model_name, finished_reason=o.finish_reason).inc()
 
     # ---- shared request handling ------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        """A ready engine serving `model` (None: whatever it serves)."""
+        self.require_ready()
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+
     def check_request(self, body: SamplingFields) -> None:
         """A ready engine, this server's model, and nothing asked that fp8lm would not honour."""
-        self.require_ready()
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                           "not_found_error", "model", "model_not_found")
+        self.check_model(body.model)
         try:
             body.check_supported()
         except UnsupportedField as e:
-            raise APIError(400, str(e), param=e.field) from None
+            raise as_api_error(e) from None
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None, constraint=None) -> SamplingParams:
@@ -108,21 +112,16 @@ class ServingState:
                 min_tokens=body.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
                 logit_bias=body.token_logit_bias(), structured_outputs=constraint)
-        except SamplingParamsError as e:
-            raise APIError(400, str(e), param=e.param) from None
-        except UnsupportedField as e:
-            raise APIError(400, str(e), param=e.field) from None
+        except (SamplingParamsError, UnsupportedField) as e:
+            raise as_api_error(e) from None
 
     @staticmethod
     def constraint(body: SamplingFields):
         """The request's own output constraint (response_format, structured_outputs, guided_*), or None."""
         try:
-            asked = body.structured()
-        except UnsupportedField as e:
-            raise APIError(400, str(e), param=e.field) from None
-        except SamplingParamsError as e:
-            raise APIError(400, str(e), param=e.param) from None
-        return None if asked is None else asked[1]
+            return body.structured()
+        except (SamplingParamsError, UnsupportedField) as e:
+            raise as_api_error(e) from None
 
     async def start(self, prompts: list, params: SamplingParams, base_id: str, **kwargs):
         """Submits every prompt and waits for each one's first output, so that a rejected request is

@@ -5,6 +5,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from fp8lm.entrypoints.openai.protocol import ChatMessage
+from fp8lm.entrypoints.openai.serving import APIError, ServingState
 
 
 class TokenizeRequest(BaseModel):
@@ -24,30 +25,25 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(min_length=0)
 
 
-def add_tokenize_routes(app: FastAPI, state, api_error) -> None:
-    """`state`: the server's state (model check, engine); `api_error`: its APIError class."""
-
+def add_tokenize_routes(app: FastAPI, state: ServingState) -> None:
     def tokenizer(model: str | None):
-        state.require_ready()
-        if model is not None and model != state.model_name:
-            raise api_error(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
-                            "not_found_error", "model", "model_not_found")
+        state.check_model(model)
         tok = state.engine.engine.tokenizer
         if tok is None:
-            raise api_error(400, "this model has no tokenizer")
+            raise APIError(400, "this model has no tokenizer")
         return tok
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         tok = tokenizer(body.model)
         if (body.prompt is None) == (body.messages is None):
-            raise api_error(400, "give exactly one of prompt and messages", param="prompt")
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
             try:
                 text = tok.apply_chat_template([m.for_template() for m in body.messages],
                                                add_generation_prompt=body.add_generation_prompt)
             except Exception as e:  # no template, or jinja errors (roles that must alternate): the client's
-                raise api_error(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+                raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
             ids = tok.encode(text, add_special_tokens=False)      # the template holds its special tokens
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -60,5 +56,5 @@ def add_tokenize_routes(app: FastAPI, state, api_error) -> None:
         vocab = state.engine.engine.model_config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise api_error(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+            raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
