@@ -1,32 +1,47 @@
 """The engine thread and its asyncio side: a client slower than the engine holds one pending output."""
 import asyncio
 
-from fp8lm import SamplingParams
+import pytest
+
+from fp8lm import LLM, SamplingParams
+from fp8lm.engine.sampling_params import RequestOutputKind
 from fp8lm.engine.config import EngineConfig
 from fp8lm.engine.llm_engine import LLMEngine
 from fp8lm.entrypoints.openai.async_engine import AsyncEngine
 
 
-def test_a_slow_reader_gets_the_newest_output_not_a_backlog(tiny_model):
+@pytest.mark.parametrize("kind", [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA])
+def test_a_slow_reader_gets_one_pending_output_not_a_backlog(tiny_model, kind):
+    """Cumulative outputs supersede an unread one; deltas join it. Either way the reader's second
+    read is the whole rest of the request, equal to what LLM.generate makes of it."""
     engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_model), max_model_len=128,
                                                         skip_warmup=True), step_thread=False), 60.0)
     engine.start()
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1, output_kind=kind)
 
     async def run():
         while not engine.ready:
             await asyncio.sleep(0.05)
-        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         gen = engine.generate("slow", "Hello", params)
         first = await gen.__anext__()
+        first_tokens = list(first.outputs[0].token_ids)
         while engine.engine.has_unfinished_requests():      # the engine runs on while nobody reads
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)                              # its last outputs reach the loop
         second = await gen.__anext__()
-        return first, second
+        return first, first_tokens, second
 
     try:
-        first, second = asyncio.run(run())
+        first, first_tokens, second = asyncio.run(run())
     finally:
         engine.stop()
-    assert len(first.outputs[0].token_ids) == 1
-    assert second.finished and len(second.outputs[0].token_ids) == 40     # every step in between superseded
+    expected = LLM(str(tiny_model), max_model_len=128, skip_warmup=True).generate(
+        ["Hello"], params, use_tqdm=False)[0].outputs[0]
+    assert len(first_tokens) == 1 and second.finished
+    if kind is RequestOutputKind.DELTA:
+        assert len(second.outputs[0].token_ids) == 39                 # every step in between joined
+        first.add(second)
+        second = first
+    assert second.outputs[0].token_ids == expected.token_ids
+    assert second.outputs[0].text == expected.text
+    assert second.outputs[0].logprobs == expected.logprobs

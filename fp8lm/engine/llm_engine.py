@@ -6,7 +6,6 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,11 +15,12 @@ from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolv
 from fp8lm.engine.model_host import ModelHost
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
-from fp8lm.engine.outputs import CompletionOutput, RequestOutput
-from fp8lm.engine.sampler import Sampler, top_logprobs
+from fp8lm.engine.output_processor import OutputProcessor
+from fp8lm.engine.outputs import RequestOutput
+from fp8lm.engine.sampler import Sampler
 from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
 from fp8lm.engine.scheduler import Scheduler
-from fp8lm.engine.sequence import Logprob, Sequence
+from fp8lm.engine.sequence import Request, Sequence
 from fp8lm.engine.step_worker import StepWorker
 from fp8lm.engine.structured_outputs import GrammarBackend
 from fp8lm.errors import EngineDeadError, FP8LMError
@@ -31,22 +31,6 @@ from fp8lm.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = 256
 DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    arrival_time: float = 0.0                      # time.monotonic() when added
-    first_scheduled_time: float | None = None      # when a step first ran one of its sequences
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine(ModelHost):
@@ -77,6 +61,7 @@ class LLMEngine(ModelHost):
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler(self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self._grammar_backend: GrammarBackend | None = None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -184,6 +169,8 @@ class LLMEngine(ModelHost):
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
+        for seq in seqs:
+            self.output_processor.start(seq)
         if params.structured_outputs is not None:
             for seq, matcher in zip(seqs, self._grammars().matchers(params.structured_outputs, params.n)):
                 seq.grammar = matcher
@@ -323,17 +310,18 @@ class LLMEngine(ModelHost):
             if seq.prompt_logit_rows:
                 rows = torch.cat(seq.prompt_logit_rows)[:seq.num_prompt_tokens - 1]
                 seq.prompt_logit_rows = []
-                request.prompt_logprobs = self._prompt_logprobs(request, rows)
-            self._append_token(seq, token, out.logits[row])
+                request.prompt_logprobs = self.output_processor.prompt_logprobs(request, rows)
+            if self.output_processor.append_token(seq, token, out.logits[row]):
+                self.scheduler.finish(seq)
             touched[request.request_id] = request
         self.stats["generation_tokens"] += len(sampling)
         if self.measurement is not None:
             self.measurement.num_tokens += sum(query_lens)
-        results = [self.request_output(r) for r in touched.values()]
+        results = [self.output_processor.request_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 self.requests.pop(r.request_id, None)
-        return results
+        return [r for r in results if r is not None]
 
     def _run(self, seqs: list[Sequence], query_lens: list[int], want_prompt: set[int]):
         timeout = self.config.iteration_timeout_s or None
@@ -359,74 +347,6 @@ class LLMEngine(ModelHost):
         log.error(reason)
         raise EngineDeadError(reason)
 
-    def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        seq.token_ids.append(token)
-        p = seq.params
-        if seq.grammar is not None and not seq.grammar.accept_token(token):
-            # Only a row the sampler could not constrain (min_tokens hiding the one allowed stop) gets here.
-            log.warning("request %s: token %d does not fit its grammar; finishing it", seq.request_id, token)
-            seq.grammar = None
-            seq.finish("stop")
-            self.scheduler.finish(seq)
-            return
-        if seq.logprobs is not None:
-            entry = top_logprobs(torch.log_softmax(logits, dim=-1), token, p.logprobs)
-            self._decode_logprob_tokens(entry)
-            seq.logprobs.append(entry)
-        reason = self._stop_reason(seq)
-        if reason is not None:
-            seq.finish(*reason)
-            self.scheduler.finish(seq)
-
-    def _stop_reason(self, seq: Sequence) -> tuple[str, int | str | None] | None:
-        p, token = seq.params, seq.token_ids[-1]
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return "stop", token
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop", None
-            if p.stop_strings and self.tokenizer is not None:
-                hit = self._find_stop_string(seq)
-                if hit is not None:
-                    return "stop", hit
-        if seq.grammar is not None and seq.grammar.is_terminated():
-            return "stop", None                         # the grammar is complete (ignore_eos or not)
-        max_tokens = p.max_tokens or self.max_model_len
-        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
-        return None
-
-    def _find_stop_string(self, seq: Sequence) -> str | None:
-        text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-        # Only a stop string that ends inside the newest token's text can be new.
-        window = len(seq.text) - max(len(s) for s in seq.params.stop_strings)
-        seq.text = text
-        best = None
-        for stop in seq.params.stop_strings:
-            at = text.find(stop, max(0, window))
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, stop)
-        if best is None:
-            return None
-        at, stop = best
-        seq.text = text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
-        return stop
-
-    def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
-        if self.tokenizer is not None:
-            for token, lp in entry.items():
-                lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[dict[int, Logprob] | None]:
-        lps = torch.log_softmax(logits, dim=-1)
-        k = request.params.prompt_logprobs
-        result: list[dict[int, Logprob] | None] = [None]
-        for row, token in enumerate(request.prompt_token_ids[1:]):
-            entry = top_logprobs(lps[row], token, k)
-            self._decode_logprob_tokens(entry)
-            result.append(entry)
-        return result
-
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [n - 1, vocab] predicting tokens 1..n-1 of one sequence (perplexity, KL, reports).
         Runs one prefill outside the scheduler, so it needs an idle engine."""
@@ -444,23 +364,6 @@ class LLMEngine(ModelHost):
         finally:
             self.block_manager.free(seq)
         return out.prompt_logits[seq.seq_id][:-1]
-
-    def request_output(self, request: Request) -> RequestOutput:
-        outputs = []
-        for seq in request.seqs:
-            if seq.finish_reason == "stop" and isinstance(seq.stop_reason, str):
-                text = seq.text
-            elif self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-            else:
-                text = ""
-            cumulative = None if seq.logprobs is None else sum(
-                e[t].logprob for e, t in zip(seq.logprobs, seq.output_token_ids))
-            outputs.append(CompletionOutput(seq.index, text, seq.output_token_ids, cumulative, seq.logprobs,
-                                            seq.finish_reason, seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.prompt_logprobs,
-                             outputs, request.finished, {"arrival_time": request.arrival_time,
-                                                         "first_scheduled_time": request.first_scheduled_time})
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""

@@ -29,3 +29,22 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict = field(default_factory=dict)
+
+    def add(self, newer: RequestOutput) -> None:
+        """Folds the request's next DELTA output into this one (for a consumer that fell behind, or
+        one that wants the whole result): texts, tokens and logprobs are joined per choice."""
+        mine = {o.index: o for o in self.outputs}
+        for o in newer.outputs:
+            old = mine.get(o.index)
+            if old is None:
+                self.outputs.append(o)
+                continue
+            old.text += o.text
+            old.token_ids.extend(o.token_ids)            # a delta's lists are its own
+            if old.logprobs is not None and o.logprobs is not None:
+                old.logprobs.extend(o.logprobs)
+            old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+                o.cumulative_logprob, o.finish_reason, o.stop_reason)
+        self.outputs.sort(key=lambda o: o.index)
+        self.prompt_logprobs = self.prompt_logprobs if newer.prompt_logprobs is None else newer.prompt_logprobs
+        self.finished, self.metrics = newer.finished, newer.metrics

@@ -1,6 +1,7 @@
 """Per-request sampling settings, with vLLM's names and defaults."""
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 
@@ -13,6 +14,14 @@ class SamplingParamsError(FP8LMError, ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+class RequestOutputKind(enum.Enum):
+    """What each of a request's outputs holds (vLLM's names): everything so far, only what is new
+    since its previous output, or nothing until it finishes (then everything)."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -64,6 +73,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None              # token id -> added to its logit
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

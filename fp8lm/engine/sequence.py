@@ -39,7 +39,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
-        self.text = ""
+        self.cumulative_logprob = 0.0
+        self.text = ""                         # the output's text so far (cut at a stop string)
+        self.detokenizer = None                # its IncrementalDetokenizer (a model with a tokenizer)
+        self.num_sent_tokens = 0               # DELTA outputs: the tokens and text earlier outputs held
+        self.num_sent_chars = 0
         self.grammar = None                    # its grammar matcher (structured outputs), fed every new token
         self.num_preemptions = 0
 
@@ -62,3 +66,19 @@ class Sequence:
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    arrival_time: float = 0.0                      # time.monotonic() when added
+    first_scheduled_time: float | None = None      # when a step first ran one of its sequences
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

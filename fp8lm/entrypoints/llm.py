@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import weakref
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from fp8lm.engine.config import EngineConfig
 from fp8lm.engine.llm_engine import LLMEngine
 from fp8lm.engine.outputs import RequestOutput
-from fp8lm.engine.sampling_params import SamplingParams
+from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict
 
@@ -52,7 +53,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, {"prompt_token_ids": [...]}, or a list of those."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        # Only the final outputs are returned, so the engine builds no others (as vLLM's LLM does).
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                  for p in _as_params_list(sampling_params, len(prompts))]
         ids = []
         try:
             for (text, prompt), p in zip(prompts, params):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fp8lm.engine.llm_engine import LLMEngine
 from fp8lm.engine.outputs import RequestOutput
-from fp8lm.engine.sampling_params import SamplingParams
+from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams
 from fp8lm.errors import EngineDeadError, FP8LMError
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,13 @@ class RequestTimeout(FP8LMError):
 
 
 class Sink:
-    """Where one request's outputs go, from the engine thread to its asyncio consumer. An output is
-    cumulative (the text, tokens and logprobs so far), so a newer one supersedes one not yet read:
-    a client slower than the engine holds one pending output, not one per step. An error is final."""
+    """Where one request's outputs go, from the engine thread to its asyncio consumer: one pending
+    output at most, so a client slower than the engine holds what it has not read, not one output
+    per step. A DELTA output not yet read absorbs the next one (RequestOutput.add); a cumulative
+    one is superseded by it. An error is final."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, deltas: bool):
+        self.loop, self.deltas = loop, deltas
         self._pending = None
         self._ready = asyncio.Event()           # created on the loop's thread (in generate)
 
@@ -37,9 +38,13 @@ class Sink:
 
     def offer(self, item) -> None:
         """On the loop's thread."""
-        if not isinstance(self._pending, Exception):
+        if isinstance(self._pending, Exception):
+            return
+        if self.deltas and isinstance(self._pending, RequestOutput) and isinstance(item, RequestOutput):
+            self._pending.add(item)
+        else:
             self._pending = item
-            self._ready.set()
+        self._ready.set()
 
     async def get(self):
         await self._ready.wait()
@@ -186,7 +191,7 @@ class AsyncEngine:
         """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
         if self.error:
             raise EngineDeadError(self.error)
-        sink = Sink(asyncio.get_running_loop())
+        sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)
         self._commands.put(("add", request_id, prompt, params, kwargs, sink))
         finished = False
         try:

@@ -11,7 +11,7 @@ from fastapi import Request
 from fp8lm.engine.sampling_params import StructuredOutputsParams
 from fp8lm.entrypoints.openai.completion_routes import vllm_prompt_logprobs
 from fp8lm.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice
-from fp8lm.entrypoints.openai.serving import (APIError, ServingState, chunk, merge, sse, stream_upto, token_text,
+from fp8lm.entrypoints.openai.serving import (APIError, ServingState, Usage, chunk, merge, sse, token_text,
                                               unless_disconnected, usage)
 from fp8lm.entrypoints.openai.tool_parsers import (TOOL_PARSERS, Extraction, forced_named, forced_required,
                                                    required_schema)
@@ -44,7 +44,7 @@ async def chat(state: ServingState, tools_cfg: ToolSettings, body: ChatCompletio
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
     started = await unless_disconnected(request, state.start([prompt], params, base_id, add_special_tokens=False))
     if body.stream:
-        return sse(_stream(state, started, body, params, base_id, tok, parser))
+        return sse(_stream(state, started, body, base_id, tok, parser))
     out = (await state.finish(started, request))[0]
     choices = []
     for o in out.outputs:
@@ -101,43 +101,46 @@ def _tool_call(name: str, arguments: str) -> dict:
 
 @dataclass
 class _ChoiceStream:
-    tokens_sent: int = 0
+    text: str = ""                                             # the reply so far
     content_sent: int = 0
     calls: list = field(default_factory=list)                  # the tool calls sent, with their ids
+    token_ids: list[int] = field(default_factory=list)         # tokens (and logprobs) not sent yet
+    logprobs: list = field(default_factory=list)
 
 
-async def _stream(state: ServingState, started, body, params, base_id, tok, parser) -> AsyncIterator[str]:
+async def _stream(state: ServingState, started, body, base_id, tok, parser) -> AsyncIterator[str]:
     head = {"id": base_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_name}
     streams: dict[int, _ChoiceStream] = {}
-    final = None
+    counts = Usage()
     async for _, out in merge(started):
+        counts.add(out)
         for o in out.outputs:
             if o.index not in streams:
                 streams[o.index] = _ChoiceStream()
                 yield chunk({**head, "choices": [{"index": o.index, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}]})
             s = streams[o.index]
+            s.token_ids += o.token_ids
+            s.logprobs += o.logprobs or []
             done = o.finish_reason is not None
-            upto = stream_upto(o.text, params, done)
-            delta = _delta(s, o.text, upto, done, parser)
+            delta = _delta(s, o.text, done, parser)
             if not delta and not done:
                 continue
-            lp = _chat_logprobs(o.logprobs[s.tokens_sent:], o.token_ids[s.tokens_sent:], tok, body.top_logprobs or 0) \
+            lp = _chat_logprobs(s.logprobs, s.token_ids, tok, body.top_logprobs or 0) \
                 if body.logprobs and o.logprobs is not None else None
-            s.tokens_sent = len(o.token_ids)
+            s.token_ids, s.logprobs = [], []
             finish = "tool_calls" if o.finish_reason == "stop" and s.calls else o.finish_reason
             yield chunk({**head, "choices": [{"index": o.index, "delta": delta, "logprobs": lp,
                                               "finish_reason": finish}]})
-        if out.finished:
-            final = out
-    if body.stream_options and body.stream_options.include_usage and final is not None:
-        yield chunk({**head, "choices": [], "usage": usage([final])})
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk({**head, "choices": [], "usage": counts.as_dict()})
     yield "data: [DONE]\n\n"
 
 
-def _delta(s: _ChoiceStream, text: str, upto: int, done: bool, parser) -> dict:
+def _delta(s: _ChoiceStream, new_text: str, done: bool, parser) -> dict:
     """What is new in this choice's reply: content, and (with a parser) each tool call once complete."""
-    found = parser(text[:upto], done) if parser is not None else Extraction(text[:upto])
+    s.text += new_text
+    found = parser(s.text, done) if parser is not None else Extraction(s.text)
     out: dict = {}
     if len(found.content) > s.content_sent:
         out["content"] = found.content[s.content_sent:]

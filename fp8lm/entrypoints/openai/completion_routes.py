@@ -9,7 +9,7 @@ from fastapi import Request
 
 from fp8lm.engine.outputs import RequestOutput
 from fp8lm.entrypoints.openai.protocol import CompletionRequest
-from fp8lm.entrypoints.openai.serving import (APIError, ServingState, chunk, merge, sse, stream_upto, token_text,
+from fp8lm.entrypoints.openai.serving import (APIError, ServingState, Usage, chunk, merge, sse, token_text,
                                               unless_disconnected, usage)
 
 
@@ -30,7 +30,7 @@ async def completions(state: ServingState, body: CompletionRequest, request: Req
                                                              add_special_tokens=body.add_special_tokens))
     tok = state.engine.engine.tokenizer
     if body.stream:
-        return sse(_stream(state, started, body, params, base_id, tok))
+        return sse(_stream(state, started, body, base_id, tok))
     finals = await state.finish(started, request)
     choices = []
     for p_index, out in enumerate(finals):
@@ -48,36 +48,33 @@ async def completions(state: ServingState, body: CompletionRequest, request: Req
             "choices": choices, "usage": usage(finals)}
 
 
-async def _stream(state: ServingState, started, body, params, base_id, tok) -> AsyncIterator[str]:
+async def _stream(state: ServingState, started, body, base_id: str, tok) -> AsyncIterator[str]:
+    """Each delta becomes a chunk: text, the new tokens' logprobs (a token may add no text yet),
+    the finish reason; the prompt goes out with a choice's first chunk (echo)."""
     created = int(time.time())
-    sent: dict[int, tuple[int, int]] = {}
-    finals: dict[int, RequestOutput] = {}
+    echoed: set[int] = set()
+    counts = Usage()
     async for p_index, out in merge(started):
+        counts.add(out)
         for o in out.outputs:
             index = p_index * body.n + o.index
-            text_sent, tokens_sent = sent.get(index, (0, 0))
-            echo_now = body.echo and index not in sent          # the prompt goes out with the first chunk
-            text_delta_prefix = (out.prompt or "") if echo_now else ""
-            upto = stream_upto(o.text, params, o.finish_reason is not None)
-            delta = o.text[text_sent:upto]
-            new_tokens = o.token_ids[tokens_sent:]
-            if not (delta or echo_now or o.finish_reason) and index in sent:
-                continue
-            sent[index] = (max(text_sent, upto), len(o.token_ids))
+            echo_now = body.echo and index not in echoed
+            echoed.add(index)
             lp = None
             if body.logprobs is not None and o.logprobs is not None:
-                entries = o.logprobs[tokens_sent:]
+                entries, tokens = o.logprobs, o.token_ids
                 if echo_now:
-                    entries, new_tokens = (out.prompt_logprobs or []) + entries, out.prompt_token_ids + new_tokens
-                lp = completion_logprobs(entries, new_tokens, tok)
-            yield chunk({"id": base_id, "object": "text_completion", "created": created, "model": state.model_name,
-                         "choices": [{"index": index, "text": text_delta_prefix + delta, "logprobs": lp,
-                                      "finish_reason": o.finish_reason}]})
-        if out.finished:
-            finals[p_index] = out
+                    entries, tokens = (out.prompt_logprobs or []) + entries, out.prompt_token_ids + tokens
+                lp = completion_logprobs(entries, tokens, tok)
+            if not (o.text or echo_now or o.finish_reason or lp):
+                continue
+            text = ((out.prompt or "") if echo_now else "") + o.text
+            yield chunk({"id": base_id, "object": "text_completion", "created": created,
+                         "model": state.model_name,
+                         "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}]})
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk({"id": base_id, "object": "text_completion", "created": created, "model": state.model_name,
-                     "choices": [], "usage": usage(list(finals.values()))})
+        yield chunk({"id": base_id, "object": "text_completion", "created": created,
+                     "model": state.model_name, "choices": [], "usage": counts.as_dict()})
     yield "data: [DONE]\n\n"
 
 

@@ -3,6 +3,7 @@ engine and collects their outputs, and the streaming helpers (server-sent events
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fp8lm.engine.outputs import RequestOutput
-from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
+from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 from fp8lm.entrypoints.openai.async_engine import AsyncEngine, RequestTimeout
 from fp8lm.entrypoints.openai.metrics import ServerMetrics
 from fp8lm.entrypoints.openai.protocol import SamplingFields, UnsupportedField
@@ -124,44 +125,45 @@ class ServingState:
             raise as_api_error(e) from None
 
     async def start(self, prompts: list, params: SamplingParams, base_id: str, **kwargs):
-        """Submits every prompt and waits for each one's first output, so that a rejected request is
-        a 400 before any streaming starts. Returns [(generator, first output)]."""
+        """Submits every prompt (their outputs come as deltas) and waits for each one's first output,
+        so that a rejected request is a 400 before any streaming starts. Returns [(generator, first output)]."""
         waiting = self.engine.num_waiting()
         if self.max_waiting is not None and waiting + len(prompts) > self.max_waiting:
             raise APIError(503, f"{waiting} requests are waiting, the server takes at most --max-waiting-requests="
                                 f"{self.max_waiting}; retry later", "service_unavailable", headers={"Retry-After": "1"})
-        started = []
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+        gens = []
+        for i, prompt in enumerate(prompts):
+            self.submitted[f"{base_id}-{i}"] = time.monotonic()
+            gens.append(self.engine.generate(f"{base_id}-{i}", prompt, params, **kwargs))
         try:
-            for i, prompt in enumerate(prompts):
-                self.submitted[f"{base_id}-{i}"] = time.monotonic()
-                gen = self.engine.generate(f"{base_id}-{i}", prompt, params, **kwargs)
-                started.append(gen)
-                first = await gen.__anext__()
-                started[-1] = (gen, first)
+            # Awaited together: each prompt is submitted as its first output is awaited.
+            firsts = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+            error = next((f for f in firsts if isinstance(f, BaseException)), None)
         except BaseException as e:
-            for item in started:
-                await (item[0] if isinstance(item, tuple) else item).aclose()
-            raise as_api_error(e) from None
-        return started
+            error = e
+        if error is not None:
+            for gen in gens:
+                await gen.aclose()
+            raise as_api_error(error) from None
+        return list(zip(gens, firsts))
 
     async def finish(self, started, request: Request) -> list[RequestOutput]:
-        """Every request's final output; a client that disconnects meanwhile aborts them (the
+        """Every request's whole output; a client that disconnects meanwhile aborts them (the
         engine stops computing for nobody)."""
         return await unless_disconnected(request, self._collect(started))
 
     @staticmethod
     async def _collect(started) -> list[RequestOutput]:
-        finals = []
         try:
-            for gen, out in started:
-                while not out.finished:
-                    out = await gen.__anext__()
-                finals.append(out)
+            for gen, whole in started:
+                while not whole.finished:
+                    whole.add(await gen.__anext__())
         except BaseException as e:
             for gen, _ in started:
                 await gen.aclose()
             raise as_api_error(e) from None
-        return finals
+        return [whole for _, whole in started]
 
 
 def as_api_error(e: BaseException) -> BaseException:
@@ -204,7 +206,8 @@ async def unless_disconnected(request: Request, work):
 
 async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they come, each request's first output first."""
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a pump waits for the consumer, and meanwhile its request's Sink joins the deltas.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(started))
 
     async def pump(index: int, gen, first: RequestOutput):
         try:
@@ -238,23 +241,28 @@ async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
             await gen.aclose()
 
 
-def stream_upto(text: str, params: SamplingParams, finished: bool) -> int:
-    """How much of the text is safe to send: not a possible start of a stop string, not a partial
-    UTF-8 character (decoded as U+FFFD until the rest arrives)."""
-    if finished:
-        return len(text)
-    upto = len(text)
-    if params.stop_strings:
-        upto -= max(len(s) for s in params.stop_strings) - 1
-    while upto > 0 and text[upto - 1] == "\ufffd":
-        upto -= 1
-    return max(upto, 0)
+class Usage:
+    """Token counts of a response, from its requests' outputs (whole ones, or every delta of a stream)."""
+
+    def __init__(self):
+        self.prompt_tokens: dict[str, int] = {}
+        self.completion_tokens = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        self.completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+
+    def as_dict(self) -> dict:
+        prompt = sum(self.prompt_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
 
 
 def usage(finals: list[RequestOutput]) -> dict:
-    prompt = sum(len(f.prompt_token_ids) for f in finals)
-    completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    counts = Usage()
+    for out in finals:
+        counts.add(out)
+    return counts.as_dict()
 
 
 def token_text(tok, token_id: int) -> str:
