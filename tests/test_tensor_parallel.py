@@ -21,9 +21,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=
 
 def test_tiny_tp2_equals_tp1(tiny_model):
     one = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
-    two = LLM(str(tiny_model), max_model_len=64, tensor_parallel_size=2)
+    # A KV cache sized from free memory: both ranks run the profile step first.
+    two = LLM(str(tiny_model), max_model_len=64, tensor_parallel_size=2, kv_cache_memory=0.01)
     try:
         assert two.engine.model.model.layers[0].self_attn.q_proj.out_features == 32   # half the heads
+        assert two.engine.step_peak_bytes is not None
         a = one.generate(PROMPTS, GREEDY, use_tqdm=False)
         b = two.generate(PROMPTS, GREEDY, use_tqdm=False)
         for x, y in zip(a, b):
