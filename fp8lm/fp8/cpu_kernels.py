@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PANEL = 32                      # output rows per packed panel (kPanel in csrc/fp8_cpu.cpp)
 ISA_CODES = {"avx2": 1, "avx512": 2}
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h")
+_SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h")
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -90,12 +90,25 @@ class CpuKernels:
         output scale, p·v's two input scales, the K and V cache scales. Returns [B, heads, d].
         """
         mantissa, min_exp = FP8_LAYOUT[k_cache.dtype]
-        factor = byte_value_factor(k_cache.dtype)
-        byte_scales = [float(s) for s in scales[:6]] + [float(s) * factor for s in scales[6:]]
         return self.module.decode_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
-                                            bias, k_cache.dtype == torch.float8_e5m2, byte_scales,
+                                            bias, k_cache.dtype == torch.float8_e5m2,
+                                            self.attention_byte_scales(scales, k_cache.dtype),
                                             requantize[0], requantize[1], float(limit), mantissa, min_exp,
                                             k_cache.shape[0], ISA_CODES[self.isa])
+
+    @staticmethod
+    def attention_byte_scales(scales: list[float], cache_dtype: torch.dtype) -> list[float]:
+        """decode_attention's 8 scales as the kernel takes them: the cache scales times byte_value_factor."""
+        factor = byte_value_factor(cache_dtype)
+        return [float(s) for s in scales[:6]] + [float(s) * factor for s in scales[6:]]
+
+    def decode_stack(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int,
+                     eps: float, fp8_dtype: torch.dtype, limit: float):
+        """An empty DecodeStack (csrc/decode_stack.h) for layers of these shapes and FP8 format."""
+        mantissa, min_exp = FP8_LAYOUT[fp8_dtype]
+        return self.module.DecodeStack(hidden, num_heads, num_kv_heads, head_dim, intermediate, float(eps),
+                                       fp8_dtype == torch.float8_e5m2, float(limit), mantissa, min_exp,
+                                       ISA_CODES[self.isa])
 
     def write_cache(self, x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, inv_scale: float,
                     limit: float) -> None:

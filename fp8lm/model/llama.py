@@ -99,6 +99,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
+        fused = getattr(self, "fused_decode", None)     # set by a quantizer that runs whole decode steps fused
+        if fused is not None and fused.applies(x, meta):
+            return self.norm(fused(x, rope, meta))
         for layer in self.layers:
             x = layer(rope, x, meta)
         return self.norm(x)

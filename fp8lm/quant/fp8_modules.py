@@ -264,6 +264,10 @@ def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dty
     for attn in getattr(model, "attention_layers", list)():
         if kernels is not None and FusedFP8DecodeAttention.can_fuse(attn):
             attn.fused_decode = FusedFP8DecodeAttention(attn, kernels)
+    if kernels is not None and hasattr(model, "model"):
+        from fp8lm.quant.fused_decode import FusedFP8DecodeStack   # it builds on the classes above
+
+        model.model.fused_decode = FusedFP8DecodeStack.build(model, kernels)
 
 
 def _no_hooks(modules) -> bool:

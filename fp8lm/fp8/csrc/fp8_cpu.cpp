@@ -243,6 +243,8 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
   return total;
 }
 
+#include "decode_stack.h"
+
 }  // namespace fp8lm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -257,4 +259,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale", release());
   m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)", release());
   m.attr("PANEL") = fp8lm::kPanel;
+  py::class_<fp8lm::DecodeStack>(m, "DecodeStack", "a whole FP8 decoder's decode step in one call")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool, double, int64_t, int64_t, int64_t>())
+      .def("add_layer", &fp8lm::DecodeStack::add_layer)
+      .def("bind_caches", &fp8lm::DecodeStack::bind_caches)
+      .def("num_layers", &fp8lm::DecodeStack::num_layers)
+      .def("forward", &fp8lm::DecodeStack::forward, release());
 }

@@ -1,0 +1,176 @@
+// A decode step (one new token per sequence) of a whole Llama decoder whose projections, attention
+// and KV cache are FP8, as one call: the same kernels as the layer-by-layer path (linear,
+// write_cache, decode_attention), with the glue between them (RMSNorm, rotary embedding, K's
+// offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops per layer.
+// Included by fp8_cpu.cpp after the kernels' entry points.
+
+struct FP8Projection {                 // one FP8 linear, or projections fused along N, static input scale
+  torch::Tensor packed, col_scale, row_scale, inv_scale;
+  c10::optional<torch::Tensor> bias;
+  int64_t N;
+};
+
+struct DecodeLayer {
+  torch::Tensor input_norm, post_norm;  // [H] RMSNorm weights
+  FP8Projection qkv, o, gate_up, down;
+  c10::optional<torch::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
+  torch::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
+  double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
+  std::vector<double> attention_scales; // decode_attention's 8 scales
+  bool requantize_k, requantize_v;
+};
+
+class DecodeStack {
+ public:
+  DecodeStack(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
+              double eps, bool e5m2, double limit, int64_t mantissa_bits, int64_t min_exponent, int64_t want_isa)
+      : hidden_(hidden), heads_(num_heads), kv_heads_(num_kv_heads), d_(head_dim), inter_(intermediate), eps_(eps), e5m2_(e5m2),
+        limit_(limit), mantissa_(mantissa_bits), min_exp_(min_exponent), isa_(want_isa) {
+    check_isa(want_isa);
+    TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "decode stack: bad head shapes");
+  }
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, std::vector<torch::Tensor> qkv,
+                 c10::optional<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o, c10::optional<torch::Tensor> o_bias,
+                 std::vector<torch::Tensor> gate_up, c10::optional<torch::Tensor> gate_up_bias,
+                 std::vector<torch::Tensor> down, c10::optional<torch::Tensor> down_bias,
+                 c10::optional<torch::Tensor> key_offset, double k_inv_scale, double v_inv_scale,
+                 std::vector<double> attention_scales, bool requantize_k, bool requantize_v) {
+    const int64_t q_n = heads_ * d_, kv_n = kv_heads_ * d_;
+    DecodeLayer l{input_norm.contiguous(), post_norm.contiguous(),
+                  projection(qkv, qkv_bias, q_n + 2 * kv_n), projection(o, o_bias, hidden_),
+                  projection(gate_up, gate_up_bias, 2 * inter_), projection(down, down_bias, hidden_),
+                  key_offset ? c10::optional<torch::Tensor>(key_offset->contiguous()) : c10::nullopt,
+                  torch::Tensor(), torch::Tensor(), k_inv_scale, v_inv_scale, attention_scales,
+                  requantize_k, requantize_v};
+    TORCH_CHECK(attention_scales.size() == 8, "decode stack: 8 attention scales per layer");
+    TORCH_CHECK(!l.key_offset || l.key_offset->numel() == kv_n, "decode stack: key_offset must have kv_heads * head_dim values");
+    layers_.push_back(std::move(l));
+  }
+
+  void bind_caches(int64_t layer, torch::Tensor k_cache, torch::Tensor v_cache) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
+    layers_[layer].k_cache = k_cache;
+    layers_[layer].v_cache = v_cache;
+  }
+
+  // x [B, hidden] (the embeddings of the step's tokens); cos / signed sin [B, head_dim] at their
+  // positions; slots [B]; block_tables [B, max_blocks]; bias [B, max_blocks * block_size].
+  // Returns the last layer's output (before the final norm).
+  torch::Tensor forward(const torch::Tensor& x_in, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& bias) {
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.dim() == 2, "decode stack: x must be float32 [B, hidden]");
+    const int64_t B = x_in.size(0);
+    TORCH_CHECK(x_in.size(1) == hidden_, "decode stack: x has ", x_in.size(1), " features, the layers ", hidden_);
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * d_ && sin.numel() == B * d_,
+                "decode stack: cos and sin must be contiguous [B, head_dim]");
+    auto x = x_in.contiguous().clone();
+    auto h = torch::empty_like(x);
+    auto q = torch::empty({B, heads_, d_}, x.options());
+    auto k = torch::empty({B, kv_heads_, d_}, x.options());
+    auto v = torch::empty({B, kv_heads_, d_}, x.options());
+    auto act = torch::empty({B, inter_}, x.options());
+    for (DecodeLayer& l : layers_) {
+      TORCH_CHECK(l.k_cache.defined(), "decode stack: caches not bound");
+      rms_norm(x, l.input_norm, h);
+      auto qkv = project(h, l.qkv);
+      split_rotate(qkv, cos, sin, l.key_offset, q, k, v);
+      write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
+      write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);
+      auto att = decode_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
+                                  l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_);
+      add_into(x, project(att.view({B, heads_ * d_}), l.o));
+      rms_norm(x, l.post_norm, h);
+      silu_mul(project(h, l.gate_up), act);
+      add_into(x, project(act, l.down));
+    }
+    return x;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static FP8Projection projection(const std::vector<torch::Tensor>& t, const c10::optional<torch::Tensor>& bias,
+                                  int64_t N) {
+    TORCH_CHECK(t.size() == 4, "decode stack: a projection is (packed, col_scale, row_scale, inv_scale)");
+    TORCH_CHECK(t[1].numel() == N, "decode stack: a projection has ", t[1].numel(), " outputs, expected ", N);
+    return FP8Projection{t[0], t[1], t[2], t[3], bias, N};
+  }
+
+  torch::Tensor project(const torch::Tensor& in, const FP8Projection& p) const {
+    return linear(in, p.packed, p.N, e5m2_, p.col_scale, p.row_scale, p.inv_scale, limit_, mantissa_, min_exp_,
+                  p.bias, isa_);
+  }
+
+  // out = x * rsqrt(mean(x²) + eps) * w, per row (as torch's rms_norm, summed in double).
+  void rms_norm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) const {
+    const int64_t B = x.size(0), H = x.size(1);
+    const float* px = x.data_ptr<float>();
+    const float* pw = w.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      const float* r = px + b * H;
+      double ss = 0;
+      for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(r[i]) * r[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + static_cast<float>(eps_));
+      for (int64_t i = 0; i < H; ++i) po[b * H + i] = (r[i] * inv) * pw[i];
+    }
+  }
+
+  // q, k, v out of the fused projection's rows; q and k rotated (x·cos + roll(x, d/2)·signed sin),
+  // then K's calibrated offset subtracted.
+  void split_rotate(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                    const c10::optional<torch::Tensor>& key_offset, torch::Tensor& q, torch::Tensor& k,
+                    torch::Tensor& v) const {
+    const int64_t B = qkv.size(0), width = qkv.size(1), half = d_ / 2;
+    const float* src = qkv.data_ptr<float>();
+    const float* pc = cos.data_ptr<float>();
+    const float* ps = sin.data_ptr<float>();
+    const float* off = key_offset ? key_offset->data_ptr<float>() : nullptr;
+    float* pq = q.data_ptr<float>();
+    float* pk = k.data_ptr<float>();
+    float* pv = v.data_ptr<float>();
+    auto rotate = [&](const float* in, const float* c, const float* s, float* out, const float* minus) {
+      for (int64_t i = 0; i < d_; ++i) {
+        const float a = in[i] * c[i];
+        const float r = in[(i + half) % d_] * s[i];
+        out[i] = minus ? (a + r) - minus[i] : a + r;
+      }
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = src + b * width;
+      const float* c = pc + b * d_;
+      const float* s = ps + b * d_;
+      for (int64_t hd = 0; hd < heads_; ++hd) rotate(row + hd * d_, c, s, pq + (b * heads_ + hd) * d_, nullptr);
+      const float* kr = row + heads_ * d_;
+      for (int64_t hd = 0; hd < kv_heads_; ++hd)
+        rotate(kr + hd * d_, c, s, pk + (b * kv_heads_ + hd) * d_, off ? off + hd * d_ : nullptr);
+      std::copy(kr + kv_heads_ * d_, kr + 2 * kv_heads_ * d_, pv + b * kv_heads_ * d_);
+    }
+  }
+
+  // act = silu(gate) * up, gate and up the halves of each row of gu.
+  void silu_mul(const torch::Tensor& gu, torch::Tensor& act) const {
+    const int64_t B = gu.size(0);
+    const float* p = gu.data_ptr<float>();
+    float* o = act.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < inter_; ++i) {
+        const float g = p[b * 2 * inter_ + i], u = p[b * 2 * inter_ + inter_ + i];
+        o[b * inter_ + i] = (g / (1.0f + std::exp(-g))) * u;
+      }
+  }
+
+  static void add_into(torch::Tensor& x, const torch::Tensor& y) {
+    float* px = x.data_ptr<float>();
+    const float* py = y.data_ptr<float>();
+    for (int64_t i = 0, n = x.numel(); i < n; ++i) px[i] += py[i];
+  }
+
+  int64_t hidden_, heads_, kv_heads_, d_, inter_;
+  double eps_;
+  bool e5m2_;
+  double limit_;
+  int64_t mantissa_, min_exp_, isa_;
+  std::vector<DecodeLayer> layers_;
+};

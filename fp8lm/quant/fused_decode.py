@@ -1,0 +1,100 @@
+"""Decode steps of a whole FP8 decoder as one call of the CPU kernels' DecodeStack (csrc/decode_stack.h):
+the same FP8 kernels as the layer-by-layer path, with RMSNorm, the rotary embedding, K's offset,
+the residual adds and SiLU·up done between them in C++ instead of ~15 PyTorch ops per layer.
+
+Built only where every layer runs the fused kernels already (FP8 q/k/v and gate/up fused with
+static input scales, FP8 o/down, fully FP8 attention over an FP8 cache, no q/k norm, no sliding
+window, one rank); anything else keeps the layer-by-layer path, as does every step that is not
+decode-only or while a hook observes a module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8lm.fp8.cpu_kernels import CpuKernels
+from fp8lm.model.attention import AttentionMetadata
+from fp8lm.model.layers import RMSNorm
+from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8DecodeAttention, FusedFP8Linears, _no_hooks, inverse
+
+
+class FusedFP8DecodeStack:
+    def __init__(self, model: nn.Module, kernels: CpuKernels):
+        cfg, layers = model.config, model.model.layers
+        attn0 = layers[0].self_attn
+        fmt = attn0.o_proj.fmt
+        self.attentions = [layer.self_attn.attn for layer in layers]
+        self.stack = kernels.decode_stack(cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
+                                          cfg.intermediate_size, layers[0].input_layernorm.eps, fmt.dtype, fmt.limit)
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fused_attn: FusedFP8DecodeAttention = attn.attn.fused_decode
+            qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
+            offset = attn.attn.key_offset
+            self.stack.add_layer(
+                layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float(),
+                _group(qkv), qkv.bias, _single(attn.o_proj), _bias(attn.o_proj), _group(gate_up), gate_up.bias,
+                _single(mlp.down_proj), _bias(mlp.down_proj),
+                None if offset is None else offset.detach().float().reshape(-1),
+                inverse(attn.attn.k_cache.scale), inverse(attn.attn.v_cache.scale),
+                kernels.attention_byte_scales(fused_attn.scales, fmt.dtype), *fused_attn.requantize)
+        self.modules = [m for layer in layers for m in layer.modules()]
+        self._bound = None
+
+    @classmethod
+    def build(cls, model: nn.Module, kernels: CpuKernels) -> FusedFP8DecodeStack | None:
+        """The stack, or None where some layer cannot run in it."""
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not layers or getattr(model, "tp", None) is None or model.tp.size != 1:
+            return None
+        fmt = getattr(layers[0].self_attn.o_proj, "fmt", None)
+        return cls(model, kernels) if all(_fusable(layer, fmt) for layer in layers) else None
+
+    def applies(self, x: torch.Tensor, meta) -> bool:
+        return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
+                and x.device.type == "cpu" and all(a.k_cache_tensor.dtype == a.k_cache.cache_dtype
+                                                   for a in self.attentions[:1]) and _no_hooks(self.modules))
+
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        first = self.attentions[0].k_cache_tensor
+        if self._bound is not first:      # the runner (re)bound the caches: a profile step, a new engine
+            for i, a in enumerate(self.attentions):
+                self.stack.bind_caches(i, a.k_cache_tensor.view(torch.uint8), a.v_cache_tensor.view(torch.uint8))
+            self._bound = first
+        cos, sin = rope
+        t = x.shape[0]
+        return self.stack.forward(x, cos.reshape(t, -1), sin.reshape(t, -1), meta.slot_mapping, meta.block_tables,
+                                  meta.attn_bias.reshape(meta.batch_size, -1))
+
+
+def _fusable(layer: nn.Module, fmt) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or fmt is None:
+        return False
+    qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
+    return (type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
+            and attn.q_norm is None and attn.attn.sliding_window is None
+            and isinstance(getattr(attn.attn, "fused_decode", None), FusedFP8DecodeAttention)
+            and isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj)
+            and isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
+            and all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj))
+            and all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj, mlp.down_proj, attn.attn.k_cache))
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps)
+
+
+def _static_kernel_linear(m: nn.Module) -> bool:
+    return isinstance(m, FP8Linear) and m.packed_weight is not None and m.static_kernel_scales is not None \
+        and m.tp_size == 1
+
+
+def _group(fused: FusedFP8Linears) -> list[torch.Tensor]:
+    return [fused.packed, fused.col_scale, fused.row_scale, fused.inv_scale]
+
+
+def _single(m: FP8Linear) -> list[torch.Tensor]:
+    row_scale, inv_scale = m.static_kernel_scales
+    return [m.packed_weight, m.kernel_col_scale, row_scale, inv_scale]
+
+
+def _bias(m: FP8Linear) -> torch.Tensor | None:
+    return None if m.bias is None else m.bias.detach().float()

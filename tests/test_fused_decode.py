@@ -1,0 +1,115 @@
+"""The whole-decoder decode step in one kernel call (quant/fused_decode.py) against the
+layer-by-layer path it replaces: the same FP8 kernels, the glue (RMSNorm, rotary, residuals,
+SiLU·up) in C++. Decode steps are teacher-forced over fixed tokens, so both paths see the same inputs."""
+import pytest
+import torch
+
+from conftest import measure_tiny
+from fp8lm import LLM, SamplingParams
+from fp8lm.engine.sequence import Sequence
+from fp8lm.eval.perplexity import read_text
+from fp8lm.quant.fused_decode import FusedFP8DecodeStack
+from fp8_noise import perturb_embeddings
+
+PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
+           for n in (6, 19, 31, 11, 25)]
+
+
+def decode_logits(llm, tokens: list[int]) -> torch.Tensor:
+    """Logits after each of `tokens`, every one computed by a decode step (one new token) of the
+    engine's runner over the cache the earlier steps wrote."""
+    engine = llm.engine
+    seq = Sequence(-1, "teacher-forced", 0, list(tokens), SamplingParams(max_tokens=1), None)
+    engine.block_manager.allocate(seq, cached=False)
+    rows = []
+    try:
+        for c in range(len(tokens)):
+            seq.num_computed_tokens = c
+            rows.append(engine.runner.run([seq], [1]).logits[0])
+    finally:
+        engine.block_manager.free(seq)
+    return torch.stack(rows)
+
+
+def mean_kl(ref: torch.Tensor, other: torch.Tensor) -> float:
+    p = torch.log_softmax(ref.double(), -1)
+    return float((p.exp() * (p - torch.log_softmax(other.double(), -1))).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model, tmp_path_factory):
+    return measure_tiny(tiny_model, tmp_path_factory.mktemp("measure") / "inc_output", PROMPTS)
+
+
+def fp8_tiny(tiny_model, prefix, **fp8lm_options):
+    config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(prefix)}
+    if fp8lm_options:
+        config["fp8lm"] = fp8lm_options
+    return LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc", max_model_len=128,
+               skip_warmup=True, kv_cache_memory=1 << 20)
+
+
+def test_fp8_tiny_model_runs_decode_steps_in_one_call(tiny_model, measured, monkeypatch):
+    llm = fp8_tiny(tiny_model, measured)
+    stack = llm.engine.model.model.fused_decode
+    assert isinstance(stack, FusedFP8DecodeStack)
+    calls = []
+    original = FusedFP8DecodeStack.__call__
+    monkeypatch.setattr(FusedFP8DecodeStack, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(calls) == 5                                  # 5 decode steps after one prefill of both prompts
+
+
+def test_stack_equals_the_layer_by_layer_path(tiny_model, measured):
+    """Same kernels, same casts: what may differ is float32 rounding in RMSNorm and SiLU (a sum in
+    double vs torch's vectorized one, libm's exp vs Sleef's), ~1e-7 relative, and two layers of 64
+    features leave an FP8 rounding flip little room. Measured here: bit for bit equal."""
+    llm = fp8_tiny(tiny_model, measured)
+    tokens = [t for p in PROMPTS for t in p][:90]
+    stack = llm.engine.model.model.fused_decode
+    fused = decode_logits(llm, tokens)
+    llm.engine.model.model.fused_decode = None
+    layered = decode_logits(llm, tokens)
+    llm.engine.model.model.fused_decode = stack
+    assert (fused.argmax(-1) == layered.argmax(-1)).float().mean() > 0.97
+    assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
+    assert torch.allclose(fused, layered, atol=1e-2)
+
+
+def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
+    """With per-channel key offsets (fp8lm's k_smoothing) the stack subtracts them too."""
+    llm = fp8_tiny(tiny_model, measured)
+    attn = llm.engine.model.attention_layers()
+    assert all(a.key_offset is None for a in attn)
+    tokens = [t for p in PROMPTS for t in p][:60]
+    for a in attn:
+        a.key_offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
+    llm.engine.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.model, attn[0].fused_decode.kernels)
+    fused = decode_logits(llm, tokens)
+    llm.engine.model.model.fused_decode = None
+    layered = decode_logits(llm, tokens)
+    assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
+
+
+@pytest.mark.slow
+def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, tmp_path):
+    """On SmolLM2 (30 layers) float32 rounding differences cascade through FP8 roundings up to the
+    noise floor of static FP8 (tests/fp8_noise.py); the stack must not add to it."""
+    from fp8lm.entrypoints.calibrate import calibrate
+
+    result = calibrate(str(smollm2), "builtin", tmp_path, num_samples=8, max_seq_len=128, max_tokens=4, use_tqdm=False)
+    kw = dict(quantization="inc", quant_config=str(result.quant_config), kv_cache_dtype="fp8_inc", max_model_len=512,
+              max_num_seqs=1, num_kv_blocks=32, skip_warmup=True)
+    llm, perturbed = LLM(str(smollm2), **kw), LLM(str(smollm2), **kw)
+    assert isinstance(llm.engine.model.model.fused_decode, FusedFP8DecodeStack)
+    tokens = llm.get_tokenizer().encode(read_text(None))[:400]
+    fused = decode_logits(llm, tokens)
+    llm.engine.model.model.fused_decode = None
+    perturbed.engine.model.model.fused_decode = None
+    layered = decode_logits(llm, tokens)
+    perturb_embeddings(perturbed, 1e-6)
+    floor = mean_kl(layered, decode_logits(perturbed, tokens))
+    paths = mean_kl(layered, fused)
+    print(f"stack vs layer-by-layer KL {paths:.4f}, floor {floor:.4f}")
+    assert floor > 0.005
+    assert paths < 1.25 * floor, (paths, floor)
