@@ -45,3 +45,32 @@ def test_a_slow_reader_gets_one_pending_output_not_a_backlog(tiny_model, kind):
     assert second.outputs[0].token_ids == expected.token_ids
     assert second.outputs[0].text == expected.text
     assert second.outputs[0].logprobs == expected.logprobs
+
+
+def test_a_stream_closed_while_its_outputs_wait_releases_every_request():
+    """merge() bounds its queue, so a pump can be blocked putting an output when the client goes:
+    closing the stream must still end the pumps and close (abort) every request's generator."""
+    from types import SimpleNamespace
+
+    from fp8lm.entrypoints.openai.serving import merge
+
+    closed = []
+
+    async def outputs(name):
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield SimpleNamespace(finished=False)
+        finally:
+            closed.append(name)
+
+    async def run():
+        gens = [outputs("a"), outputs("b")]
+        started = [(g, await g.__anext__()) for g in gens]
+        stream = merge(started)
+        await stream.__anext__()
+        await asyncio.sleep(0.05)                        # the pumps fill the queue and block on it
+        await asyncio.wait_for(stream.aclose(), timeout=5)
+
+    asyncio.run(run())
+    assert sorted(closed) == ["a", "b"]

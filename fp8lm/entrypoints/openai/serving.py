@@ -215,10 +215,11 @@ async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
             if not first.finished:
                 async for out in gen:
                     await queue.put((index, out))
-        except BaseException as e:
-            await queue.put((index, e))
-        finally:
             await queue.put((index, None))
+        except asyncio.CancelledError:
+            raise                      # the consumer is gone: nobody reads the queue any more
+        except BaseException as e:     # the consumer raises it, so no end marker follows
+            await queue.put((index, e))
 
     tasks = [asyncio.create_task(pump(i, gen, first)) for i, (gen, first) in enumerate(started)]
     remaining = len(tasks)
