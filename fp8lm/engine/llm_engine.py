@@ -151,13 +151,14 @@ class LLMEngine(ModelHost):
         bytes_per_block = sum(2 * bs * a.num_kv_heads * a.head_dim * a.cache_dtype(self.dtype).itemsize
                               for a in self.model.attention_layers())
         per_seq = -(-self.max_model_len // bs)
+        free = available_memory(self.device)
         if self.config.num_kv_blocks:
             num = self.config.num_kv_blocks
         else:
             budget = self._kv_budget()
             if isinstance(budget, float):
                 # What a step needs at its peak stays free (it was measured with the model loaded).
-                budget = int(budget * available_memory(self.device)) - (self.step_peak_bytes or 0)
+                budget = int(budget * free) - (self.step_peak_bytes or 0)
             # More blocks than max_num_seqs full-length sequences could ever use is waste.
             num = min(budget // bytes_per_block, self.config.max_num_seqs * per_seq)
         peak = "" if self.step_peak_bytes is None else (
@@ -168,7 +169,6 @@ class LLMEngine(ModelHost):
                 f"the KV cache holds {max(num, 0)} blocks of {bs} tokens ({max(num, 0) * bytes_per_block / 2**20:.1f} "
                 f"MiB{peak}), fewer than the {per_seq} one sequence of max_model_len={self.max_model_len} needs: "
                 f"raise kv_cache_memory / num_kv_blocks or lower max_model_len / max_num_batched_tokens")
-        free = available_memory(self.device)
         if num * bytes_per_block > free:
             raise FP8LMError(f"a KV cache of {num * bytes_per_block / 2**20:.0f} MiB does not fit in the "
                              f"{free / 2**20:.0f} MiB available: lower kv_cache_memory / num_kv_blocks")

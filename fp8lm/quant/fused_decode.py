@@ -47,13 +47,14 @@ class FusedFP8DecodeStack:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if not layers or getattr(model, "tp", None) is None or model.tp.size != 1:
             return None
-        fmt = getattr(layers[0].self_attn.o_proj, "fmt", None)
-        return cls(model, kernels) if all(_fusable(layer, fmt) for layer in layers) else None
+        fmt, eps = getattr(layers[0].self_attn.o_proj, "fmt", None), getattr(layers[0].input_layernorm, "eps", None)
+        return cls(model, kernels) if all(_fusable(layer, fmt, eps) for layer in layers) else None
 
     def applies(self, x: torch.Tensor, meta) -> bool:
+        first = self.attentions[0]      # the runner binds every layer's caches alike
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and all(a.k_cache_tensor.dtype == a.k_cache.cache_dtype
-                                                   for a in self.attentions[:1]) and _no_hooks(self.modules))
+                and x.device.type == "cpu" and first.k_cache_tensor.dtype == first.k_cache.cache_dtype
+                and _no_hooks(self.modules))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         first = self.attentions[0].k_cache_tensor
@@ -67,7 +68,8 @@ class FusedFP8DecodeStack:
                                   meta.attn_bias.reshape(meta.batch_size, -1))
 
 
-def _fusable(layer: nn.Module, fmt) -> bool:
+def _fusable(layer: nn.Module, fmt, eps: float) -> bool:
+    """The stack's assumptions hold for this layer; `fmt` and `eps` are the stack's, one for all layers."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or fmt is None:
         return False
@@ -79,7 +81,7 @@ def _fusable(layer: nn.Module, fmt) -> bool:
             and isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
             and all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj))
             and all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj, mlp.down_proj, attn.attn.k_cache))
-            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps)
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps)
 
 
 def _static_kernel_linear(m: nn.Module) -> bool:

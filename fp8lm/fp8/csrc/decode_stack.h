@@ -102,7 +102,7 @@ class DecodeStack {
                   p.bias, isa_);
   }
 
-  // out = x * rsqrt(mean(x²) + eps) * w, per row (as torch's rms_norm, summed in double).
+  // out = x * rsqrt(mean(x²) + eps) * w, per row; the squares summed in double.
   void rms_norm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) const {
     const int64_t B = x.size(0), H = x.size(1);
     const float* px = x.data_ptr<float>();
