@@ -119,3 +119,10 @@ def test_deltas_add_up_to_the_cumulative_output(tiny_model, stops):
                 [sum(e[t].logprob for e, t in zip(o.logprobs, o.token_ids)) for o in expected.outputs])
     if stop:
         assert any(o.stop_reason in stop for w in cumulative for o in w[-1].outputs)
+
+
+def test_an_output_kind_that_is_not_one_is_refused():
+    from fp8lm.engine.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match="output_kind: must be a RequestOutputKind"):
+        SamplingParams(output_kind="delta")

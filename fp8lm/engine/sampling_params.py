@@ -102,6 +102,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
             ("logit_bias", all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()),
              "values must be in [-100, 100]"),
+            ("output_kind", isinstance(self.output_kind, RequestOutputKind), "must be a RequestOutputKind"),
         ]
         for name, ok, message in checks:
             if not ok:
