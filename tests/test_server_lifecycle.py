@@ -47,9 +47,11 @@ def test_waiting_requests_beyond_the_bound_get_503_with_retry_after(long_model):
     with running_server(str(long_model), "--max-model-len", "8192", "--served-model-name", MODEL,
                         "--max-num-seqs", "1", "--max-waiting-requests", "1") as proc:
         url = f"{proc.base_url}/v1/completions"
-        for _ in range(2):        # one running, one waiting
+        # One running, then one waiting: sent together, the second could find the first still waiting
+        # and be refused by the bound itself.
+        for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
             threading.Thread(target=lambda: httpx.post(url, json=body(), timeout=60), daemon=True).start()
-        assert wait_for(lambda: metric(proc.base_url, "vllm:num_requests_waiting") == 1, 10)
+            assert wait_for(lambda: metric(proc.base_url, gauge) == 1, 10)
         r = httpx.post(url, json=body(), timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "--max-waiting-requests=1" in r.json()["error"]["message"]

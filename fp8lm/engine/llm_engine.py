@@ -286,13 +286,12 @@ class LLMEngine(ModelHost):
     @property
     def num_running(self) -> int:
         """Requests with a sequence in the running batch (vLLM counts requests, not sequences)."""
-        return len({s.request_id for s in self.scheduler.running})
+        return len(_request_ids(self.scheduler.running))
 
     @property
     def num_waiting(self) -> int:
         """Unfinished requests none of whose sequences is running."""
-        running = {s.request_id for s in self.scheduler.running}
-        return len({s.request_id for s in self.scheduler.waiting} - running)
+        return len(_request_ids(self.scheduler.waiting) - _request_ids(self.scheduler.running))
 
     def metric_totals(self) -> dict[str, int]:
         cache = self.block_manager.cache
@@ -428,3 +427,8 @@ class LLMEngine(ModelHost):
             torch.set_num_threads(self._threads_before_tp)
         self.channel = None
 
+
+def _request_ids(seqs) -> set[str]:
+    # tuple() copies in one step under the GIL: the server's metrics thread reads queues the engine
+    # thread is changing, and iterating a deque that changes meanwhile raises.
+    return {s.request_id for s in tuple(seqs)}
