@@ -85,6 +85,26 @@ def test_linear_equals_float64_reference_to_float32_rounding(kernels, case):
         assert (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
 
 
+@settings(max_examples=150, deadline=None)
+@given(m=st.sampled_from([1, 2, 7, 8, 9, 24]), k=st.integers(1, 200), n=st.integers(1, 80),
+       seed=st.integers(0, 2**31 - 1), with_bias=st.booleans())
+def test_bfloat16_weights_equal_float64_reference_to_float32_rounding(kernels, m, k, n, seed, with_bias):
+    """The kept LM head's path (fp8lm option lm_head_bfloat16): bfloat16 weight values, float32 sums."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 3).bfloat16()
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    expected = x.double() @ w.double().T + b
+    bound = (k + 5) * 2.0**-24 * (x.double().abs() @ w.double().abs().T + b.abs()) + 1e-44
+    packed = ck.pack_panels(w)
+    assert packed.dtype == torch.bfloat16
+    for isa in isas(kernels):
+        y = ck.CpuKernels(kernels.module, isa).linear_bf16(x, packed, n, bias)
+        err = (y.double() - expected).abs()
+        assert (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
+
+
 def test_activation_cast_rounds_ties_to_even_and_saturates(kernels):
     # x * inv lands exactly between two E4M3 values, on subnormals, on ±max and beyond it.
     values = torch.tensor([1.0625, 1.1875, -1.0625, 2**-9 * 1.5, 2**-9 * 0.5, 2**-10, 448.0, 464.0, 1e6, -1e6, 0.0,

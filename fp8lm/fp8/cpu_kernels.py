@@ -34,11 +34,12 @@ _SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     """FP8 weight [N, K] -> uint8 [ceil(N / 32), K, 32]: each panel's 32 rows interleaved along K
-    (zero rows pad the last panel). Still 1 byte per weight."""
+    (zero rows pad the last panel). Still 1 byte per weight. A bfloat16 weight keeps its dtype."""
     n, k = weight.shape
     panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.uint8)
-    padded[:n] = weight.view(torch.uint8)
+    values = weight if weight.dtype == torch.bfloat16 else weight.view(torch.uint8)
+    padded = values.new_zeros(panels * PANEL, k)
+    padded[:n] = values
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
@@ -73,6 +74,14 @@ class CpuKernels:
                                col_scale, row_scale, inv_scale, float(limit), mantissa, min_exp, bias,
                                ISA_CODES[self.isa])
         return y.to(x.dtype)
+
+    def linear_bf16(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] float32 @ Wᵀ for a bfloat16 W packed by pack_panels -> [M, N] float32: the float32
+        matmul of W's values (half the bytes of a float32 weight to read)."""
+        if x.dim() != 2 or x.dtype != torch.float32:
+            raise FP8LMError(f"CPU kernels: x must be 2-D float32, got {tuple(x.shape)} {x.dtype}")
+        return self.module.linear_bf16(x.contiguous(), packed, out_features, bias, ISA_CODES[self.isa])
 
     def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""

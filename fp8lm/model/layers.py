@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lm.fp8.cpu_kernels import pack_panels, unpack_panels
+
 
 def copy_exact(param: nn.Parameter, src: torch.Tensor, full_shape) -> None:
     """copy_ without broadcasting: a checkpoint tensor of the wrong shape is an error."""
@@ -56,6 +58,8 @@ class ParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.packed_weight: torch.Tensor | None = None  # see pack_for_onednn
+        self.bf16_panels: tuple | None = None           # (CpuKernels, panels), see keep_bfloat16_values
+        self.bfloat16_values = False                    # W was rounded to bfloat16 (keep_bfloat16_values)
         self.bias = None
         if bias:
             bias_shape = shape[0] if self.shard_dim == 0 else full[0]
@@ -77,6 +81,10 @@ class ParallelLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias."""
+        if self.bf16_panels is not None:
+            kernels, panels = self.bf16_panels
+            y = kernels.linear_bf16(x.reshape(-1, self.in_features).float(), panels, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
         return F.linear(x, self.weight)
@@ -87,7 +95,25 @@ class ParallelLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """W as a plain tensor, also after packing (for checkpoints and reports)."""
+        if self.bf16_panels is not None:
+            return unpack_panels(self.bf16_panels[1], self.out_features, torch.bfloat16).to(self.weight.dtype)
         return self.packed_weight.to_dense() if self.packed_weight is not None else self.weight.detach()
+
+    def keep_bfloat16_values(self, kernels=None) -> None:
+        """Rounds W to bfloat16 values; activations and sums stay in the model's dtype. With the CPU
+        kernels (`CpuKernels`) W is kept as their bfloat16 panels: half the bytes a float32 W reads per
+        step. Elsewhere W holds the rounded values in its own dtype (the same numbers). A tied
+        embedding keeps its own values."""
+        rounded = self.dense_weight().to(torch.bfloat16)
+        self.bfloat16_values = True
+        if kernels is None:
+            self.packed_weight = None
+            self.weight = nn.Parameter(rounded.to(self.weight.dtype), requires_grad=False)
+            return
+        self.bf16_panels = (kernels, pack_panels(rounded))
+        self.packed_weight = None
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+                                   requires_grad=False)
 
     def pack_for_onednn(self, batch_hint: int) -> None:
         """Replaces W by a oneDNN-packed copy (2-3x faster than torch's CPU mm on these machines).
@@ -98,7 +124,8 @@ class ParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         tp = f", tp={self.tp_rank}/{self.tp_size}" if self.tp_size > 1 else ""
-        packed = ", onednn-packed" if self.packed_weight is not None else ""
+        packed = (", onednn-packed" if self.packed_weight is not None else
+                  ", bfloat16 panels" if self.bf16_panels is not None else "")
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{tp}{packed}"
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.fp8.cpu_kernels import cpu_kernels
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.attention import PagedAttention
@@ -101,7 +102,8 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
         elif isinstance(module, PagedAttention) and module.key_offset is not None:
             attention.setdefault(name, {})["key_offset"] = module.key_offset.float().cpu().tolist()
         elif isinstance(module, ParallelLinear):
-            tensors[prefix + "weight"] = module.dense_weight().cpu()
+            weight = module.dense_weight()
+            tensors[prefix + "weight"] = (weight.bfloat16() if module.bfloat16_values else weight).cpu()
             if module.bias is not None:
                 tensors[prefix + "bias"] = module.bias.detach().cpu()
         elif isinstance(module, FP8Matmul):
@@ -171,7 +173,9 @@ def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenan
         config["quantization_config"] = quantization_config(model, tensors)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o644)
-        (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "provenance": provenance}, indent=2))
+        rounded = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and m.bfloat16_values]
+        (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "bfloat16_values": rounded,
+                                               "provenance": provenance}, indent=2))
         for name in os.listdir(source_folder):
             if name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
                                                          "special_tokens_map.json"):
@@ -207,8 +211,9 @@ class CheckpointQuantization:
         self.kv_fp8 = qconfig.get("kv_cache_scheme") is not None
         if self.kv_fp8:
             _check_kv_scheme(folder, qconfig["kv_cache_scheme"])
-        sidecar = self.folder / SIDECAR
-        self.attention = json.loads(sidecar.read_text())["attention_scales"] if sidecar.is_file() else {}
+        sidecar = json.loads((self.folder / SIDECAR).read_text()) if (self.folder / SIDECAR).is_file() else {}
+        self.attention = sidecar.get("attention_scales", {})
+        self.bfloat16_values = sidecar.get("bfloat16_values", [])   # linears fp8lm ran with bfloat16 values
         self.fmt = FP8Format(torch.float8_e4m3fn, 448.0, "CONST")
 
     def _group_for(self, name: str, fused: bool) -> dict | None:
@@ -273,6 +278,8 @@ class CheckpointQuantization:
                 if "k_scale" in entry and isinstance(attn.k_cache, FP8KVCache):
                     set_scale(attn.k_cache, "scale", entry["k_scale"], self.fmt)
         prepare_fp8_linears(model, self.device, self.dtype)
+        for name in self.bfloat16_values:     # stored as bfloat16: the same path, and the same sums, again
+            model.get_submodule(name).keep_bfloat16_values(cpu_kernels() if self.device.type == "cpu" else None)
 
 
 def _check_kv_scheme(folder: Path, scheme: dict) -> None:

@@ -42,6 +42,7 @@ class Fp8lmOptions:
     k_smoothing: bool = False               # keys minus a calibrated per-channel offset (softmax-exact)
     softmax_scale: str = "measured"         # "bound": probabilities <= 1 map onto the full FP8 range
     attention_scales_from_cache: bool = False   # q·k and p·v read K/V with the FP8 cache's own scale
+    lm_head_bfloat16: bool = False          # a kept float32 LM head's weight rounded to bfloat16 values
 
     @property
     def uses_statistics(self) -> bool:

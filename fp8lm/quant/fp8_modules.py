@@ -270,9 +270,17 @@ def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dty
         model.model.fused_decode = FusedFP8DecodeStack.build(model, kernels)
 
 
-def _no_hooks(modules) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules) and not (
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+class HookWatch:
+    """Whether any of `modules` has a forward (pre-)hook, or a global one is set: a fused path skips
+    the modules' own forwards and would bypass them. Asked every step, so it keeps the modules'
+    hook dicts (registering a hook adds to them in place) and tests those without a Python loop."""
+
+    def __init__(self, modules):
+        self._dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+    def hooked(self) -> bool:
+        g = nn.modules.module
+        return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
 class FusedFP8DecodeAttention:
@@ -287,7 +295,7 @@ class FusedFP8DecodeAttention:
                        attn.k_cache.scale, attn.v_cache.scale]
         self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
         self.limit = qk.fmt.limit
-        self.modules = (attn, qk, sm, av, attn.k_cache, attn.v_cache)
+        self.hooks = HookWatch((attn, qk, sm, av, attn.k_cache, attn.v_cache))
 
     @staticmethod
     def can_fuse(attn) -> bool:
@@ -304,7 +312,7 @@ class FusedFP8DecodeAttention:
 
     def applies(self, attn, q: torch.Tensor, meta) -> bool:
         return (meta.max_query_len == 1 and q.dtype == torch.float32 and q.device.type == "cpu"
-                and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and _no_hooks(self.modules))
+                and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and not self.hooks.hooked())
 
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
@@ -322,6 +330,7 @@ class FusedFP8Linears:
 
     def __init__(self, linears: list[FP8Linear]):
         self.members = tuple(linears)
+        self.hooks = HookWatch(linears)
         first = linears[0]
         self.kernels, self.fmt = first.kernels, first.fmt
         self.packed = torch.cat([m.packed_weight for m in linears])
@@ -346,7 +355,7 @@ class FusedFP8Linears:
 
     def applies(self, linears) -> bool:
         """Only for these very modules, and only while nothing observes them one by one (hooks)."""
-        return tuple(linears) == self.members and _no_hooks(linears)
+        return tuple(linears) == self.members and not self.hooks.hooked()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shape = x.shape

@@ -15,7 +15,7 @@ from torch import nn
 from fp8lm.fp8.cpu_kernels import CpuKernels
 from fp8lm.model.attention import AttentionMetadata
 from fp8lm.model.layers import RMSNorm
-from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8DecodeAttention, FusedFP8Linears, _no_hooks, inverse
+from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8DecodeAttention, FusedFP8Linears, HookWatch, inverse
 
 
 class FusedFP8DecodeStack:
@@ -38,7 +38,7 @@ class FusedFP8DecodeStack:
                 None if offset is None else offset.detach().float().reshape(-1),
                 inverse(attn.attn.k_cache.scale), inverse(attn.attn.v_cache.scale),
                 kernels.attention_byte_scales(fused_attn.scales, fmt.dtype), *fused_attn.requantize)
-        self.modules = [m for layer in layers for m in layer.modules()]
+        self.hooks = HookWatch([m for layer in layers for m in layer.modules()])
         self._bound = None
 
     @classmethod
@@ -54,7 +54,7 @@ class FusedFP8DecodeStack:
         first = self.attentions[0]      # the runner binds every layer's caches alike
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
                 and x.device.type == "cpu" and first.k_cache_tensor.dtype == first.k_cache.cache_dtype
-                and _no_hooks(self.modules))
+                and not self.hooks.hooked())
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         first = self.attentions[0].k_cache_tensor

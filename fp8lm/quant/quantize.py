@@ -21,7 +21,9 @@ from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul
                                       prepare_fp8_linears)
 from fp8lm.quant.measure_files import (METADATA_KEY, file_payload, find_measurement, measurement_base, rank_suffix,
                                       read_files, write_files)
+from fp8lm.fp8.cpu_kernels import cpu_kernels
 from fp8lm.model.attention import PagedAttention
+from fp8lm.model.layers import LMHead
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 from fp8lm.quant.statistics import load_statistics, stats_path
 
@@ -211,6 +213,12 @@ class Quantizer:
                 n = module.num_kv_heads
                 module.key_offset = offset[self.rank * n:(self.rank + 1) * n].to(self.device, self.dtype)
 
+    def _round_kept_lm_head(self, model: nn.Module) -> None:
+        """fp8lm's lm_head_bfloat16: a float32 LM head kept out of FP8 gets bfloat16 values."""
+        head = getattr(model, "lm_head", None)
+        if self.config.fp8lm.lm_head_bfloat16 and type(head) is LMHead and head.weight.dtype == torch.float32:
+            head.keep_bfloat16_values(cpu_kernels() if self.device.type == "cpu" else None)
+
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
         """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
         measured = node.get("params", {}).get("weight")
@@ -247,6 +255,7 @@ class Quantizer:
     def finish(self, model: nn.Module) -> None:
         self._apply_key_offsets(model)
         prepare_fp8_linears(model, self.device, self.dtype)
+        self._round_kept_lm_head(model)
         if self.measurement_path is not None:
             self._write_scale_file()
 

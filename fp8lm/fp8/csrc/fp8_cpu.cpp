@@ -17,16 +17,20 @@ constexpr int kPanel = 32;                  // output rows per packed weight pan
 constexpr int64_t kFusedMaxRows = 8;        // up to this many activation rows: the fused GEMV
 constexpr int64_t kMinBytesPerTask = 1 << 16;
 
+enum class WeightFormat { kE4M3, kE5M2, kBF16 };
+
+constexpr int64_t weight_bytes(WeightFormat f) { return f == WeightFormat::kBF16 ? 2 : 1; }
+
 struct LinearArgs {
   const float* x;          // [M, K] activation rows, already on the FP8 grid for W8A8
-  const uint8_t* packed;   // [ceil(N / 32), K, 32] FP8 weight bytes
+  const void* packed;      // [ceil(N / 32), K, 32] weights: FP8 bytes, or bfloat16 values
   const float* col_scale;  // [N] per output channel (E4M3: times 256, see dequant)
   const float* row_scale;  // [row_scale_n] per activation row, or one for all
   int64_t row_scale_n;
   const float* bias;       // [N] or nullptr
   float* y;                // [M, N]
   int64_t M, K, N;
-  bool e5m2;
+  WeightFormat format;
 };
 
 struct QuantArgs {
@@ -131,7 +135,30 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   if (M == 0) return y;
   LinearArgs a{xq.data_ptr<float>(), packed.data_ptr<uint8_t>(), col_scale.data_ptr<float>(),
                row_scale.data_ptr<float>(), row_scale.numel(), bias ? bias->data_ptr<float>() : nullptr,
-               y.data_ptr<float>(), M, K, N, e5m2};
+               y.data_ptr<float>(), M, K, N, e5m2 ? WeightFormat::kE5M2 : WeightFormat::kE4M3};
+  FP8LM_ISA_CALL(want_isa, linear(a));
+  return y;
+}
+
+// x [M, K] float32 (contiguous) @ Wᵀ for a bfloat16 weight in the same panels -> [M, N] float32:
+// float32 products and sums, as a float32 matmul of the bfloat16 weight's values.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                          const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
+  check_isa(want_isa);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kBFloat16 && packed.dim() == 3 && packed.is_contiguous() &&
+              packed.size(2) == kPanel, "packed weights must be contiguous bfloat16 [panels, K, 32]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.size(1) == K, "x has K=", K, " but the weights have K=", packed.size(1));
+  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "N=", N, " does not match ",
+              packed.size(0), " weight panels");
+  if (bias) check_float_vector(*bias, "bias", {N});
+  auto ones = torch::ones({N}, x.options());
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  LinearArgs a{x.data_ptr<float>(), packed.data_ptr(), ones.data_ptr<float>(), ones.data_ptr<float>(), 1,
+               bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N, WeightFormat::kBF16};
   FP8LM_ISA_CALL(want_isa, linear(a));
   return y;
 }
@@ -252,6 +279,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels", release());
+  m.def("linear_bf16", &fp8lm::linear_bf16, "bfloat16-weight matmul over packed panels", release());
   m.def("decode_attention", &fp8lm::decode_attention, "one decode step of FP8 attention over the paged cache",
         release());
   m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache", release());

@@ -35,6 +35,13 @@ static inline void dequant_row(const uint8_t* p, vf* w) {   // a packed panel ro
   for (int v = 0; v < 4; ++v) w[v] = dequant<E5M2>(p + 8 * v);
 }
 
+static inline void bf16_row(const uint16_t* p, vf* w) {    // a bfloat16 panel row -> 4 vectors
+  for (int v = 0; v < 4; ++v) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * v));
+    w[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
 template <bool E5M2>
 static inline void store_fp8(uint8_t* p, vf grid) {   // 8 grid floats -> 8 FP8 bytes
   __m128i h = _mm256_cvtps_ph(E5M2 ? grid : _mm256_mul_ps(grid, _mm256_set1_ps(1.0f / 256)), _MM_FROUND_TO_NEAREST_INT);

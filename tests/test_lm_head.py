@@ -1,0 +1,65 @@
+"""fp8lm's `lm_head_bfloat16` option: a kept float32 LM head computes with its weight rounded to
+bfloat16 values (on the CPU kernels' bfloat16 panels), activations and sums in float32; the tied
+embedding keeps its float32 values."""
+import pytest
+import torch
+
+from conftest import make_tiny_llama, measure_tiny
+from fp8lm import LLM
+from fp8lm.fp8 import cpu_kernels as ck
+from fp8lm.model.layers import LMHead
+
+PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))] for n in (7, 13)]
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tied") / "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def measured(tied_model, tmp_path_factory):
+    return measure_tiny(tied_model, tmp_path_factory.mktemp("measure") / "inc_output", PROMPTS)
+
+
+def fp8_llm(model, prefix, **options):
+    config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(prefix),
+              "blocklist": {"names": ["^lm_head$"]}, "fp8lm": options}
+    return LLM(str(model), quantization="inc", quant_config=config, max_model_len=64, skip_warmup=True,
+               kv_cache_memory=1 << 20)
+
+
+def test_kept_head_computes_with_bfloat16_values_and_leaves_the_embedding(tied_model, measured):
+    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.model
+    weight = plain.lm_head.dense_weight().clone()
+    model = fp8_llm(tied_model, measured, lm_head_bfloat16=True).engine.model
+    head = model.lm_head
+    assert type(head) is LMHead
+    if ck.cpu_kernels() is not None:
+        assert head.bf16_panels is not None and head.bf16_panels[1].dtype == torch.bfloat16
+    hidden = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3
+    rounded = weight.bfloat16().double()
+    expected = hidden.double() @ rounded.T
+    bound = (weight.shape[1] + 5) * 2.0**-24 * (hidden.double().abs() @ rounded.abs().T)
+    assert ((model.compute_logits(hidden).double() - expected).abs() <= bound).all()
+    assert (weight.bfloat16().float() != weight).any()          # the rounding is not a no-op here
+    assert torch.equal(head.dense_weight(), weight.bfloat16().float())
+    assert torch.equal(model.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+
+
+def test_without_the_option_the_head_keeps_float32(tied_model, measured):
+    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.model
+    head = fp8_llm(tied_model, measured).engine.model.lm_head
+    assert head.bf16_panels is None
+    assert torch.equal(head.dense_weight(), plain.lm_head.dense_weight())
+
+
+def test_without_kernels_the_rounded_values_stay_in_the_weight():
+    head = LMHead(24, 40)
+    head.weight.data.normal_(generator=torch.Generator().manual_seed(2))
+    weight = head.weight.detach().clone()
+    head.keep_bfloat16_values(None)
+    assert head.bf16_panels is None and head.weight.dtype == torch.float32
+    assert torch.equal(head.weight, weight.bfloat16().float())
+    x = torch.randn(3, 24)
+    assert torch.equal(head(x), x @ weight.bfloat16().float().T)
