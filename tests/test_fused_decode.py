@@ -84,7 +84,7 @@ def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
     tokens = [t for p in PROMPTS for t in p][:60]
     for a in attn:
         a.key_offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
-    llm.engine.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.model, attn[0].fused_decode.kernels)
+    llm.engine.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.model, attn[0].fused_attention.kernels)
     fused = decode_logits(llm, tokens)
     llm.engine.model.model.fused_decode = None
     layered = decode_logits(llm, tokens)

@@ -193,28 +193,36 @@ def test_auto_mode_measures_then_quantizes(tiny_model, tmp_path):
 
 def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, monkeypatch):
     """K/V read from the FP8 cache are not rounded again when q·kᵀ / p·v use the cache's own
-    power-of-two scale (fp8lm's attention_scales_from_cache), in prefill (FP8Matmul) and in the
-    fused decode kernel alike: the same logprobs as rounding them again."""
+    power-of-two scale (fp8lm's attention_scales_from_cache), in FP8Matmul and in the fused
+    attention kernel alike: the same logprobs as rounding them again."""
     llm = quantized(tiny_model, measured, fp8lm={"attention_scales_from_cache": True})
     layers = llm.engine.model.attention_layers()
     assert all(a.matmul_qk.scale_b == a.k_cache.scale and a.matmul_av.scale_b == a.v_cache.scale for a in layers)
-    assert all(a.fused_decode is not None and a.fused_decode.requantize == (False, False) for a in layers)
+    fused = [a.fused_attention for a in layers]
+    assert all(f is not None and f.requantize == (False, False) for f in fused)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+
+    def logprobs(outputs):
+        return [(o.outputs[0].token_ids, [{k: v.logprob for k, v in e.items()} for e in o.outputs[0].logprobs])
+                for o in outputs]
+
+    fused_skip = logprobs(llm.generate(PROMPTS, params, use_tqdm=False))
+    for f in fused:
+        f.requantize = (True, True)
+    assert logprobs(llm.generate(PROMPTS, params, use_tqdm=False)) == fused_skip
+
+    for attn in layers:                   # the modules' path: FP8Matmul skips the second rounding
+        attn.fused_attention = None
     rounded = []
     original = fp8_modules.fp8_grid
     monkeypatch.setattr(fp8_modules, "fp8_grid", lambda x, *a: rounded.append(x.shape) or original(x, *a))
-    fast = llm.generate(PROMPTS, params, use_tqdm=False)
-    calls_fast = len(rounded)
+    modules_skip = logprobs(llm.generate(PROMPTS, params, use_tqdm=False))
+    calls_skip = len(rounded)
     slow_forward = FP8Matmul.forward
     monkeypatch.setattr(FP8Matmul, "forward", lambda self, a, b, b_grid_scale=None: slow_forward(self, a, b))
-    for attn in layers:
-        attn.fused_decode.requantize = (True, True)
-    slow = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert len(rounded) - calls_fast > calls_fast      # the slow prefill rounded K and V again
-    for a, b in zip(fast, slow):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert [{k: v.logprob for k, v in e.items()} for e in a.outputs[0].logprobs] == \
-               [{k: v.logprob for k, v in e.items()} for e in b.outputs[0].logprobs]
+    modules_again = logprobs(llm.generate(PROMPTS, params, use_tqdm=False))
+    assert len(rounded) - calls_skip > calls_skip      # the slow path rounded K and V again
+    assert modules_again == modules_skip
 
 
 def assert_same_generations(a, b) -> None:
@@ -224,6 +232,63 @@ def assert_same_generations(a, b) -> None:
         for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             for t, lp in ly.items():
                 assert abs(lx[t].logprob - lp.logprob) < 1e-4
+
+
+def chunked_prompt_logits(llm, prompts, chunk: int) -> list[torch.Tensor]:
+    """Every position's logits of `prompts`, prefilled together in chunks of `chunk` tokens: later
+    chunks attend to keys earlier steps cached, queries padded to the longest chunk of a step."""
+    from fp8lm.engine.sequence import Sequence
+
+    engine = llm.engine
+    seqs = [Sequence(-1 - i, f"chunked-{i}", 0, list(p), SamplingParams(max_tokens=1), None) for i, p in enumerate(prompts)]
+    rows = {s.seq_id: [] for s in seqs}
+    for s in seqs:
+        engine.block_manager.allocate(s, cached=False)
+    try:
+        while active := [s for s in seqs if s.num_computed_tokens < s.num_prompt_tokens]:
+            lens = [min(chunk, s.num_prompt_tokens - s.num_computed_tokens) for s in active]
+            out = engine.runner.run(active, lens, {s.seq_id for s in active})
+            for s, q in zip(active, lens):
+                rows[s.seq_id].append(out.prompt_logits[s.seq_id])
+                s.num_computed_tokens += q
+    finally:
+        for s in seqs:
+            engine.block_manager.free(s)
+    return [torch.cat(rows[s.seq_id]) for s in seqs]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("chunk", [7, 45])
+def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, chunk, isa, monkeypatch):
+    """Prompt chunks (queries padded per step, later chunks reading earlier ones' cached keys; 45
+    crosses the kernel's 32-query tiles) through the fused kernel vs FP8Matmul/FP8Softmax over the same
+    cache. The FP8 casts are the same; the softmax's exp (a polynomial vs torch's) and sums may differ
+    in float32's last bit, which flips a probability's FP8 rounding only rarely: rows must match to
+    1e-5, all but a few bit for bit. Measured here: every row bit for bit."""
+    from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
+
+    llm = quantized(tiny_model, measured)
+    layers = llm.engine.model.attention_layers()
+    best = layers[0].fused_attention.kernels
+    if ISA_CODES[isa] > ISA_CODES[best.isa]:
+        pytest.skip(f"this CPU has no {isa}")
+    kernels = [fp8_modules.FusedFP8Attention(a, CpuKernels(best.module, isa)) for a in layers]
+    calls = []
+    original = fp8_modules.FusedFP8Attention.__call__
+    monkeypatch.setattr(fp8_modules.FusedFP8Attention, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    prompts = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (50, 37, 9, 33)]
+    for attn, f in zip(layers, kernels):
+        attn.fused_attention = f
+    fused = torch.cat(chunked_prompt_logits(llm, prompts, chunk))
+    ran = len(calls)
+    assert ran >= len(layers) * (50 // chunk)           # the steps' prompt chunks ran fused
+    for attn in layers:
+        attn.fused_attention = None
+    modules = torch.cat(chunked_prompt_logits(llm, prompts, chunk))
+    assert len(calls) == ran
+    diff = (fused - modules).abs().amax(-1)
+    assert (diff <= 1e-5).float().mean() >= 0.97 and (diff == 0).float().mean() >= 0.9, diff
 
 
 def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_model, measured, monkeypatch):
@@ -249,20 +314,20 @@ def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, re
 
     llm = quantized(tiny_model, measured)
     layers = llm.engine.model.attention_layers()
-    best = layers[0].fused_decode.kernels
+    best = layers[0].fused_attention.kernels
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
         pytest.skip(f"this CPU has no {isa}")
     kernels = CpuKernels(best.module, isa)
     if requantize:   # matmul scales that differ from the caches': K and V are cast onto the grid again
         for attn in layers:
             attn.matmul_qk.scale_b, attn.matmul_av.scale_b = 2 * attn.k_cache.scale, 3 * attn.v_cache.scale
-    fused = [fp8_modules.FusedFP8DecodeAttention(attn, kernels) for attn in layers]
+    fused = [fp8_modules.FusedFP8Attention(attn, kernels) for attn in layers]
     assert all(f.requantize == (requantize, requantize) for f in fused)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     for attn, f in zip(layers, fused):
-        attn.fused_decode = f
+        attn.fused_attention = f
     a = llm.generate(PROMPTS, params, use_tqdm=False)
     for attn in layers:
-        attn.fused_decode = None
+        attn.fused_attention = None
     b = llm.generate(PROMPTS, params, use_tqdm=False)
     assert_same_generations(a, b)

@@ -89,25 +89,27 @@ class CpuKernels:
         return self.module.fake_quant(x.float().contiguous(), float(inv_scale), float(limit), mantissa, min_exp,
                                       ISA_CODES[self.isa])
 
-    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, bias: torch.Tensor, scales: list[float],
-                         requantize: tuple[bool, bool], limit: float) -> torch.Tensor:
-        """One decode step of FP8 attention over the paged FP8 caches (see csrc/kernels.inc).
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, bias: torch.Tensor, scales: list[float],
+                        requantize: tuple[bool, bool], limit: float) -> torch.Tensor:
+        """FP8 attention over the paged FP8 caches (see csrc/kernels.inc paged_attention).
 
-        q [B, heads, d] float32 (rotated, before 1/sqrt(d)); caches [kv_heads, blocks, block_size, d];
-        bias [B, max_blocks * block_size]; scales: 1/sqrt(d), q·k's two input scales, the softmax
-        output scale, p·v's two input scales, the K and V cache scales. Returns [B, heads, d].
+        q float32 (rotated, before 1/sqrt(d)): [B, heads, d] for a decode step with bias
+        [B, max_blocks * block_size], or [B, L, heads, d] for L padded queries per sequence with bias
+        [B, L, max_blocks * block_size]; caches [kv_heads, blocks, block_size, d]; scales: 1/sqrt(d),
+        q·k's two input scales, the softmax output scale, p·v's two input scales, the K and V cache
+        scales. Returns q's shape.
         """
         mantissa, min_exp = FP8_LAYOUT[k_cache.dtype]
-        return self.module.decode_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
-                                            bias, k_cache.dtype == torch.float8_e5m2,
-                                            self.attention_byte_scales(scales, k_cache.dtype),
-                                            requantize[0], requantize[1], float(limit), mantissa, min_exp,
-                                            k_cache.shape[0], ISA_CODES[self.isa])
+        return self.module.paged_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
+                                           bias, k_cache.dtype == torch.float8_e5m2,
+                                           self.attention_byte_scales(scales, k_cache.dtype),
+                                           requantize[0], requantize[1], float(limit), mantissa, min_exp,
+                                           k_cache.shape[0], ISA_CODES[self.isa])
 
     @staticmethod
     def attention_byte_scales(scales: list[float], cache_dtype: torch.dtype) -> list[float]:
-        """decode_attention's 8 scales as the kernel takes them: the cache scales times byte_value_factor."""
+        """paged_attention's 8 scales as the kernel takes them: the cache scales times byte_value_factor."""
         factor = byte_value_factor(cache_dtype)
         return [float(s) for s in scales[:6]] + [float(s) * factor for s in scales[6:]]
 

@@ -106,7 +106,7 @@ class PagedAttention(nn.Module):
         if self.key_offset is not None:
             k = k - self.key_offset
         meta = meta.for_window(self.sliding_window)
-        fused = getattr(self, "fused_decode", None)     # set by a quantizer that can run decode steps fused
+        fused = getattr(self, "fused_attention", None)   # set by a quantizer that can run this layer fused
         if fused is not None and fused.applies(self, q, meta):
             return fused(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)

@@ -262,8 +262,8 @@ def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dty
                 linears[0].fused = FusedFP8Linears(linears)
     kernels = cpu_kernels() if device.type == "cpu" else None
     for attn in getattr(model, "attention_layers", list)():
-        if kernels is not None and FusedFP8DecodeAttention.can_fuse(attn):
-            attn.fused_decode = FusedFP8DecodeAttention(attn, kernels)
+        if kernels is not None and FusedFP8Attention.can_fuse(attn):
+            attn.fused_attention = FusedFP8Attention(attn, kernels)
     if kernels is not None and hasattr(model, "model"):
         from fp8lm.quant.fused_decode import FusedFP8DecodeStack   # it builds on the classes above
 
@@ -283,10 +283,11 @@ class HookWatch:
         return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-class FusedFP8DecodeAttention:
-    """Decode steps (one query per sequence) of an attention layer whose two matmuls, softmax and
-    K/V caches are FP8, as one kernel call over the paged FP8 cache: the modules' arithmetic, fused
-    (FP8 casts bit-identical; the softmax's exp and the sums' order may differ in the last bit)."""
+class FusedFP8Attention:
+    """An attention layer whose two matmuls, softmax and K/V caches are FP8, as one kernel call over
+    the paged FP8 cache — decode steps and prompt chunks alike: the modules' arithmetic, fused (FP8
+    casts bit-identical; the softmax's exp and the sums' order may differ in the last bit), keys a
+    query's mask hides never computed."""
 
     def __init__(self, attn, kernels):
         self.kernels = kernels
@@ -308,20 +309,24 @@ class FusedFP8DecodeAttention:
             (attn.matmul_qk, ("scale_a", "scale_b")), (attn.matmul_av, ("scale_a", "scale_b")),
             (attn.softmax, ("output_scale",)), (attn.k_cache, ("scale",)), (attn.v_cache, ("scale",))) for n in names)
         same = len({m.fmt for m in parts}) == 1 and attn.k_cache.cache_dtype == attn.matmul_qk.fmt.dtype
-        return scalar and same and attn.head_dim % 16 == 0
+        return scalar and same and attn.head_dim % 16 == 0 and attn.head_dim <= 128
 
     def applies(self, attn, q: torch.Tensor, meta) -> bool:
-        return (meta.max_query_len == 1 and q.dtype == torch.float32 and q.device.type == "cpu"
+        return (q.dtype == torch.float32 and q.device.type == "cpu"
                 and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and not self.hooks.hooked())
 
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
         attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        b = meta.batch_size          # decode: token i is sequence i's query (see AttentionMetadata)
-        out = self.kernels.decode_attention(q.contiguous(), attn.k_cache_tensor, attn.v_cache_tensor,
-                                            meta.block_tables, meta.attn_bias.reshape(b, -1), self.scales,
-                                            self.requantize, self.limit)
-        return out.view(b, -1)
+        b, length = meta.batch_size, meta.max_query_len
+        if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
+            queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
+        else:                # prompt chunks: queries padded to [B, L], one bias row each
+            queries, bias = q[meta.query_index], meta.attn_bias.reshape(b, length, -1)
+        out = self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
+                                           bias, self.scales, self.requantize, self.limit)
+        out = out.reshape(b * length, -1)
+        return out if length == 1 else out[meta.flat_index]
 
 
 class FusedFP8Linears:

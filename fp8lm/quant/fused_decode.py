@@ -15,7 +15,7 @@ from torch import nn
 from fp8lm.fp8.cpu_kernels import CpuKernels
 from fp8lm.model.attention import AttentionMetadata
 from fp8lm.model.layers import RMSNorm
-from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8DecodeAttention, FusedFP8Linears, HookWatch, inverse
+from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8Attention, FusedFP8Linears, HookWatch, inverse
 
 
 class FusedFP8DecodeStack:
@@ -28,7 +28,7 @@ class FusedFP8DecodeStack:
                                           cfg.intermediate_size, layers[0].input_layernorm.eps, fmt.dtype, fmt.limit)
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            fused_attn: FusedFP8DecodeAttention = attn.attn.fused_decode
+            fused_attn: FusedFP8Attention = attn.attn.fused_attention
             qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
             offset = attn.attn.key_offset
             self.stack.add_layer(
@@ -76,7 +76,7 @@ def _fusable(layer: nn.Module, fmt, eps: float) -> bool:
     qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
     return (type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
             and attn.q_norm is None and attn.attn.sliding_window is None
-            and isinstance(getattr(attn.attn, "fused_decode", None), FusedFP8DecodeAttention)
+            and isinstance(getattr(attn.attn, "fused_attention", None), FusedFP8Attention)
             and isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj)
             and isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
             and all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj))

@@ -1,6 +1,6 @@
 // A decode step (one new token per sequence) of a whole Llama decoder whose projections, attention
 // and KV cache are FP8, as one call: the same kernels as the layer-by-layer path (linear,
-// write_cache, decode_attention), with the glue between them (RMSNorm, rotary embedding, K's
+// write_cache, paged_attention), with the glue between them (RMSNorm, rotary embedding, K's
 // offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops per layer.
 // Included by fp8_cpu.cpp after the kernels' entry points.
 
@@ -16,7 +16,7 @@ struct DecodeLayer {
   c10::optional<torch::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
   torch::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
   double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
-  std::vector<double> attention_scales; // decode_attention's 8 scales
+  std::vector<double> attention_scales; // paged_attention's 8 scales
   bool requantize_k, requantize_v;
 };
 
@@ -77,7 +77,7 @@ class DecodeStack {
       split_rotate(qkv, cos, sin, l.key_offset, q, k, v);
       write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
       write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);
-      auto att = decode_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
+      auto att = paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
                                   l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_);
       add_into(x, project(att.view({B, heads_ * d_}), l.o));
       rms_norm(x, l.post_norm, h);

@@ -47,13 +47,13 @@ struct FP8Operand {       // the second operand of an attention matmul, read fro
 };
 
 struct DecodeArgs {
-  const float* q;                 // [batch, num_heads, head_dim], rotated, before the 1/sqrt(d) scale
+  const float* q;                 // [batch, queries, num_heads, head_dim], rotated, before the 1/sqrt(d) scale
   const uint8_t* k_cache;         // [num_kv_heads, num_cache_blocks, block_size, head_dim]
   const uint8_t* v_cache;
   const int64_t* block_tables;    // [batch, max_blocks]
-  const float* bias;              // [batch, max_blocks * block_size]: 0 or -inf
-  float* out;                     // [batch, num_heads, head_dim]
-  int64_t batch, num_heads, num_kv_heads, head_dim, num_cache_blocks, block_size, max_blocks;
+  const float* bias;              // [batch, queries, max_blocks * block_size]: 0 or -inf
+  float* out;                     // [batch, queries, num_heads, head_dim]
+  int64_t batch, queries, num_heads, num_kv_heads, head_dim, num_cache_blocks, block_size, max_blocks;
   bool e5m2;
   QuantArgs grid;                 // limit and format of every FP8 cast (its scale is per call)
   float q_scale, qk_inv_a, qk_out_scale, softmax_inv, softmax_scale, av_inv_a, av_out_scale;
@@ -177,42 +177,44 @@ torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit,
   return out;
 }
 
-// One decode step of FP8 attention over the paged FP8 cache (see kernels.inc decode_attention).
-// scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
+// FP8 attention over the paged FP8 cache (see kernels.inc paged_attention): q [B, heads, d] for a
+// decode step, or [B, L, heads, d] for L padded queries per sequence with bias [B, L, S]. scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
 // cache scales (E4M3: times 256, see dequant); requantize_k/v: cast K/V onto the grid again
 // (FP8Matmul does unless it can skip it).
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const torch::Tensor& bias, bool e5m2,
                                std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
                                int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.dim() == 3 && q.is_contiguous(), "q must be contiguous float32 [B, heads, d]");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && (q.dim() == 3 || q.dim() == 4) && q.is_contiguous(),
+              "q must be contiguous float32 [B, heads, d] or [B, L, heads, d]");
   TORCH_CHECK(k_cache.scalar_type() == torch::kByte && v_cache.scalar_type() == torch::kByte && k_cache.dim() == 4 &&
               k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "K/V caches must be contiguous uint8 [kv_heads, blocks, block_size, d] of one shape");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, max_blocks]");
-  TORCH_CHECK(scales.size() == 8, "decode_attention takes 8 scales");
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(2);
+  TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
+  const int64_t B = q.size(0), L = q.dim() == 4 ? q.size(1) : 1, H = q.size(-2), d = q.size(-1);
   const int64_t W = want_isa == kAvx512 ? 16 : 8;
-  TORCH_CHECK(d % W == 0 && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads && H % num_kv_heads == 0,
-              "head_dim must be a multiple of ", W, " and the caches must match q");
+  TORCH_CHECK(d % W == 0 && d <= 16 * W && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads &&
+              H % num_kv_heads == 0, "head_dim must be a multiple of ", W, " up to ", 16 * W,
+              " and the caches must match q");
   TORCH_CHECK(block_tables.size(0) == B, "block_tables must have one row per sequence");
   const int64_t S = block_tables.size(1) * k_cache.size(2);
-  TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == B * S,
-              "bias must be contiguous float32 [B, max_blocks * block_size]");
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == B * L * S,
+              "bias must be contiguous float32 [B, L, max_blocks * block_size]");
   auto out = torch::empty_like(q);
   const double qk_a = scales[1], qk_b = scales[2], sm = scales[3], av_a = scales[4], av_b = scales[5];
   DecodeArgs a{q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
                block_tables.data_ptr<int64_t>(), bias.data_ptr<float>(), out.data_ptr<float>(),
-               B, H, num_kv_heads, d, k_cache.size(1), k_cache.size(2), block_tables.size(1), e5m2,
+               B, L, H, num_kv_heads, d, k_cache.size(1), k_cache.size(2), block_tables.size(1), e5m2,
                QuantArgs{nullptr, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)},
                static_cast<float>(scales[0]), static_cast<float>(1.0 / qk_a), static_cast<float>(qk_a * qk_b),
                static_cast<float>(1.0 / sm), static_cast<float>(sm), static_cast<float>(1.0 / av_a),
                static_cast<float>(av_a * av_b),
                FP8Operand{static_cast<float>(scales[6]), static_cast<float>(1.0 / qk_b), requantize_k},
                FP8Operand{static_cast<float>(scales[7]), static_cast<float>(1.0 / av_b), requantize_v}};
-  FP8LM_ISA_CALL(want_isa, decode_attention(a));
+  FP8LM_ISA_CALL(want_isa, paged_attention(a));
   return out;
 }
 
@@ -280,7 +282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels", release());
   m.def("linear_bf16", &fp8lm::linear_bf16, "bfloat16-weight matmul over packed panels", release());
-  m.def("decode_attention", &fp8lm::decode_attention, "one decode step of FP8 attention over the paged cache",
+  m.def("paged_attention", &fp8lm::paged_attention, "one decode step of FP8 attention over the paged cache",
         release());
   m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache", release());
   m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)", release());

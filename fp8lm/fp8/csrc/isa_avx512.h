@@ -11,6 +11,7 @@ static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 
@@ -74,6 +75,14 @@ static inline vf quantize(vf x, vf inv, vf limit, __m512i mant_shift, __m512i mi
   return _mm512_mul_ps(r, spacing);
 }
 static inline __m512i iset1(int32_t a) { return _mm512_set1_epi32(a); }
+
+// For vexp (kernels.inc): round to nearest, y * 2^n for integral n, y where x >= lo else 0.
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf y, vf n) { return _mm512_scalef_ps(y, n); }
+static inline vf vkeep_ge(vf y, vf x, vf lo) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), y); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 
 static inline int64_t sum_bytes(const uint8_t* p, int64_t n) {   // n: a multiple of 256
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
