@@ -183,7 +183,7 @@ def test_a_failed_build_falls_back_and_says_why(monkeypatch, caplog, fresh_dispa
 
 def test_unknown_setting_is_refused(monkeypatch, fresh_dispatch):
     monkeypatch.setenv("FP8LM_CPU_KERNELS", "sse9")
-    with pytest.raises(FP8LMError, match="FP8LM_CPU_KERNELS='sse9': allowed values are auto, off, avx2, avx512"):
+    with pytest.raises(FP8LMError, match="FP8LM_CPU_KERNELS='sse9': allowed values are auto, off, avx2, avx512, avx512bf16"):
         ck.cpu_kernels()
 
 

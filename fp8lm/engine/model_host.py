@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fp8lm.engine.config import EngineConfig, resolve_device, resolve_dtype
+from fp8lm.engine.memory import keep_freed_memory_for_reuse
 from fp8lm.engine.model_runner import ModelRunner
 from fp8lm.engine.parallel import DistInfo, StepChannel, check_divisible, init_group, rank_device, backend_for
 from fp8lm.errors import FP8LMError
@@ -35,6 +36,8 @@ class ModelHost:
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.device = rank_device(resolve_device(config.device), dist_info.local_rank if dist_info else 0)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu" and not keep_freed_memory_for_reuse():
+            log.info("not glibc: steps' tensors are allocated by the system's default malloc settings")
         self.max_model_len = self._max_model_len()
         if self.world_size > 1:
             check_divisible(self.model_config, self.world_size)

@@ -4,7 +4,7 @@ The C++ extension is compiled on first use into the fp8lm cache folder (about 20
 machine and torch version) and loaded from there afterwards. Wherever it cannot be built or run
 (no compiler, not x86-64, no AVX2), `cpu_kernels()` returns None and FP8 layers keep the PyTorch
 reference path; one log line says which path runs. FP8LM_CPU_KERNELS picks it by hand:
-auto (default), avx512, avx2 or off.
+auto (default), avx512bf16, avx512, avx2 or off.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from fp8lm.fp8.numerics import FP8_LAYOUT
 log = logging.getLogger(__name__)
 
 PANEL = 32                      # output rows per packed panel (kPanel in csrc/fp8_cpu.cpp)
-ISA_CODES = {"avx2": 1, "avx512": 2}
+ISA_CODES = {"avx2": 1, "avx512": 2, "avx512bf16": 3}   # avx512bf16: W8A8 prefill by bfloat16 dot products
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h")
+_SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h", "gemm_bf16dot.h")
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ def cpu_kernels() -> CpuKernels | None:
         return None
     if module.PANEL != PANEL:
         raise FP8LMError(f"CPU FP8 kernels: the extension packs {module.PANEL} rows per panel, the wrapper {PANEL}")
-    best = {0: None, 1: "avx2", 2: "avx512"}[module.isa()]
+    best = {0: None, **{code: name for name, code in ISA_CODES.items()}}[module.isa()]
     if best is None:
         log.warning("CPU FP8 kernels need AVX2, FMA and F16C, which this CPU lacks: using the PyTorch reference path")
         return None

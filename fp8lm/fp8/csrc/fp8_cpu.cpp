@@ -65,6 +65,10 @@ struct DecodeArgs {
 namespace avx512 {
 #include "isa_avx512.h"
 #include "kernels.inc"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#include "gemm_bf16dot.h"
+#pragma GCC pop_options
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -76,24 +80,27 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16: AVX-512 plus its BF16 dot products, which only the W8A8 matmuls of many rows use.
+enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // `call` (a kernel call) in the namespace compiled for `isa`: avx512:: or avx2::.
-#define FP8LM_ISA_CALL(isa, call) ((isa) == kAvx512 ? avx512::call : avx2::call)
+#define FP8LM_ISA_CALL(isa, call) ((isa) >= kAvx512 ? avx512::call : avx2::call)
 
 int64_t isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return kAvx2;
   return kNone;
 }
 
 static void check_isa(int64_t want) {
-  TORCH_CHECK(want == kAvx2 || want == kAvx512, "fp8lm kernels: isa must be 1 (AVX2) or 2 (AVX-512), got ", want);
-  TORCH_CHECK(want <= isa(), "fp8lm kernels: this CPU lacks the instruction set ", want == kAvx512 ? "AVX-512" : "AVX2");
+  TORCH_CHECK(want >= kAvx2 && want <= kAvx512Bf16,
+              "fp8lm kernels: isa must be 1 (AVX2), 2 (AVX-512) or 3 (AVX-512 BF16), got ", want);
+  TORCH_CHECK(want <= isa(), "fp8lm kernels: this CPU lacks the instruction set ",
+              want == kAvx512Bf16 ? "AVX-512 BF16" : want == kAvx512 ? "AVX-512" : "AVX2");
 }
 
 static void check_float_vector(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
@@ -136,7 +143,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   LinearArgs a{xq.data_ptr<float>(), packed.data_ptr<uint8_t>(), col_scale.data_ptr<float>(),
                row_scale.data_ptr<float>(), row_scale.numel(), bias ? bias->data_ptr<float>() : nullptr,
                y.data_ptr<float>(), M, K, N, e5m2 ? WeightFormat::kE5M2 : WeightFormat::kE4M3};
-  FP8LM_ISA_CALL(want_isa, linear(a));
+  if (want_isa == kAvx512Bf16 && inv_scale && M > kFusedMaxRows) {
+    avx512::linear_dot(a);              // x is on the FP8 grid: exact in bfloat16
+  } else {
+    FP8LM_ISA_CALL(want_isa, linear(a));
+  }
   return y;
 }
 
@@ -195,7 +206,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
               "block_tables must be contiguous int64 [B, max_blocks]");
   TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
   const int64_t B = q.size(0), L = q.dim() == 4 ? q.size(1) : 1, H = q.size(-2), d = q.size(-1);
-  const int64_t W = want_isa == kAvx512 ? 16 : 8;
+  const int64_t W = want_isa >= kAvx512 ? 16 : 8;
   TORCH_CHECK(d % W == 0 && d <= 16 * W && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads &&
               H % num_kv_heads == 0, "head_dim must be a multiple of ", W, " up to ", 16 * W,
               " and the caches must match q");
@@ -279,7 +290,7 @@ int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python objects: other Python threads (the server's HTTP side) run meanwhile.
   using release = py::call_guard<py::gil_scoped_release>;
-  m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512");
+  m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels", release());
   m.def("linear_bf16", &fp8lm::linear_bf16, "bfloat16-weight matmul over packed panels", release());
   m.def("paged_attention", &fp8lm::paged_attention, "one decode step of FP8 attention over the paged cache",
