@@ -110,6 +110,19 @@ static void check_float_vector(const torch::Tensor& t, const char* name, std::in
               " elements, which does not fit the matmul's shapes");
 }
 
+// x [M, K] contiguous float32 against weight panels [ceil(N / 32), K, 32] of `dtype`.
+static void check_matmul_operands(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                                  torch::ScalarType dtype, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(packed.scalar_type() == dtype && packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == kPanel,
+              "packed weights must be contiguous ", c10::toString(dtype), " [panels, K, 32]");
+  TORCH_CHECK(packed.size(1) == x.size(1), "x has K=", x.size(1), " but the weights have K=", packed.size(1));
+  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "N=", N, " does not match ",
+              packed.size(0), " weight panels");
+  if (bias) check_float_vector(*bias, "bias", {N});
+}
+
 // x [M, K] float32 (contiguous) @ dequant(packed)ᵀ -> [M, N] float32.
 // inv_scale: optional [1] or [M]: x is first cast to FP8 values of x * inv_scale (W8A8).
 // row_scale: [1] or [M], multiplies row m of the result; col_scale: [N]; bias: optional [N].
@@ -118,17 +131,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
                      const c10::optional<torch::Tensor>& inv_scale, double limit, int64_t mantissa_bits,
                      int64_t min_exponent, const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 3 && packed.is_contiguous() &&
-              packed.size(2) == kPanel, "packed weights must be contiguous uint8 [panels, K, 32]");
+  check_matmul_operands(x, packed, N, torch::kByte, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(packed.size(1) == K, "x has K=", K, " but the weights have K=", packed.size(1));
-  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "N=", N, " does not match ",
-              packed.size(0), " weight panels");
   check_float_vector(col_scale, "col_scale", {N});
   check_float_vector(row_scale, "row_scale", {1, M});
-  if (bias) check_float_vector(*bias, "bias", {N});
 
   torch::Tensor xq = x;
   if (inv_scale) {
@@ -156,15 +162,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                           const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(packed.scalar_type() == torch::kBFloat16 && packed.dim() == 3 && packed.is_contiguous() &&
-              packed.size(2) == kPanel, "packed weights must be contiguous bfloat16 [panels, K, 32]");
+  check_matmul_operands(x, packed, N, torch::kBFloat16, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(packed.size(1) == K, "x has K=", K, " but the weights have K=", packed.size(1));
-  TORCH_CHECK(N > 0 && (N + kPanel - 1) / kPanel == packed.size(0), "N=", N, " does not match ",
-              packed.size(0), " weight panels");
-  if (bias) check_float_vector(*bias, "bias", {N});
   auto ones = torch::ones({N}, x.options());
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
