@@ -30,7 +30,7 @@ from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-WARMUP_PREFILL_TOKENS = 256
+WARMUP_PREFILL_TOKENS = (128, 256, 512)   # prompt-length buckets warmed (up to the step budget)
 DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
 
@@ -177,23 +177,32 @@ class LLMEngine(ModelHost):
                  num * bytes_per_block / 2**20)
         return num
 
+    def warmup_buckets(self) -> list[tuple[int, int]]:
+        """(sequences, tokens each) of every warm-up step: one prompt per length bucket up to the
+        step budget, then decode batches of 1, 2, 4, ... sequences up to max_num_seqs."""
+        longest = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        prefills = sorted({min(n, longest) for n in WARMUP_PREFILL_TOKENS})
+        most = min(self.config.max_num_seqs, self.block_manager.num_free_blocks)
+        decodes = sorted({min(2**i, most) for i in range(most.bit_length() + 1)})
+        return [(1, n) for n in prefills] + [(b, 1) for b in decodes]
+
     def warmup(self) -> None:
-        """Runs the largest prefill and decode batches once so first requests do not pay for it."""
+        """Runs each bucket's step once and logs its time. fp8lm compiles nothing per shape (the CPU
+        kernels are built once per machine, for every shape); what a first step of a size pays for
+        is oneDNN creating its primitives for float32 layers and the first touches of its buffers."""
         start = time.perf_counter()
         params = SamplingParams(temperature=0, max_tokens=1)
-        prefill_len = min(WARMUP_PREFILL_TOKENS, self.max_model_len - 1)
-        prefill_len = min(prefill_len, self.max_num_batched_tokens)
-        batches = [[Sequence(-1, "warmup", 0, [0] * prefill_len, params, None)]]
-        num_decode = min(self.config.max_num_seqs, self.block_manager.num_free_blocks)
-        batches.append([Sequence(-1, "warmup", i, [0], params, None) for i in range(num_decode)])
-        for seqs in batches:
+        timings = []
+        for batch, tokens in self.warmup_buckets():
+            seqs = [Sequence(-1 - i, "warmup", 0, [0] * tokens, params, None) for i in range(batch)]
             for seq in seqs:
                 self.block_manager.allocate(seq, cached=False)
-            self.runner.run(seqs, [s.num_tokens for s in seqs])
+            step = time.perf_counter()
+            self.runner.run(seqs, [tokens] * batch)
+            timings.append(f"{'prefill' if tokens > 1 else 'decode'} {batch}x{tokens} {time.perf_counter() - step:.3f} s")
             for seq in seqs:
                 self.block_manager.free(seq)
-        log.info("warm-up: prefill of %d tokens and decode of %d sequences in %.2f s",
-                 prefill_len, num_decode, time.perf_counter() - start)
+        log.info("warm-up in %.2f s (FP8LM_SKIP_WARMUP skips it): %s", time.perf_counter() - start, ", ".join(timings))
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
