@@ -112,13 +112,16 @@ class ParallelLinear(nn.Module):
             return
         self.bf16_panels = (kernels, pack_panels(rounded))
         self.packed_weight = None
-        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
-                                   requires_grad=False)
+        self._release_weight()
 
     def pack_for_onednn(self, batch_hint: int) -> None:
         """Replaces W by a oneDNN-packed copy (2-3x faster than torch's CPU mm on these machines).
         The plain weight is released unless another module shares it (tied embeddings)."""
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        self._release_weight()
+
+    def _release_weight(self) -> None:
+        """W becomes a meta placeholder of its shape and dtype once another copy computes with it."""
         self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
                                    requires_grad=False)
 

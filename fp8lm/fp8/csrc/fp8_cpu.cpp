@@ -292,7 +292,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &fp8lm::isa, "best instruction set this CPU runs: 0 none, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16");
   m.def("linear", &fp8lm::linear, "FP8-weight matmul over packed panels", release());
   m.def("linear_bf16", &fp8lm::linear_bf16, "bfloat16-weight matmul over packed panels", release());
-  m.def("paged_attention", &fp8lm::paged_attention, "one decode step of FP8 attention over the paged cache",
+  m.def("paged_attention", &fp8lm::paged_attention, "FP8 attention over the paged cache (decode steps, prompt chunks)",
         release());
   m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache", release());
   m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)", release());
