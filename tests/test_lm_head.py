@@ -63,3 +63,24 @@ def test_without_kernels_the_rounded_values_stay_in_the_weight():
     assert torch.equal(head.weight, weight.bfloat16().float())
     x = torch.randn(3, 24)
     assert torch.equal(head(x), x @ weight.bfloat16().float().T)
+
+
+@pytest.mark.skipif(ck.cpu_kernels() is None, reason="the bfloat16 panels are the CPU kernels'")
+def test_a_bfloat16_models_kept_head_gives_unrounded_float32_logits(tied_model, measured):
+    """bfloat16 weights and hidden states, float32 sums and logits: against float64, not rounded to
+    bfloat16 (whose steps of 1/16-1/8 at this size would tie many logits)."""
+    plain = LLM(str(tied_model), dtype="bfloat16", max_model_len=64, skip_warmup=True,
+                kv_cache_memory=1 << 20).engine.model
+    config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(measured),
+              "blocklist": {"names": ["^lm_head$"]}, "fp8lm": {"lm_head_bfloat16": True},
+              "allow_measurement_mismatch": True}
+    model = LLM(str(tied_model), dtype="bfloat16", quantization="inc", quant_config=config, max_model_len=64,
+                skip_warmup=True, kv_cache_memory=1 << 20).engine.model
+    weight = plain.lm_head.dense_weight().double()
+    hidden = (torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
+    logits = model.compute_logits(hidden)
+    expected = hidden.double() @ weight.T
+    bound = (weight.shape[1] + 5) * 2.0**-24 * (hidden.double().abs() @ weight.abs().T)
+    assert logits.dtype == torch.float32 and ((logits.double() - expected).abs() <= bound).all()
+    assert (logits != logits.bfloat16().float()).float().mean() > 0.9      # not on bfloat16's grid
+    assert (plain.compute_logits(hidden) == plain.compute_logits(hidden).bfloat16().float()).all()

@@ -155,3 +155,68 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
     in_memory.engine.score(prompts[1])
     hook.remove()
     assert float(keys["k"].abs().max()) <= float(tensors["model.layers.0.self_attn.k_scale"]) * 448 * (1 + 1e-6)
+
+
+def test_per_head_scales_equal_each_head_run_with_its_own_scale():
+    """A q·k / p·v matmul and a KV cache with one scale per KV head give, head by head, what the
+    per-tensor modules give with that head's scale."""
+    from fp8lm.model.layers import KVCache
+    from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul
+
+    fmt = FP8Format(E4M3, 448.0)
+    g = torch.Generator().manual_seed(0)
+    heads = 3
+    a = torch.randn(heads, 2, 5, 16, generator=g) * torch.tensor([0.1, 1.0, 30.0])[:, None, None, None]
+    b = torch.randn(heads, 2, 16, 7, generator=g) * torch.tensor([5.0, 0.02, 1.0])[:, None, None, None]
+    sa, sb = a.abs().amax(dim=(1, 2, 3)) / 448, b.abs().amax(dim=(1, 2, 3)) / 448
+    out = FP8Matmul(fmt, sa, sb)(a, b)
+    for h in range(heads):
+        assert torch.equal(out[h], FP8Matmul(fmt, float(sa[h]), float(sb[h]))(a[h:h + 1], b[h:h + 1])[0])
+
+    x = torch.randn(6, heads, 16, generator=g) * torch.tensor([0.01, 1.0, 8.0])[None, :, None]
+    s = x.abs().amax(dim=(0, 2)) / 448
+    cache = torch.zeros(heads, 2, 4, 16, dtype=E4M3)
+    slots, tables = torch.tensor([0, 1, 2, 4, 5, 6]), torch.tensor([[0, 1]])
+    per_head = FP8KVCache(fmt, s)
+    per_head(x, cache, slots)
+    fetched = per_head.fetch(cache, tables, torch.float32)
+    for h in range(heads):
+        one = FP8KVCache(fmt, float(s[h]))
+        c = torch.zeros(1, 2, 4, 16, dtype=E4M3)
+        one(x[:, h:h + 1], c, slots)
+        assert torch.equal(cache[h:h + 1].view(torch.uint8), c.view(torch.uint8))
+        assert torch.equal(fetched[h], one.fetch(c, tables, torch.float32)[0])
+    whole = FP8KVCache(fmt, float(s.max()))           # one scale: the small heads lose their digits
+    c = torch.zeros_like(cache)
+    whole(x, c, slots)
+    assert not torch.equal(whole.fetch(c, tables, torch.float32), fetched)
+    assert not torch.equal(FP8Matmul(fmt, float(sa.max()), float(sb.max()))(a, b), out)
+
+
+def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibration, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+
+    config = json.loads(recipe_calibration.quant_config.read_text())
+    config["fp8lm"]["per_head_attention_scales"] = True
+    stats = load_file(f"{config['dump_stats_path']}_fp8lm_stats.safetensors")
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
+              max_model_len=64, skip_warmup=True)
+    prefix = "model.layers.1.self_attn.attn"
+    attn = llm.engine.model.model.layers[1].self_attn.attn
+    smoothed_k = stats[f"{prefix}.smoothed_key_maxabs_per_head"]
+    assert smoothed_k.shape == (2,) and float(smoothed_k.max()) == pytest.approx(float(stats[f"{prefix}.key_maxabs"]))
+    assert torch.allclose(attn.k_cache.scale, smoothed_k / 448, rtol=1e-6)
+    assert torch.allclose(attn.v_cache.scale, stats[f"{prefix}.value_maxabs_per_head"] / 448, rtol=1e-6)
+    assert torch.allclose(attn.matmul_qk.scale_a, stats[f"{prefix}.query_maxabs_per_head"] / 448, rtol=1e-6)
+    assert torch.equal(attn.matmul_qk.scale_b, attn.k_cache.scale) and torch.equal(attn.matmul_av.scale_b, attn.v_cache.scale)
+    assert getattr(attn, "fused_attention", None) is None      # the kernel takes one scale per tensor
+    tokens = list(range(3, 40))
+    plain = LLM(str(tiny_model), quantization="inc", quant_config=str(recipe_calibration.quant_config),
+                kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
+    logits = llm.engine.score(tokens)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, plain.engine.score(tokens))
+    with pytest.raises(FP8LMError, match="per-head attention scales .* cannot be written"):
+        quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
+    assert not (tmp_path / "fp8").exists()

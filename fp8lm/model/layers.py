@@ -82,12 +82,16 @@ class ParallelLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias."""
         if self.bf16_panels is not None:
-            kernels, panels = self.bf16_panels
-            y = kernels.linear_bf16(x.reshape(-1, self.in_features).float(), panels, self.out_features)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return self._panels_matmul(x).to(x.dtype)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, None, "none", [], "")
         return F.linear(x, self.weight)
+
+    def _panels_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ on the bfloat16 panels: float32 sums, float32 result."""
+        kernels, panels = self.bf16_panels
+        y = kernels.linear_bf16(x.reshape(-1, self.in_features).float(), panels, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
@@ -214,6 +218,15 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(ColumnParallelLinear):
     """Output projection to the vocabulary; with tensor parallelism each rank holds a slice of it."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits. On bfloat16 panels they are the float32 sums themselves: a bfloat16 model's
+        logits are not rounded to bfloat16 (steps of 1/16-1/8 nat at their size, which make greedy
+        ties that the token id breaks)."""
+        if self.bf16_panels is None:
+            return self(hidden).float()
+        y = self._panels_matmul(hidden)
+        return y if self.bias is None else y + self.bias.float()
 
 
 def onednn_packs(dtype: torch.dtype) -> bool:

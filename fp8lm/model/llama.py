@@ -131,4 +131,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        return head.logits(hidden) if isinstance(head, LMHead) else head(hidden).float()

@@ -75,8 +75,18 @@ def quantization_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
                                 "symmetric": True} if kv else None}
 
 
+def _check_per_tensor_attention(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        scales = [getattr(module, n, None) for n in ("scale", "scale_a", "scale_b")]
+        if isinstance(module, (FP8KVCache, FP8Matmul)) and any(torch.is_tensor(s) and s.numel() > 1 for s in scales):
+            raise FP8LMError(f"{name}: per-head attention scales (QUANT_CONFIG fp8lm.per_head_attention_scales) "
+                             "cannot be written: compressed-tensors folders hold one KV scale per tensor; "
+                             "turn the option off to write a folder, or serve with the QUANT_CONFIG")
+
+
 def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors under their checkpoint names, and the sidecar's attention scales."""
+    _check_per_tensor_attention(model)
     tensors: dict[str, torch.Tensor] = {}
     attention: dict[str, dict] = {}
     for name, module in model.named_modules():

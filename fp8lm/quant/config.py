@@ -43,10 +43,11 @@ class Fp8lmOptions:
     softmax_scale: str = "measured"         # "bound": probabilities <= 1 map onto the full FP8 range
     attention_scales_from_cache: bool = False   # q·k and p·v read K/V with the FP8 cache's own scale
     lm_head_bfloat16: bool = False          # a kept float32 LM head's weight rounded to bfloat16 values
+    per_head_attention_scales: bool = False  # q·k's queries, K and V (and their caches): one scale per KV head
 
     @property
     def uses_statistics(self) -> bool:
-        return self.rounded_weights or self.searched_scales or self.k_smoothing
+        return self.rounded_weights or self.searched_scales or self.k_smoothing or self.per_head_attention_scales
 
 
 def _fp8lm_options(value, where: str) -> Fp8lmOptions:

@@ -46,6 +46,14 @@ def inverse(scale):
     return 1.0 / scale
 
 
+def along_first_axis(scale, ndim: int):
+    """A scale per index of a tensor's first axis (per-head attention scales: one per KV head),
+    shaped to broadcast over an `ndim`-dimensional tensor; one scale as it is."""
+    if torch.is_tensor(scale) and scale.numel() > 1:
+        return scale.view(-1, *([1] * (ndim - 1)))
+    return scale
+
+
 def scalar_op_kernels(device: torch.device, scale):
     """The CPU kernels, where they run and the op's scale is one Python float; else None."""
     return cpu_kernels() if device.type == "cpu" and not torch.is_tensor(scale) else None
@@ -233,19 +241,21 @@ class FP8Matmul(Matmul):
     def reads_own_grid(self, b_grid_scale) -> bool:
         """Whether b, FP8 values times `b_grid_scale`, is already on this matmul's own grid (the same
         power-of-two scale), so that rounding it again is the identity."""
-        return b_grid_scale is not None and float(b_grid_scale) == float(self.scale_b) \
-            and math.frexp(float(self.scale_b))[0] == 0.5
+        if b_grid_scale is None or any(torch.is_tensor(t) and t.numel() > 1 for t in (b_grid_scale, self.scale_b)):
+            return False        # per-head scales: rounded again (exact scales: the identity anyway)
+        return float(b_grid_scale) == float(self.scale_b) and math.frexp(float(self.scale_b))[0] == 0.5
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
         """`b_grid_scale`: b is known to be FP8 values times this scale (K/V read from an FP8 cache).
         If it is this matmul's own power-of-two scale, rounding b again is the identity: skipped
         (on SmolLM2 these are the largest tensors of a decode step)."""
-        aq = fp8_grid(a, inverse(self.scale_a), self.fmt)
+        scale_a, scale_b = along_first_axis(self.scale_a, a.dim()), along_first_axis(self.scale_b, b.dim())
+        aq = fp8_grid(a, inverse(scale_a), self.fmt)
         if self.reads_own_grid(b_grid_scale):
-            bq = b.float() * inverse(self.scale_b)
+            bq = b.float() * inverse(scale_b)
         else:
-            bq = fp8_grid(b, inverse(self.scale_b), self.fmt)
-        return (torch.matmul(aq, bq) * (self.scale_a * self.scale_b)).to(a.dtype)
+            bq = fp8_grid(b, inverse(scale_b), self.fmt)
+        return (torch.matmul(aq, bq) * (scale_a * scale_b)).to(a.dtype)
 
 
 def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -405,7 +415,7 @@ class FP8KVCache(KVCache):
         if kernels is not None:
             kernels.write_cache(x, cache, slot_mapping, inverse(self.scale), self.fmt.limit)
             return x
-        q = to_fp8(x.transpose(0, 1), inverse(self.scale), self.fmt.dtype, self.fmt.limit).contiguous()
+        q = to_fp8(x.transpose(0, 1), inverse(along_first_axis(self.scale, 3)), self.fmt.dtype, self.fmt.limit).contiguous()
         flat = cache.view(cache.shape[0], -1, cache.shape[-1])
         # index_copy_ has no float8 kernel on the CPU; bytes are bytes.
         flat.view(torch.uint8).index_copy_(1, slot_mapping, q.view(torch.uint8))
@@ -414,7 +424,7 @@ class FP8KVCache(KVCache):
     def fetch(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         kernels = scalar_op_kernels(cache.device, self.scale)
         if kernels is None:
-            return (super().fetch(cache, block_tables, torch.float32) * self.scale).to(dtype)
+            return (super().fetch(cache, block_tables, torch.float32) * along_first_axis(self.scale, 4)).to(dtype)
         # Only the blocks this step reads are gathered (as bytes) and dequantized.
         blocks = super().fetch(cache.view(torch.uint8), block_tables, torch.uint8).view(cache.dtype)
         return kernels.dequantize(blocks, self.scale).to(dtype)

@@ -15,7 +15,7 @@ from torch import nn
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.formats import DeviceProfile, device_tag, profile_for
 from fp8lm.fp8.scale_methods import MethodSpec
-from fp8lm.fp8.scales import activation_scale, weight_scale
+from fp8lm.fp8.scales import activation_scale, maxabs_scale, weight_scale
 from fp8lm.quant.config import QuantConfig
 from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
                                       prepare_fp8_linears)
@@ -139,7 +139,10 @@ class Quantizer:
             fp8.rounded_weight = rounded[0] if rounded else None
             self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": fp8}   # dynamic: none
         elif kind is MATMUL:
-            a, b = self._act(spec, node, "inputs", 0), self._matmul_b_scale(name, spec, node)
+            attn, op = name.rpartition(".")[::2]
+            heads = self._head_scales(attn, "query", spec) if op == "matmul_qk" else None
+            a = heads if heads is not None else self._act(spec, node, "inputs", 0)
+            b = self._matmul_b_scale(name, spec, node)
             fp8 = FP8Matmul(self.fmt, a, b)
             self.quantized[name] = {"inputs": [a, b], "outputs": [a * b]}
         elif kind is SOFTMAX:
@@ -184,8 +187,21 @@ class Quantizer:
         if not (self.kv_cache_fp8 and self.config.should_quantize(name, types)):
             return None
         spec = self.config.scale_method.for_node(name, types)
+        heads = self._head_scales(attn, "key" if which == "k_cache" else "value", spec)
+        if heads is not None:
+            return heads
         smoothed = self._smoothed_key_scale(attn, spec) if which == "k_cache" else None
         return smoothed if smoothed is not None else self._act(spec, self.nodes.get(name) or {}, "inputs", 0)
+
+    def _head_scales(self, attn: str, which: str, spec: MethodSpec) -> torch.Tensor | None:
+        """[this rank's KV heads] scales of `attn`'s queries / keys / values, where per-head attention
+        scales are on and calibrated (keys: after smoothing where K smoothing applies); else None."""
+        smoothed = which == "key" and self._key_maxabs(attn) is not None
+        maxabs = self.stats.get(f"{attn}.{'smoothed_' if smoothed else ''}{which}_maxabs_per_head")
+        if not self.config.fp8lm.per_head_attention_scales or maxabs is None or _is_fixed(spec.activation):
+            return None
+        n = maxabs.numel() // self.world_size
+        return maxabs_scale(maxabs[self.rank * n:(self.rank + 1) * n].float(), spec.activation, self.profile, self.fmt.dtype)
 
     def _smoothed_key_scale(self, attn: str, spec: MethodSpec) -> float | None:
         """The scale of `attn`'s keys after smoothing, where K smoothing applies; else None."""
@@ -214,9 +230,10 @@ class Quantizer:
                 module.key_offset = offset[self.rank * n:(self.rank + 1) * n].to(self.device, self.dtype)
 
     def _round_kept_lm_head(self, model: nn.Module) -> None:
-        """fp8lm's lm_head_bfloat16: a float32 LM head kept out of FP8 gets bfloat16 values."""
+        """fp8lm's lm_head_bfloat16: an LM head kept out of FP8 gets bfloat16 values (a bfloat16 head
+        has them: on the CPU kernels' panels it then gives float32 logits)."""
         head = getattr(model, "lm_head", None)
-        if self.config.fp8lm.lm_head_bfloat16 and type(head) is LMHead and head.weight.dtype == torch.float32:
+        if self.config.fp8lm.lm_head_bfloat16 and type(head) is LMHead and head.weight.dtype in (torch.float32, torch.bfloat16):
             head.keep_bfloat16_values(cpu_kernels() if self.device.type == "cpu" else None)
 
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
@@ -268,7 +285,8 @@ class Quantizer:
     def _write_scale_file(self) -> None:
         nodes = {}
         for name, entry in self.quantized.items():
-            node = {k: v for k, v in entry.items() if k != "linear"}
+            # per-head attention scales are written as lists (one per KV head)
+            node = {k: [x.tolist() if torch.is_tensor(x) else x for x in v] for k, v in entry.items() if k != "linear"}
             linear = entry.get("linear")
             if linear is not None:
                 w = torch.as_tensor(linear.weight_scale, dtype=torch.float32)

@@ -26,10 +26,15 @@ _EXACT = {"rounding_method": "IDENTITY", "backoff": 1.0}
 # attention sinks on.
 # lm_head_bfloat16: on SmolLM2 the rounded head moved float32's held-out text by mean KL 2e-5 and its
 # perplexity by +0.005%; the decode step reads half its bytes (the kept head is ~half of them).
+# per_head_attention_scales is off: SmolLM2's heads' maxima differ by at most ~2x within a layer, so a
+# scale per KV head changes no value's relative rounding (benchmarks/accuracy.py), and it leaves
+# the fused attention kernel (one scale per tensor) for the modules' path.
 FP8LM_OPTIONS = {"rounded_weights": True, "searched_scales": False, "k_smoothing": True,
-                 "softmax_scale": "bound", "attention_scales_from_cache": True, "lm_head_bfloat16": True}
+                 "softmax_scale": "bound", "attention_scales_from_cache": True, "lm_head_bfloat16": True,
+                 "per_head_attention_scales": False}
 PLAIN_OPTIONS = {"rounded_weights": False, "searched_scales": False, "k_smoothing": False,
-                 "softmax_scale": "measured", "attention_scales_from_cache": False, "lm_head_bfloat16": False}
+                 "softmax_scale": "measured", "attention_scales_from_cache": False, "lm_head_bfloat16": False,
+                 "per_head_attention_scales": False}
 
 
 def inc_recipe(prefix: Path) -> dict:
@@ -92,6 +97,11 @@ def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> di
         if keys.low is not None:
             tensors[f"{name}.key_offset"] = keys.offset()
             tensors[f"{name}.key_maxabs"] = torch.tensor([keys.smoothed_maxabs()])
+            tensors[f"{name}.key_maxabs_per_head"] = keys.maxabs_per_head(smoothed=False)
+            tensors[f"{name}.smoothed_key_maxabs_per_head"] = keys.maxabs_per_head(smoothed=True)
+    for name, heads in collector.heads.items():
+        if heads.maxabs is not None:
+            tensors[f"{name}_maxabs_per_head"] = heads.maxabs
     if gains:
         log.info("error-compensating rounding: output error %.2fx round-to-nearest's (mean over %d Linears)",
                  sum(gains) / len(gains), len(gains))

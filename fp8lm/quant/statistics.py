@@ -6,11 +6,13 @@ inputs the FP8 model upstream of it produces):
 - per FP8 Linear: H = X_qᵀX_q of its FP8 input (error-compensating weight rounding) and, per
   candidate input scale, its input's rounding error weighted by the weight's column norms (the
   output error the candidate causes, for the scale search);
-- per attention layer: each key channel's min and max (after rotary), for K smoothing.
+- per attention layer: each key channel's min and max (after rotary), for K smoothing, and the
+  maximum |value| of q·k's queries and of V per KV head, for per-head attention scales.
 
 Written as `<dump_stats_path>_fp8lm_stats.safetensors`: the rounded FP8 weights with their scales
 (and GPTQ's output error relative to round-to-nearest's), the input scales' searched factors, each
-attention layer's key offset and the key maximum after smoothing. INC's files are untouched.
+attention layer's key offset and the key maximum after smoothing, and the per-KV-head maxima of
+queries, keys (with and without smoothing) and values. INC's files are untouched.
 """
 from __future__ import annotations
 
@@ -71,13 +73,32 @@ class KeyStatistics:
     def smoothed_maxabs(self) -> float:
         return float(((self.high - self.low) / 2).max())
 
+    def maxabs_per_head(self, smoothed: bool) -> torch.Tensor:
+        """[kv_heads]: the largest |key| of each head, after smoothing or as cached without it."""
+        per_channel = (self.high - self.low) / 2 if smoothed else torch.maximum(self.low.abs(), self.high.abs())
+        return per_channel.amax(dim=-1)
+
+
+class HeadStatistics:
+    """The maximum |value| per KV head of a tensor whose axis `head_axis` is the KV head."""
+
+    def __init__(self, head_axis: int):
+        self.head_axis = head_axis
+        self.maxabs: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().abs().movedim(self.head_axis, 0)
+        m = x.reshape(x.shape[0], -1).amax(dim=1)
+        self.maxabs = m if self.maxabs is None else torch.maximum(self.maxabs, m)
+
 
 class StatisticsCollector:
-    """Hooks on every FP8 Linear and every attention layer's key cache of `model`."""
+    """Hooks on every FP8 Linear and on every attention layer's q·k and K/V caches of `model`."""
 
     def __init__(self, model: nn.Module):
         self.linears: dict[str, LinearStatistics] = {}
         self.keys: dict[str, KeyStatistics] = {}
+        self.heads: dict[str, HeadStatistics] = {}      # "<attention>.query" / "<attention>.value"
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, FP8Linear) and not module.dynamic:
@@ -88,6 +109,10 @@ class StatisticsCollector:
                 stats = self.keys[name] = KeyStatistics()
                 self._handles.append(module.k_cache.register_forward_pre_hook(
                     lambda m, args, s=stats: s.update(args[0])))
+                # q·k's first input is [kv_heads, B, group * L, d]; V is cached from [T, kv_heads, d].
+                for which, sub, axis in (("query", module.matmul_qk, 0), ("value", module.v_cache, 1)):
+                    stats = self.heads[f"{name}.{which}"] = HeadStatistics(axis)
+                    self._handles.append(sub.register_forward_pre_hook(lambda m, args, s=stats: s.update(args[0])))
 
     def detach(self) -> None:
         for h in self._handles:
