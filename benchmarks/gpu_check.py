@@ -85,14 +85,22 @@ def check_model(device: torch.device, max_tokens: int) -> list[str]:
                                                     max_model_len=256).generate(prompts, params, use_tqdm=False)]
         for label, kwargs in (("bf16", {}), ("fp8", dict(quantization="inc", quant_config=str(cal.quant_config),
                                                           kv_cache_dtype="fp8_inc"))):
-            llm = LLM("smollm2-135m-instruct", device=str(device), dtype="bfloat16", max_model_len=256, **kwargs)
-            start = time.perf_counter()
-            outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-            elapsed = time.perf_counter() - start
+            runs = {}
+            for eager in (True, False):      # CUDA graphs of decode steps (the default) vs --enforce-eager
+                llm = LLM("smollm2-135m-instruct", device=str(device), dtype="bfloat16", max_model_len=256,
+                          enforce_eager=eager, **kwargs)
+                start = time.perf_counter()
+                outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                runs[eager] = (outs, sum(map(len, outs)) / (time.perf_counter() - start), llm.engine.runner.graphs)
+                del llm
+            outs, rate, _ = runs[False]
             same = sum(a == b for a, b in zip(outs, cpu))
             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(outs, cpu)]
+            captured = runs[False][2] is not None and all(st.graph is not None for st in runs[False][2].steps.values())
             rows.append(f"SmolLM2 {label} on {device}: {same}/3 identical to CPU float32, first divergence at "
-                        f"{first}, {sum(map(len, outs)) / elapsed:.1f} tok/s")
+                        f"{first}, {rate:.1f} tok/s with CUDA graphs ({'captured' if captured else 'NOT captured'}), "
+                        f"{runs[True][1]:.1f} eager ({rate / runs[True][1]:.2f}x); graphs vs eager outputs "
+                        f"{sum(a == b for a, b in zip(outs, runs[True][0]))}/3 identical")
     return rows
 
 

@@ -96,6 +96,7 @@ class EngineConfig:
     seed: int = 0
     skip_warmup: bool | None = None
     iteration_timeout_s: float | None = None
+    enforce_eager: bool = False                  # CUDA: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):

@@ -13,6 +13,7 @@ import torch
 from fp8lm.engine.block_manager import BlockManager
 from fp8lm.engine.memory import PeakMemory, available_memory
 from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device
+from fp8lm.engine.cuda_graphs import graph_buckets
 from fp8lm.engine.model_host import ModelHost
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
@@ -55,7 +56,10 @@ class LLMEngine(ModelHost):
         self.num_kv_blocks = self._num_kv_blocks()
         if self.channel is not None:
             self.channel.send(("init", self.num_kv_blocks))
-        self.runner = self.make_runner(self.num_kv_blocks, self.channel)
+        self.runner = self.make_runner(self.num_kv_blocks, self.channel,
+                                       graph_buckets(config.max_num_seqs) if self._wants_decode_graphs() else None)
+        if self.runner.graphs is not None and self.device.type == "cuda":
+            self.runner.graphs.capture()
         # MEASURE observes every prompt token, as INC does: no prefix cache while calibrating.
         caching = config.enable_prefix_caching and self.measurement is None
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, caching)
@@ -124,6 +128,12 @@ class LLMEngine(ModelHost):
 
     def _kv_from_free_memory(self) -> bool:
         return not self.config.num_kv_blocks and isinstance(self._kv_budget(), float)
+
+    def _wants_decode_graphs(self) -> bool:
+        """CUDA graphs for decode steps: on CUDA unless enforce_eager, on one rank (the ranks' steps
+        hold collectives), and not while measuring (a replayed graph runs no observer)."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager and self.world_size == 1
+                and self.measurement is None)
 
     def _profile_step(self) -> int | None:
         """The peak memory of the largest step (max_num_batched_tokens prompt tokens), measured by

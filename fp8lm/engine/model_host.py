@@ -87,9 +87,10 @@ class ModelHost:
                     "model": model_fingerprint(self.model_path)}
         return Measurement(self.model, quant, metadata, self.rank, self.world_size)
 
-    def make_runner(self, num_blocks: int, channel: StepChannel | None = None) -> ModelRunner:
+    def make_runner(self, num_blocks: int, channel: StepChannel | None = None,
+                    decode_graph_buckets: list[int] | None = None) -> ModelRunner:
         return ModelRunner(self.model, num_blocks, self.config.block_size, self.max_model_len, self.device,
-                           self.dtype, channel)
+                           self.dtype, channel, decode_graph_buckets)
 
     def write_measurement(self) -> list[Path]:
         paths = self.measurement.write()

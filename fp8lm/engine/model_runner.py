@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8lm.engine.cuda_graphs import DecodeGraphs
 from fp8lm.engine.sequence import Sequence
 from fp8lm.model.attention import AttentionMetadata, StepMetadata, build_attn_bias
 from fp8lm.model.llama import LlamaForCausalLM
+from fp8lm.quant.fp8_modules import HookWatch
 
 
 @dataclass
@@ -19,19 +21,26 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype, channel=None):
-        """`channel` (rank 0 under tensor parallelism) sends every step's inputs to the other ranks."""
+                 device: torch.device, dtype: torch.dtype, channel=None, decode_graph_buckets: list[int] | None = None):
+        """`channel` (rank 0 under tensor parallelism) sends every step's inputs to the other ranks.
+        `decode_graph_buckets`: decode steps of these batch sizes run padded through `DecodeGraphs`
+        (captured by `graphs.capture()` on CUDA); the cache gets one scratch block for the padding."""
         self.model, self.device, self.dtype = model, device, dtype
         self.channel = channel
         self.block_size, self.num_blocks = block_size, num_blocks
         self.windows = sorted({w for w in model.config.layer_windows if w is not None})
         model.rotary.build_cache(max_model_len, device, dtype)
-        self._allocate_kv_cache()
+        self._allocate_kv_cache(num_blocks + (1 if decode_graph_buckets else 0))
+        self.graphs = None
+        if decode_graph_buckets:
+            self.graphs = DecodeGraphs(model, decode_graph_buckets, -(-max_model_len // block_size), block_size,
+                                       num_blocks, device, dtype)
+            self._hooks = HookWatch(list(model.modules()))       # a replayed graph runs no hooks
 
-    def _allocate_kv_cache(self) -> None:
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         """One K and one V cache per layer, bound to the layer's attention."""
         for attn in self.model.attention_layers():
-            shape = (attn.num_kv_heads, self.num_blocks, self.block_size, attn.head_dim)
+            shape = (attn.num_kv_heads, num_blocks, self.block_size, attn.head_dim)
             kv_dtype = attn.cache_dtype(self.dtype)
             # Zeroed, not empty: masked attention weights are 0, and 0 * NaN garbage would be NaN.
             k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
@@ -107,7 +116,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One forward pass of this rank's shard (every rank runs it with the same inputs)."""
-        return self.model(input_ids.to(self.device), positions.to(self.device), _to_device(meta, self.device))
+        input_ids, positions, meta = input_ids.to(self.device), positions.to(self.device), _to_device(meta, self.device)
+        if self.graphs is not None and self.graphs.applies(input_ids, meta) and not self._hooks.hooked():
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], query_lens: list[int], want_prompt_logits: set[int] = frozenset()) -> StepOutput:

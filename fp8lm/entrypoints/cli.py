@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_inc")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: decode without CUDA graphs (default: graphs of batch sizes 1, 2, 4, 8, 16, ... max-num-seqs)")
 
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +54,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-                enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching)
+                enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+                enforce_eager=args.enforce_eager)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ class LLM:
                  seed: int = 0, quantization: str | None = None, quant_config: str | dict | None = None,
                  kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1, skip_warmup: bool | None = None,
-                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True, **unsupported):
+                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 **unsupported):
         if unsupported:
             raise TypeError(f"LLM() got unsupported options: {', '.join(sorted(unsupported))}")
         self.engine = LLMEngine(EngineConfig(
@@ -34,7 +35,8 @@ class LLM:
             kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, seed=seed, quantization=quantization,
             quant_config=quant_config,
             kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup,
-            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching))
+            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager))
         self._request_ids = itertools.count()
         if self.engine.measurement is not None:
             # INC writes its measurements at interpreter exit too; so does fp8lm.
