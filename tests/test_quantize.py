@@ -8,7 +8,8 @@ from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError
 from fp8lm.model.layers import LMHead
-from fp8lm.quant import fp8_modules
+from fp8lm.fp8 import cpu_kernels as ck
+from fp8lm.quant import fp8_modules, fused_ops
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
@@ -272,10 +273,10 @@ def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, c
     best = layers[0].fused_attention.kernels
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
         pytest.skip(f"this CPU has no {isa}")
-    kernels = [fp8_modules.FusedFP8Attention(a, CpuKernels(best.module, isa)) for a in layers]
+    kernels = [fused_ops.FusedFP8Attention(a, CpuKernels(best.module, isa)) for a in layers]
     calls = []
-    original = fp8_modules.FusedFP8Attention.__call__
-    monkeypatch.setattr(fp8_modules.FusedFP8Attention, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    original = fused_ops.FusedFP8Attention.__call__
+    monkeypatch.setattr(fused_ops.FusedFP8Attention, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
     prompts = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
                for n in (50, 37, 9, 33)]
     for attn, f in zip(layers, kernels):
@@ -298,7 +299,7 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
     for m in linears:   # only the packed FP8 bytes are resident: no dequantized copy
         assert m.packed_weight.dtype == torch.uint8 and m.compute_weight is None and m.weight.is_meta
         assert m.packed_weight.numel() == -(-m.out_features // 32) * 32 * m.in_features
-    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     reference = quantized(tiny_model, measured)
     assert all(m.backend.startswith("emulated") for m in reference.engine.model.modules() if isinstance(m, FP8Linear))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
@@ -321,7 +322,7 @@ def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, re
     if requantize:   # matmul scales that differ from the caches': K and V are cast onto the grid again
         for attn in layers:
             attn.matmul_qk.scale_b, attn.matmul_av.scale_b = 2 * attn.k_cache.scale, 3 * attn.v_cache.scale
-    fused = [fp8_modules.FusedFP8Attention(attn, kernels) for attn in layers]
+    fused = [fused_ops.FusedFP8Attention(attn, kernels) for attn in layers]
     assert all(f.requantize == (requantize, requantize) for f in fused)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     for attn, f in zip(layers, fused):

@@ -5,7 +5,8 @@ import pytest
 from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import compare, read_text, token_windows
-from fp8lm.quant import fp8_modules
+from fp8lm.fp8 import cpu_kernels as ck
+from fp8lm.quant import fp8_modules, fused_ops
 from fp8_noise import perturb_embeddings
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,7 @@ def test_fused_kernels_run(smollm2, calibration, monkeypatch):
             return original(self, *args, **kwargs)
         monkeypatch.setattr(cls, "__call__", wrapper)
 
-    counting(fp8_modules.FusedFP8Linears, "linears")
+    counting(fused_ops.FusedFP8Linears, "linears")
     counting(FusedFP8DecodeStack, "decode")
     fast = fp8_llm(smollm2, calibration, max_num_seqs=4)
     assert all(m.backend.startswith("cpu-") for m in fast.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear))
@@ -85,7 +86,7 @@ def test_kernel_and_reference_paths_agree(smollm2, calibration, monkeypatch):
     if calibration[0] != "float32":
         pytest.skip("compared in float32")
     fast = fp8_llm(smollm2, calibration)
-    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     slow, perturbed = fp8_llm(smollm2, calibration), fp8_llm(smollm2, calibration)
     assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
     perturb_embeddings(perturbed, 1e-6)
@@ -102,7 +103,7 @@ def test_kernel_modules_equal_reference_modules_on_real_activations(smollm2, cal
     if calibration[0] != "float32":
         pytest.skip("compared in float32")
     fast = fp8_llm(smollm2, calibration)
-    monkeypatch.setattr(fp8_modules, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     slow = fp8_llm(smollm2, calibration)
     seen = {}
     for name, m in slow.engine.model.named_modules():

@@ -214,3 +214,8 @@ def cpu_kernels() -> CpuKernels | None:
     built = f", compiled in {seconds:.0f} s" if seconds is not None else ""
     log.info("CPU FP8 matmul: compiled %s kernels, 1 byte per weight%s", isa, built)
     return CpuKernels(module, isa)
+
+
+def kernels_for(device) -> CpuKernels | None:
+    """The CPU kernels for tensors on `device`: None off the CPU (or where they cannot run)."""
+    return cpu_kernels() if device.type == "cpu" else None

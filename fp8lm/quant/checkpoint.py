@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
-from fp8lm.fp8.cpu_kernels import cpu_kernels
+from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.attention import PagedAttention
 from fp8lm.model.families import FUSED_MODULES, fused_module_name
 from fp8lm.model.layers import ParallelLinear
-from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
-                                      prepare_fp8_linears, set_scale)
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax, set_scale
+from fp8lm.quant.fused_ops import prepare_fp8_linears
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 SIDECAR = "fp8lm_quant.json"
@@ -289,7 +289,7 @@ class CheckpointQuantization:
                     set_scale(attn.k_cache, "scale", entry["k_scale"], self.fmt)
         prepare_fp8_linears(model, self.device, self.dtype)
         for name in self.bfloat16_values:     # stored as bfloat16: the same path, and the same sums, again
-            model.get_submodule(name).keep_bfloat16_values(cpu_kernels() if self.device.type == "cpu" else None)
+            model.get_submodule(name).keep_bfloat16_values(kernels_for(self.device))
 
 
 def _check_kv_scheme(folder: Path, scheme: dict) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lm.fp8.cpu_kernels import cpu_kernels, kernel_col_scale, pack_panels, unpack_panels
+from fp8lm.fp8.cpu_kernels import kernel_col_scale, kernels_for, pack_panels, unpack_panels
 from fp8lm.fp8.matmul import native_fp8_available, scaled_mm
 from fp8lm.fp8.numerics import fake_quant, to_fp8
 from fp8lm.fp8.scale_methods import ScaleSpec
@@ -56,7 +56,7 @@ def along_first_axis(scale, ndim: int):
 
 def scalar_op_kernels(device: torch.device, scale):
     """The CPU kernels, where they run and the op's scale is one Python float; else None."""
-    return cpu_kernels() if device.type == "cpu" and not torch.is_tensor(scale) else None
+    return None if torch.is_tensor(scale) else kernels_for(device)
 
 
 def fp8_grid(x: torch.Tensor, inv_scale, fmt: FP8Format) -> torch.Tensor:
@@ -160,7 +160,7 @@ class FP8Linear(nn.Module):
         if native_fp8_available(device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             self.backend = "native"
             return
-        kernels = cpu_kernels() if device.type == "cpu" else None
+        kernels = kernels_for(device)
         if kernels is not None:
             self.kernels = kernels
             self.packed_weight = pack_panels(self.weight.detach())
@@ -256,127 +256,6 @@ class FP8Matmul(Matmul):
         else:
             bq = fp8_grid(b, inverse(scale_b), self.fmt)
         return (torch.matmul(aq, bq) * (scale_a * scale_b)).to(a.dtype)
-
-
-def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Picks each FP8 Linear's backend once its weights are loaded, then fuses the projections a
-    module declares in `fusable_projections` where FusedFP8Linears can run them, and the decode
-    steps of fully FP8 attention layers where the CPU kernels run."""
-    for module in model.modules():
-        if isinstance(module, FP8Linear):
-            module.prepare(device, dtype)
-    for module in model.modules():
-        for names in getattr(module, "fusable_projections", ()):
-            linears = [getattr(module, n) for n in names]
-            if FusedFP8Linears.can_fuse(linears):
-                linears[0].fused = FusedFP8Linears(linears)
-    kernels = cpu_kernels() if device.type == "cpu" else None
-    for attn in getattr(model, "attention_layers", list)():
-        if kernels is not None and FusedFP8Attention.can_fuse(attn):
-            attn.fused_attention = FusedFP8Attention(attn, kernels)
-    if kernels is not None and hasattr(model, "model"):
-        from fp8lm.quant.fused_decode import FusedFP8DecodeStack   # it builds on the classes above
-
-        model.model.fused_decode = FusedFP8DecodeStack.build(model, kernels)
-
-
-class HookWatch:
-    """Whether any of `modules` has a forward (pre-)hook, or a global one is set: a fused path skips
-    the modules' own forwards and would bypass them. Asked every step, so it keeps the modules'
-    hook dicts (registering a hook adds to them in place) and tests those without a Python loop."""
-
-    def __init__(self, modules):
-        self._dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-
-    def hooked(self) -> bool:
-        g = nn.modules.module
-        return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
-
-
-class FusedFP8Attention:
-    """An attention layer whose two matmuls, softmax and K/V caches are FP8, as one kernel call over
-    the paged FP8 cache — decode steps and prompt chunks alike: the modules' arithmetic, fused (FP8
-    casts bit-identical; the softmax's exp and the sums' order may differ in the last bit), keys a
-    query's mask hides never computed."""
-
-    def __init__(self, attn, kernels):
-        self.kernels = kernels
-        qk, sm, av = attn.matmul_qk, attn.softmax, attn.matmul_av
-        self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b,
-                       attn.k_cache.scale, attn.v_cache.scale]
-        self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
-        self.limit = qk.fmt.limit
-        self.hooks = HookWatch((attn, qk, sm, av, attn.k_cache, attn.v_cache))
-
-    @staticmethod
-    def can_fuse(attn) -> bool:
-        parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
-        if not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
-                and isinstance(attn.softmax, FP8Softmax) and isinstance(attn.k_cache, FP8KVCache)
-                and isinstance(attn.v_cache, FP8KVCache)):
-            return False
-        scalar = all(isinstance(getattr(m, n), float) for m, names in (
-            (attn.matmul_qk, ("scale_a", "scale_b")), (attn.matmul_av, ("scale_a", "scale_b")),
-            (attn.softmax, ("output_scale",)), (attn.k_cache, ("scale",)), (attn.v_cache, ("scale",))) for n in names)
-        same = len({m.fmt for m in parts}) == 1 and attn.k_cache.cache_dtype == attn.matmul_qk.fmt.dtype
-        return scalar and same and attn.head_dim % 16 == 0 and attn.head_dim <= 128
-
-    def applies(self, attn, q: torch.Tensor, meta) -> bool:
-        return (q.dtype == torch.float32 and q.device.type == "cpu"
-                and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and not self.hooks.hooked())
-
-    def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
-        attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
-        attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        b, length = meta.batch_size, meta.max_query_len
-        if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
-            queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
-        else:                # prompt chunks: queries padded to [B, L], one bias row each
-            queries, bias = q[meta.query_index], meta.attn_bias.reshape(b, length, -1)
-        out = self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
-                                           bias, self.scales, self.requantize, self.limit)
-        out = out.reshape(b * length, -1)
-        return out if length == 1 else out[meta.flat_index]
-
-
-class FusedFP8Linears:
-    """Linears that read the same input with the same static input scale, run as one kernel call
-    over their concatenated weight panels (the members keep views of them: no extra memory)."""
-
-    def __init__(self, linears: list[FP8Linear]):
-        self.members = tuple(linears)
-        self.hooks = HookWatch(linears)
-        first = linears[0]
-        self.kernels, self.fmt = first.kernels, first.fmt
-        self.packed = torch.cat([m.packed_weight for m in linears])
-        start = 0
-        for m in linears:
-            m.packed_weight = self.packed[start:start + m.packed_weight.shape[0]]
-            start += m.packed_weight.shape[0]
-        self.sizes = [m.out_features for m in linears]
-        self.col_scale = torch.cat([m.kernel_col_scale for m in linears])
-        self.row_scale, self.inv_scale = first.static_kernel_scales
-        self.bias = None if first.bias is None else torch.cat([m.bias.float() for m in linears])
-
-    @staticmethod
-    def can_fuse(linears) -> bool:
-        if not all(isinstance(m, FP8Linear) and m.packed_weight is not None and not m.is_row_parallel
-                   and isinstance(m.input_scale, float) for m in linears):
-            return False
-        first = linears[0]
-        return (all(m.fmt == first.fmt and m.input_scale == first.input_scale and m.in_features == first.in_features
-                    and (m.bias is None) == (first.bias is None) for m in linears)
-                and all(m.out_features % 32 == 0 for m in linears[:-1]))   # panels never straddle members
-
-    def applies(self, linears) -> bool:
-        """Only for these very modules, and only while nothing observes them one by one (hooks)."""
-        return tuple(linears) == self.members and not self.hooks.hooked()
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        shape = x.shape
-        y = self.kernels.linear(x.reshape(-1, shape[-1]), self.packed, sum(self.sizes), self.fmt.dtype,
-                                self.col_scale, self.row_scale, self.inv_scale, self.fmt.limit, self.bias)
-        return tuple(part.reshape(*shape[:-1], part.shape[-1]) for part in y.split(self.sizes, dim=-1))
 
 
 class FP8Softmax(Softmax):

@@ -15,7 +15,8 @@ from torch import nn
 from fp8lm.fp8.cpu_kernels import CpuKernels
 from fp8lm.model.attention import AttentionMetadata
 from fp8lm.model.layers import RMSNorm
-from fp8lm.quant.fp8_modules import FP8Linear, FusedFP8Attention, FusedFP8Linears, HookWatch, inverse
+from fp8lm.quant.fp8_modules import FP8Linear, inverse
+from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
 
 
 class FusedFP8DecodeStack:

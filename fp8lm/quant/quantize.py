@@ -17,13 +17,13 @@ from fp8lm.fp8.formats import DeviceProfile, device_tag, profile_for
 from fp8lm.fp8.scale_methods import MethodSpec
 from fp8lm.fp8.scales import activation_scale, maxabs_scale, weight_scale
 from fp8lm.quant.config import QuantConfig
-from fp8lm.quant.fp8_modules import (FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax,
-                                      prepare_fp8_linears)
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
 from fp8lm.quant.measure_files import (METADATA_KEY, file_payload, find_measurement, measurement_base, rank_suffix,
                                       read_files, write_files)
-from fp8lm.fp8.cpu_kernels import cpu_kernels
+from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.model.attention import PagedAttention
 from fp8lm.model.layers import LMHead
+from fp8lm.quant.fused_ops import prepare_fp8_linears
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 from fp8lm.quant.statistics import load_statistics, stats_path
 
@@ -234,7 +234,7 @@ class Quantizer:
         has them: on the CPU kernels' panels it then gives float32 logits)."""
         head = getattr(model, "lm_head", None)
         if self.config.fp8lm.lm_head_bfloat16 and type(head) is LMHead and head.weight.dtype in (torch.float32, torch.bfloat16):
-            head.keep_bfloat16_values(cpu_kernels() if self.device.type == "cpu" else None)
+            head.keep_bfloat16_values(kernels_for(self.device))
 
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
         """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
