@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fp8lm import LLM
-from fp8lm.engine import llm_engine
+from fp8lm.engine import kv_sizing
 from fp8lm.engine.memory import PeakMemory
 from fp8lm.errors import FP8LMError
 
@@ -30,7 +30,7 @@ def test_peak_memory_sees_a_freed_allocation_and_forgets_earlier_peaks():
 
 def test_kv_cache_sized_from_free_memory_leaves_the_profiled_step_room(tiny_model, monkeypatch):
     free = 64 * MiB
-    monkeypatch.setattr(llm_engine, "available_memory", lambda device: free)
+    monkeypatch.setattr(kv_sizing, "available_memory", lambda device: free)
     llm = LLM(str(tiny_model), max_model_len=256, max_num_batched_tokens=1024, kv_cache_memory=0.5,
               max_num_seqs=1000, skip_warmup=True)
     e = llm.engine

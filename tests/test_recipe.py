@@ -160,7 +160,6 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
 def test_per_head_scales_equal_each_head_run_with_its_own_scale():
     """A q·k / p·v matmul and a KV cache with one scale per KV head give, head by head, what the
     per-tensor modules give with that head's scale."""
-    from fp8lm.model.layers import KVCache
     from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul
 
     fmt = FP8Format(E4M3, 448.0)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from fp8lm.engine.block_manager import BlockManager
-from fp8lm.engine.memory import PeakMemory, available_memory
-from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, resolve_device
+from fp8lm.engine.config import EngineConfig, resolve_device
 from fp8lm.engine.cuda_graphs import graph_buckets
+from fp8lm.engine.kv_sizing import KVCacheSizing
 from fp8lm.engine.model_host import ModelHost
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
@@ -35,7 +35,7 @@ WARMUP_PREFILL_TOKENS = (128, 256, 512)   # prompt-length buckets warmed (up to 
 DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
 
-class LLMEngine(ModelHost):
+class LLMEngine(KVCacheSizing, ModelHost):
     def __init__(self, config: EngineConfig, step_thread: bool = True):
         """`step_thread`: with an iteration timeout, run steps on a thread of their own so that a hung
         step can be abandoned; the server passes False and times steps from outside (AsyncEngine)."""
@@ -119,73 +119,11 @@ class LLMEngine(ModelHost):
         return DistInfo(0, world, 0)
 
     # ---- set-up -----------------------------------------------------------------------------
-    def _kv_budget(self) -> int | float:
-        """Bytes, or a fraction of the memory available."""
-        budget = self.config.kv_cache_memory
-        if budget is None:
-            budget = DEFAULT_CPU_KV_CACHE_BYTES if self.device.type == "cpu" else 0.8
-        return budget
-
-    def _kv_from_free_memory(self) -> bool:
-        return not self.config.num_kv_blocks and isinstance(self._kv_budget(), float)
-
     def _wants_decode_graphs(self) -> bool:
         """CUDA graphs for decode steps: on CUDA unless enforce_eager, on one rank (the ranks' steps
         hold collectives), and not while measuring (a replayed graph runs no observer)."""
         return (self.device.type == "cuda" and not self.config.enforce_eager and self.world_size == 1
                 and self.measurement is None)
-
-    def _profile_step(self) -> int | None:
-        """The peak memory of the largest step (max_num_batched_tokens prompt tokens), measured by
-        running it on a throwaway KV cache before the real one is sized from what is left (as vLLM
-        does). Not while measuring: INC observes every token the model sees."""
-        if self.measurement is not None:
-            log.info("no profile forward while measuring: the KV cache is sized without it")
-            return None
-        n = min(self.max_num_batched_tokens, self.max_model_len - 1)
-        blocks = -(-n // self.config.block_size)
-        if self.channel is not None:
-            self.channel.send(("init", blocks))
-        runner = self.make_runner(blocks, self.channel)
-        seq = Sequence(-1, "profile", 0, [0] * n, SamplingParams(temperature=0, max_tokens=1), None)
-        seq.block_table = list(range(blocks))
-        start = time.perf_counter()
-        with PeakMemory(self.device) as peak:
-            runner.run([seq], [n])
-        log.info("profile forward of %d tokens: %.1f MiB above the model at its peak, %.2f s", n,
-                 peak.bytes / 2**20, time.perf_counter() - start)
-        return peak.bytes
-
-    def _num_kv_blocks(self) -> int:
-        bs = self.config.block_size
-        bytes_per_block = sum(2 * bs * a.num_kv_heads * a.head_dim * a.cache_dtype(self.dtype).itemsize
-                              for a in self.model.attention_layers())
-        per_seq = -(-self.max_model_len // bs)
-        free = available_memory(self.device)
-        if self.config.num_kv_blocks:
-            num = self.config.num_kv_blocks
-        else:
-            budget = self._kv_budget()
-            if isinstance(budget, float):
-                # What a step needs at its peak stays free (it was measured with the model loaded).
-                budget = int(budget * free) - (self.step_peak_bytes or 0)
-            # More blocks than max_num_seqs full-length sequences could ever use is waste.
-            num = min(budget // bytes_per_block, self.config.max_num_seqs * per_seq)
-        peak = "" if self.step_peak_bytes is None else (
-            f" after the {self.step_peak_bytes / 2**20:.0f} MiB a step of max_num_batched_tokens="
-            f"{self.max_num_batched_tokens} needs (profiled)")
-        if num < per_seq:
-            raise FP8LMError(
-                f"the KV cache holds {max(num, 0)} blocks of {bs} tokens ({max(num, 0) * bytes_per_block / 2**20:.1f} "
-                f"MiB{peak}), fewer than the {per_seq} one sequence of max_model_len={self.max_model_len} needs: "
-                f"raise kv_cache_memory / num_kv_blocks or lower max_model_len / max_num_batched_tokens")
-        if num * bytes_per_block > free:
-            raise FP8LMError(f"a KV cache of {num * bytes_per_block / 2**20:.0f} MiB does not fit in the "
-                             f"{free / 2**20:.0f} MiB available: lower kv_cache_memory / num_kv_blocks")
-        kv_dtypes = sorted({str(a.cache_dtype(self.dtype)).replace("torch.", "") for a in self.model.attention_layers()})
-        log.info("KV cache: %d blocks x %d tokens, %s, %.1f MiB", num, bs, "/".join(kv_dtypes),
-                 num * bytes_per_block / 2**20)
-        return num
 
     def warmup_buckets(self) -> list[tuple[int, int]]:
         """(sequences, tokens each) of every warm-up step: one prompt per length bucket up to the

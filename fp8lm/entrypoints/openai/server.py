@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
