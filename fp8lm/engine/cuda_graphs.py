@@ -114,7 +114,7 @@ class DecodeGraphs:
                 t = time.perf_counter()
                 self.steps[batch].capture(self.model, pool)
                 timings.append(f"{batch}: {time.perf_counter() - t:.2f} s")
-        except RuntimeError as e:
+        except Exception as e:  # a best-effort speed-up: whatever stops a capture, decode eagerly
             for step in self.steps.values():
                 step.graph = step.hidden = None
             log.warning("CUDA graph capture failed, decoding eagerly (--enforce-eager skips the attempt): %s", e)
