@@ -24,8 +24,8 @@ constexpr int64_t weight_bytes(WeightFormat f) { return f == WeightFormat::kBF16
 struct LinearArgs {
   const float* x;          // [M, K] activation rows, already on the FP8 grid for W8A8
   const void* packed;      // [ceil(N / 32), K, 32] weights: FP8 bytes, or bfloat16 values
-  const float* col_scale;  // [N] per output channel (E4M3: times 256, see dequant)
-  const float* row_scale;  // [row_scale_n] per activation row, or one for all
+  const float* col_scale;  // [N] per output channel (E4M3: times 256, see dequant); nullptr: none (bfloat16)
+  const float* row_scale;  // [row_scale_n] per activation row, or one for all (unused without col_scale)
   int64_t row_scale_n;
   const float* bias;       // [N] or nullptr
   float* y;                // [M, N]
@@ -164,10 +164,9 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, i
   check_isa(want_isa);
   check_matmul_operands(x, packed, N, torch::kBFloat16, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  auto ones = torch::ones({N}, x.options());
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  LinearArgs a{x.data_ptr<float>(), packed.data_ptr(), ones.data_ptr<float>(), ones.data_ptr<float>(), 1,
+  LinearArgs a{x.data_ptr<float>(), packed.data_ptr(), nullptr, nullptr, 1,   // unscaled sums
                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N, WeightFormat::kBF16};
   FP8LM_ISA_CALL(want_isa, linear(a));
   return y;
