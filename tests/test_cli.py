@@ -95,3 +95,16 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
     with pytest.raises(ModelLoadError, match="no such GGUF"):
         convert_gguf(tmp_path / "absent.gguf", tmp_path / "cache" / "n")
+
+
+def test_enforce_eager_reaches_the_engine_config():
+    import argparse
+
+    from fp8lm.engine.config import EngineConfig
+    from fp8lm.entrypoints.cli import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for argv, expected in ((["m"], False), (["m", "--enforce-eager"], True)):
+        args = parser.parse_args(argv)
+        assert EngineConfig(model="m", **engine_kwargs(args)).enforce_eager is expected

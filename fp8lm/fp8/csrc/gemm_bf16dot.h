@@ -27,15 +27,6 @@ static inline void dot_tile(const uint32_t* w, const uint32_t* x, int64_t ldx, i
     for (int v = 0; v < 2; ++v) vstore(out + m * kPanel + v * 16, acc[m][v]);
 }
 
-template <int MR>
-static inline void dot_tile_rows(int rows, const uint32_t* w, const uint32_t* x, int64_t ldx, int64_t K2, float* out) {
-  if (rows == MR) {
-    dot_tile<MR>(w, x, ldx, K2, out);
-  } else if constexpr (MR > 1) {
-    dot_tile_rows<MR - 1>(rows, w, x, ldx, K2, out);
-  }
-}
-
 template <bool E5M2>
 static void dot_panels(const LinearArgs& a, const uint32_t* xpairs, int64_t K2, int64_t p0, int64_t p1) {
   std::vector<uint32_t> buf(K2 * kPanel);          // one panel as bfloat16 pairs along K: [K2][32]
@@ -51,7 +42,7 @@ static void dot_panels(const LinearArgs& a, const uint32_t* xpairs, int64_t K2, 
     }
     for (int64_t m0 = 0; m0 < a.M; m0 += kTileRows) {
       int rows = static_cast<int>(std::min<int64_t>(kTileRows, a.M - m0));
-      dot_tile_rows<kTileRows>(rows, buf.data(), xpairs + m0 * K2, K2, K2, t);
+      with_rows<kTileRows>(rows, [&](auto r) { dot_tile<decltype(r)::value>(buf.data(), xpairs + m0 * K2, K2, K2, t); });
       store_tile(t, rows, m0, p * kPanel, a);
     }
   }
