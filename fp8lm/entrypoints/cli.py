@@ -39,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: decode without CUDA graphs (default: graphs of batch sizes 1, 2, 4, 8, 16, ... max-num-seqs)")
+                   help="CUDA: decode without CUDA graphs (default: graphs of batch sizes 1, 2, 4 and multiples of 8 up to max-num-seqs)")
 
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
