@@ -8,8 +8,8 @@ and see one key (so that no row is all -inf: NaN could reach a per-tensor dynami
 row of a decode step is computed on its own, so the real rows' numbers do not depend on the padding
 beyond the float32 summation order of a wider matmul.
 
-Where there is nothing to capture (the CPU) `capture=False` runs the same padded step eagerly: that
-is what the CPU tests compare with the unpadded step, and what a GPU check then times captured.
+Where nothing is captured (the CPU, or a failed capture) `run` executes the same padded step
+eagerly: that is what the CPU tests compare with the unpadded step, and what a GPU check times captured.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class StaticDecodeStep:
 
     def __init__(self, batch: int, max_blocks: int, block_size: int, scratch_block: int,
                  device: torch.device, dtype: torch.dtype):
-        self.batch, self.block_size, self.scratch_block = batch, block_size, scratch_block
+        self.block_size, self.scratch_block = block_size, scratch_block
         keys = max_blocks * block_size
         long = dict(dtype=torch.long, device=device)
         self.input_ids = torch.zeros(batch, **long)

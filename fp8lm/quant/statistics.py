@@ -71,7 +71,7 @@ class KeyStatistics:
         return (self.low + self.high) / 2
 
     def smoothed_maxabs(self) -> float:
-        return float(((self.high - self.low) / 2).max())
+        return float(self.maxabs_per_head(smoothed=True).max())
 
     def maxabs_per_head(self, smoothed: bool) -> torch.Tensor:
         """[kv_heads]: the largest |key| of each head, after smoothing or as cached without it."""
