@@ -51,7 +51,8 @@ def fp8lm_cases(prefix: Path) -> dict[str, tuple[dict, bool]]:
     cases = {"INC maxabs_hw (everything FP8, FP8 KV)": (inc_recipe(prefix), True),
              "fp8lm default (LM head kept, FP8 attention + KV)": (default, True)}
     flipped = {"rounded_weights": True, "searched_scales": True, "k_smoothing": True, "softmax_scale": "bound",
-               "attention_scales_from_cache": True, "lm_head_bfloat16": True, "per_head_attention_scales": True}
+               "attention_scales_from_cache": True, "lm_head_bfloat16": True, "per_head_attention_scales": True,
+               "exact_first_token": True}
     for key, value in FP8LM_OPTIONS.items():
         other = PLAIN_OPTIONS[key] if value == flipped[key] else flipped[key]
         cases[f"  default, {key}={other}"] = ({**default, "fp8lm": {**default["fp8lm"], key: other}}, True)

@@ -219,3 +219,27 @@ def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibrati
     with pytest.raises(FP8LMError, match="per-head attention scales .* cannot be written"):
         quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
     assert not (tmp_path / "fp8").exists()
+
+
+def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written(recipe_calibration, tiny_model,
+                                                                                   tmp_path):
+    from fp8lm.entrypoints.quantize import quantize_to_folder
+
+    config = json.loads(recipe_calibration.quant_config.read_text())
+    config["fp8lm"]["exact_first_token"] = True
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
+              max_model_len=64, skip_warmup=True)
+    model = llm.engine.model
+    for layer in model.model.layers:
+        attn = layer.self_attn.attn
+        assert attn.exact_first_token and getattr(attn, "fused_attention", None) is None   # the kernel has no such row
+        assert attn.first_kv.shape == (2, attn.num_kv_heads, attn.k_cache_tensor.shape[1] + 1, attn.head_dim)
+    assert getattr(model.model, "fused_decode", None) is None
+    tokens = list(range(3, 40))
+    plain = LLM(str(tiny_model), quantization="inc", quant_config=str(recipe_calibration.quant_config),
+                kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
+    logits = llm.engine.score(tokens)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, plain.engine.score(tokens))
+    with pytest.raises(FP8LMError, match="exact K/V .* cannot be written"):
+        quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
+    assert not (tmp_path / "fp8").exists()

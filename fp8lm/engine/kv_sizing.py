@@ -52,8 +52,8 @@ class KVCacheSizing:
 
     def _num_kv_blocks(self) -> int:
         bs = self.config.block_size
-        bytes_per_block = sum(2 * bs * a.num_kv_heads * a.head_dim * a.cache_dtype(self.dtype).itemsize
-                              for a in self.model.attention_layers())
+        bytes_per_block = sum(2 * (bs * a.cache_dtype(self.dtype).itemsize + a.exact_first_token * self.dtype.itemsize)
+                              * a.num_kv_heads * a.head_dim for a in self.model.attention_layers())
         per_seq = -(-self.max_model_len // bs)
         free = available_memory(self.device)
         if self.config.num_kv_blocks:

@@ -45,7 +45,11 @@ class ModelRunner:
             # Zeroed, not empty: masked attention weights are 0, and 0 * NaN garbage would be NaN.
             k = torch.zeros(shape, dtype=kv_dtype, device=self.device)
             v = torch.zeros(shape, dtype=kv_dtype, device=self.device)
-            attn.bind_cache(k, v)
+            first = None
+            if attn.exact_first_token:
+                first = torch.zeros((2, attn.num_kv_heads, num_blocks + 1, attn.head_dim), dtype=self.dtype,
+                                    device=self.device)
+            attn.bind_cache(k, v, first)
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -83,13 +83,29 @@ class PagedAttention(nn.Module):
         # query's row shifts by the same q·offset, which softmax cancels; a calibrated offset centres
         # K's channels so that an FP8 cache and q·k lose less to K's channel outliers.
         self.key_offset: torch.Tensor | None = None
+        # fp8lm option exact_first_token: every sequence's first token (where attention sinks) keeps
+        # its K/V in the model dtype beside the FP8 cache ([2, kv_heads, blocks + 1, head_dim], one
+        # row per block for the token in its first slot; the last row takes every other token), and
+        # its q·k and p·v terms are computed from them in high precision.
+        self.exact_first_token = False
+        self.first_kv: torch.Tensor | None = None
 
     def cache_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
         """What this layer's K/V cache stores: FP8 once its KVCache modules are quantized."""
         return self.k_cache.cache_dtype or compute_dtype
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        self.k_cache_tensor, self.v_cache_tensor = k_cache, v_cache
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, first_kv: torch.Tensor | None = None) -> None:
+        if self.exact_first_token and first_kv is None:
+            raise RuntimeError("exact_first_token: bind_cache needs the first tokens' K/V buffer")
+        self.k_cache_tensor, self.v_cache_tensor, self.first_kv = k_cache, v_cache, first_kv
+
+    def _keep_first_tokens(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Each new token in a block's first slot: its K/V into first_kv (shapes stay static: the
+        others go to the spare last row)."""
+        block_size, spare = self.k_cache_tensor.shape[2], self.first_kv.shape[2] - 1
+        rows = torch.where(slot_mapping % block_size == 0, slot_mapping // block_size, spare)
+        self.first_kv[0].index_copy_(1, rows, k.transpose(0, 1).to(self.first_kv.dtype))
+        self.first_kv[1].index_copy_(1, rows, v.transpose(0, 1).to(self.first_kv.dtype))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata | StepMetadata) -> torch.Tensor:
@@ -111,6 +127,10 @@ class PagedAttention(nn.Module):
             return fused(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
+        first = None
+        if self.first_kv is not None:
+            self._keep_first_tokens(k, v, meta.slot_mapping)
+            first = self.first_kv[:, :, meta.block_tables[:, 0]]                            # [2, kvh, B, d]
         keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]
         values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, q.dtype)
 
@@ -121,18 +141,27 @@ class PagedAttention(nn.Module):
         # Rows of softmax are independent: query blocks give the same numbers with scores of
         # [.., QUERY_BLOCK, S] at a time (the FP8 casts and measurement hooks see every row once).
         out = torch.cat([self._attend_block(qp[:, :, :, i:i + QUERY_BLOCK], keys, values,
-                                            meta.attn_bias[..., i:i + QUERY_BLOCK, :])
+                                            meta.attn_bias[..., i:i + QUERY_BLOCK, :], first)
                          for i in range(0, L, QUERY_BLOCK)], dim=3)                              # [kvh, B, g, L, d]
         out = out.permute(1, 3, 0, 2, 4).reshape(b * L, kvh * g * d)
         return out[meta.flat_index]
 
     def _attend_block(self, qp: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      bias: torch.Tensor) -> torch.Tensor:
+                      bias: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """`first` [2, kvh, B, d]: key column 0's exact K/V (exact_first_token), else None."""
         kvh, b, g, lq, d = qp.shape
         s = keys.shape[2]
-        scores = self.matmul_qk(qp.reshape(kvh, b, g * lq, d), keys.transpose(-1, -2),
-                                b_grid_scale=self.k_cache.grid_scale)                             # [kvh, B, g*lq, S]
+        queries = qp.reshape(kvh, b, g * lq, d)
+        scores = self.matmul_qk(queries, keys.transpose(-1, -2), b_grid_scale=self.k_cache.grid_scale)  # [kvh, B, g*lq, S]
+        if first is not None:
+            scores[..., 0] = torch.einsum("hbqd,hbd->hbq", queries.float(), first[0].float()).to(scores.dtype)
         scores = scores.view(kvh, b, g, lq, s) + bias
         probs = self.softmax(scores, dim=-1).view(kvh, b, g * lq, s)
-        out = self.matmul_av(probs, values, b_grid_scale=self.v_cache.grid_scale)                 # [kvh, B, g*lq, d]
+        if first is None:
+            out = self.matmul_av(probs, values, b_grid_scale=self.v_cache.grid_scale)             # [kvh, B, g*lq, d]
+        else:
+            rest = probs.clone()
+            rest[..., 0] = 0
+            out = self.matmul_av(rest, values, b_grid_scale=self.v_cache.grid_scale)
+            out = (out.float() + probs[..., :1].float() * first[1][:, :, None].float()).to(out.dtype)
         return out.view(kvh, b, g, lq, d)

@@ -75,8 +75,13 @@ def quantization_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
                                 "symmetric": True} if kv else None}
 
 
-def _check_per_tensor_attention(model: nn.Module) -> None:
+def _check_writable_attention(model: nn.Module) -> None:
+    """What a compressed-tensors folder cannot hold: per-head scales, first tokens kept exact."""
     for name, module in model.named_modules():
+        if getattr(module, "exact_first_token", False):
+            raise FP8LMError(f"{name}: the first token's exact K/V (QUANT_CONFIG fp8lm.exact_first_token) cannot be "
+                             "written: compressed-tensors folders have no such cache layout; turn the option off "
+                             "to write a folder, or serve with the QUANT_CONFIG")
         scales = [getattr(module, n, None) for n in ("scale", "scale_a", "scale_b")]
         if isinstance(module, (FP8KVCache, FP8Matmul)) and any(torch.is_tensor(s) and s.numel() > 1 for s in scales):
             raise FP8LMError(f"{name}: per-head attention scales (QUANT_CONFIG fp8lm.per_head_attention_scales) "
@@ -86,7 +91,7 @@ def _check_per_tensor_attention(model: nn.Module) -> None:
 
 def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors under their checkpoint names, and the sidecar's attention scales."""
-    _check_per_tensor_attention(model)
+    _check_writable_attention(model)
     tensors: dict[str, torch.Tensor] = {}
     attention: dict[str, dict] = {}
     for name, module in model.named_modules():

@@ -44,6 +44,7 @@ class Fp8lmOptions:
     attention_scales_from_cache: bool = False   # q·k and p·v read K/V with the FP8 cache's own scale
     lm_head_bfloat16: bool = False          # a kept float32 LM head's weight rounded to bfloat16 values
     per_head_attention_scales: bool = False  # q·k's queries, K and V (and their caches): one scale per KV head
+    exact_first_token: bool = False          # each sequence's first token's K/V, q·k and p·v in high precision
 
     @property
     def uses_statistics(self) -> bool:

@@ -64,7 +64,7 @@ class FusedFP8Attention:
     @staticmethod
     def can_fuse(attn) -> bool:
         parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
-        if not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
+        if attn.exact_first_token or not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
                 and isinstance(attn.softmax, FP8Softmax) and isinstance(attn.k_cache, FP8KVCache)
                 and isinstance(attn.v_cache, FP8KVCache)):
             return False

@@ -222,6 +222,13 @@ class Quantizer:
         smoothed = self._smoothed_key_scale(attn, spec) if which == "k_cache" else None
         return smoothed if smoothed is not None else self._act(spec, node, "inputs", 1)
 
+    def _keep_first_tokens_exact(self, model: nn.Module) -> None:
+        """exact_first_token: the attention sink's K/V stay out of FP8 (not in windowed layers, whose
+        first key column is not the sequence's first token)."""
+        for module in model.modules():
+            if isinstance(module, PagedAttention) and module.sliding_window is None:
+                module.exact_first_token = self.config.fp8lm.exact_first_token
+
     def _apply_key_offsets(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, PagedAttention) and self._key_maxabs(name) is not None:
@@ -271,6 +278,7 @@ class Quantizer:
     # ---- after loading -----------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
         self._apply_key_offsets(model)
+        self._keep_first_tokens_exact(model)
         prepare_fp8_linears(model, self.device, self.dtype)
         self._round_kept_lm_head(model)
         if self.measurement_path is not None:

@@ -31,10 +31,10 @@ _EXACT = {"rounding_method": "IDENTITY", "backoff": 1.0}
 # the fused attention kernel (one scale per tensor) for the modules' path.
 FP8LM_OPTIONS = {"rounded_weights": True, "searched_scales": False, "k_smoothing": True,
                  "softmax_scale": "bound", "attention_scales_from_cache": True, "lm_head_bfloat16": True,
-                 "per_head_attention_scales": False}
+                 "per_head_attention_scales": False, "exact_first_token": False}
 PLAIN_OPTIONS = {"rounded_weights": False, "searched_scales": False, "k_smoothing": False,
                  "softmax_scale": "measured", "attention_scales_from_cache": False, "lm_head_bfloat16": False,
-                 "per_head_attention_scales": False}
+                 "per_head_attention_scales": False, "exact_first_token": False}
 
 
 def inc_recipe(prefix: Path) -> dict:
