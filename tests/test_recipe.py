@@ -228,8 +228,12 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written
     config = json.loads(recipe_calibration.quant_config.read_text())
     config["fp8lm"]["exact_first_token"] = True
     llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
-              max_model_len=64, skip_warmup=True)
+              max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 19)
     model = llm.engine.model
+    attns = [layer.self_attn.attn for layer in model.model.layers]
+    # per block and layer: 16 slots of FP8 K and V, plus one float32 K/V row
+    per_block = sum(2 * (16 * 1 + 4) * a.num_kv_heads * a.head_dim for a in attns)
+    assert attns[0].k_cache_tensor.shape[1] == (1 << 19) // per_block
     for layer in model.model.layers:
         attn = layer.self_attn.attn
         assert attn.exact_first_token and getattr(attn, "fused_attention", None) is None   # the kernel has no such row
