@@ -247,3 +247,17 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written
     with pytest.raises(FP8LMError, match="exact K/V .* cannot be written"):
         quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
     assert not (tmp_path / "fp8").exists()
+
+
+def test_calibrate_exact_first_token_flag(tiny_model, tmp_path, capsys):
+    from fp8lm.entrypoints.cli import main
+
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(tiny_model), "--output", str(out), "--num-samples", "2", "--max-seq-len", "24",
+                 "--max-tokens", "2", "--exact-first-token"]) == 0
+    config = json.loads((out / "maxabs_quant_cpu.json").read_text())
+    assert config["fp8lm"]["exact_first_token"] is True and config["fp8lm"]["rounded_weights"] is True
+    refused = tmp_path / "inc"
+    assert main(["calibrate", str(tiny_model), "--output", str(refused), "--recipe", "inc", "--exact-first-token"]) == 2
+    assert "--exact-first-token is an option of fp8lm's recipe" in capsys.readouterr().err
+    assert not refused.exists() or not any(refused.iterdir())

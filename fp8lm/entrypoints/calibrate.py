@@ -54,11 +54,13 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
               use_tqdm: bool = True, quant_overrides: dict | None = None,
               max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
-              recipe: str = "fp8lm", max_weight_share: float = 0.15) -> CalibrationResult:
+              recipe: str = "fp8lm", max_weight_share: float = 0.15,
+              exact_first_token: bool = False) -> CalibrationResult:
     """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
     "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
     With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
-    high precision (the config's blocklist)."""
+    high precision (the config's blocklist). `exact_first_token`: the recipe's option of that name
+    on (the budget is then measured with it)."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
     if recipe not in RECIPES:
@@ -75,7 +77,12 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
     if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
         recipe = "inc"       # Gaudi applies only its hardware's power-of-two scales
+    if exact_first_token and recipe != "fp8lm":
+        raise FP8LMError(f"--exact-first-token is an option of fp8lm's recipe; this calibration writes INC's "
+                         f"(--recipe {recipe}, profile {tag})")
     quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
+    if exact_first_token:
+        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": True}
 
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=measure_cfg,
               max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,

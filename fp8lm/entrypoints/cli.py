@@ -125,7 +125,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(args.model, args.dataset, Path(args.output), num_samples=args.num_samples,
                        max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase,
-                       tensor_parallel_size=args.tensor_parallel_size, recipe=args.recipe)
+                       tensor_parallel_size=args.tensor_parallel_size, recipe=args.recipe,
+                       exact_first_token=args.exact_first_token)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
     if args.max_ppl_increase is not None:
         print(f"blocklist for <= {args.max_ppl_increase}% perplexity: {result.blocklist}")
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="fp8lm", choices=("fp8lm", "inc"),
                    help="fp8lm: accuracy-first (exact scales, LM head kept, GPTQ rounding, K smoothing; "
                         "needs fp8lm to run); inc: INC's maxabs_hw config, nothing else")
+    p.add_argument("--exact-first-token", action="store_true",
+                   help="fp8lm recipe: each sequence's first token (the attention sink) keeps its K/V and its "
+                        "q·k and p·v terms in high precision (more accurate; slower: no fused FP8 kernels)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)
