@@ -1,6 +1,8 @@
 """exact_first_token: the first token's K/V kept beside the FP8 cache, its q·k and p·v terms exact."""
+import pytest
 import torch
 
+from fp8lm.fp8 import cpu_kernels as ck
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.model.attention import AttentionMetadata, PagedAttention, build_attn_bias
 from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul, FP8Softmax
@@ -55,7 +57,7 @@ def reference(q, k, v, scales, exact_first_token: bool) -> torch.Tensor:
     return out
 
 
-def test_first_token_terms_are_exact_in_prefill_and_decode():
+def inputs():
     g = torch.Generator().manual_seed(0)
     n = 6
     q = torch.randn(n, HEADS, D, generator=g) * 3
@@ -63,6 +65,11 @@ def test_first_token_terms_are_exact_in_prefill_and_decode():
     k[0] *= 4       # a sink: a large first key
     v = torch.randn(n, KV_HEADS, D, generator=g)
     scales = (float((q * D ** -0.5).abs().max()) / 448, float(k.abs().max()) / 448, float(v.abs().max()) / 448)
+    return q, k, v, scales
+
+
+def test_first_token_terms_are_exact_in_prefill_and_decode():
+    q, k, v, scales = inputs()
     for exact in (True, False):
         attn = fp8_attention(exact, scales)
         prefill = attn(q[:5], k[:5], v[:5], metadata(list(range(5))))
@@ -73,3 +80,34 @@ def test_first_token_terms_are_exact_in_prefill_and_decode():
             assert torch.equal(attn.first_kv[0, :, FIRST_BLOCK], k[0]) and torch.equal(attn.first_kv[1, :, 0], v[4])
             with_exact = expected
     assert (with_exact - reference(q, k, v, scales, False)).abs().max() > 1e-3     # the option changes the result
+
+
+class CountingKernels:
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, 0
+
+    def paged_attention(self, *args, **kwargs):
+        self.calls += 1
+        return self.kernels.paged_attention(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.kernels, name)
+
+
+def test_the_attention_kernel_keeps_the_first_token_exact():
+    """The fused FP8 attention kernel (prompt chunk, then a decode step) against the same reference."""
+    from fp8lm.quant.fused_ops import FusedFP8Attention
+
+    kernels = ck.cpu_kernels()
+    if kernels is None:
+        pytest.skip("no CPU FP8 kernels on this machine")
+    q, k, v, scales = inputs()
+    expected = reference(q, k, v, scales, True)
+    for isa in [i for i, code in ck.ISA_CODES.items() if code <= ck.ISA_CODES[kernels.isa]]:
+        attn = fp8_attention(True, scales)
+        assert FusedFP8Attention.can_fuse(attn)
+        counting = CountingKernels(ck.CpuKernels(kernels.module, isa))
+        attn.fused_attention = FusedFP8Attention(attn, counting)
+        got = torch.cat([attn(q[:5], k[:5], v[:5], metadata(list(range(5)))), attn(q[5:], k[5:], v[5:], metadata([5]))])
+        assert counting.calls == 2, isa
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (isa, (got - expected).abs().max())

@@ -222,28 +222,39 @@ def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibrati
 
 
 def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written(recipe_calibration, tiny_model,
-                                                                                   tmp_path):
+                                                                                   tmp_path, monkeypatch):
+    from fp8lm import SamplingParams
     from fp8lm.entrypoints.quantize import quantize_to_folder
+    from fp8lm.fp8 import cpu_kernels as ck
+    from fp8lm.quant.fused_decode import FusedFP8DecodeStack
+    from fp8lm.quant.fused_ops import FusedFP8Attention
 
     config = json.loads(recipe_calibration.quant_config.read_text())
     config["fp8lm"]["exact_first_token"] = True
-    llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
-              max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 19)
+    common = dict(quantization="inc", kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
+    llm = LLM(str(tiny_model), quant_config=config, kv_cache_memory=1 << 19, **common)
     model = llm.engine.model
     attns = [layer.self_attn.attn for layer in model.model.layers]
     # per block and layer: 16 slots of FP8 K and V, plus one float32 K/V row
     per_block = sum(2 * (16 * 1 + 4) * a.num_kv_heads * a.head_dim for a in attns)
     assert attns[0].k_cache_tensor.shape[1] == (1 << 19) // per_block
-    for layer in model.model.layers:
-        attn = layer.self_attn.attn
-        assert attn.exact_first_token and getattr(attn, "fused_attention", None) is None   # the kernel has no such row
+    for attn in attns:
+        assert attn.exact_first_token and isinstance(attn.fused_attention, FusedFP8Attention)
         assert attn.first_kv.shape == (2, attn.num_kv_heads, attn.k_cache_tensor.shape[1] + 1, attn.head_dim)
-    assert getattr(model.model, "fused_decode", None) is None
+    assert isinstance(model.model.fused_decode, FusedFP8DecodeStack)
     tokens = list(range(3, 40))
-    plain = LLM(str(tiny_model), quantization="inc", quant_config=str(recipe_calibration.quant_config),
-                kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, ignore_eos=True)
     logits = llm.engine.score(tokens)
+    fused = llm.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
+    plain = LLM(str(tiny_model), quant_config=str(recipe_calibration.quant_config), **common)
     assert torch.isfinite(logits).all() and not torch.equal(logits, plain.engine.score(tokens))
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)         # the same through the modules
+    modules = LLM(str(tiny_model), quant_config=config, **common)
+    assert getattr(modules.engine.model.model.layers[0].self_attn.attn, "fused_attention", None) is None
+    assert torch.allclose(modules.engine.score(tokens), logits, atol=1e-4, rtol=1e-4)
+    reference = modules.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
+    assert fused.token_ids == reference.token_ids
+    assert fused.cumulative_logprob == pytest.approx(reference.cumulative_logprob, abs=1e-4)
     with pytest.raises(FP8LMError, match="exact K/V .* cannot be written"):
         quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
     assert not (tmp_path / "fp8").exists()

@@ -99,7 +99,7 @@ class PagedAttention(nn.Module):
             raise RuntimeError("exact_first_token: bind_cache needs the first tokens' K/V buffer")
         self.k_cache_tensor, self.v_cache_tensor, self.first_kv = k_cache, v_cache, first_kv
 
-    def _keep_first_tokens(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def keep_first_tokens(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Each new token in a block's first slot: its K/V into first_kv (shapes stay static: the
         others go to the spare last row)."""
         block_size, spare = self.k_cache_tensor.shape[2], self.first_kv.shape[2] - 1
@@ -129,7 +129,7 @@ class PagedAttention(nn.Module):
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
         first = None
         if self.first_kv is not None:
-            self._keep_first_tokens(k, v, meta.slot_mapping)
+            self.keep_first_tokens(k, v, meta.slot_mapping)
             first = self.first_kv[:, :, meta.block_tables[:, 0]]                            # [2, kvh, B, d]
         keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]
         values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, q.dtype)

@@ -61,7 +61,8 @@ class FusedFP8DecodeStack:
         first = self.attentions[0].k_cache_tensor
         if self._bound is not first:      # the runner (re)bound the caches: a profile step, a new engine
             for i, a in enumerate(self.attentions):
-                self.stack.bind_caches(i, a.k_cache_tensor.view(torch.uint8), a.v_cache_tensor.view(torch.uint8))
+                self.stack.bind_caches(i, a.k_cache_tensor.view(torch.uint8), a.v_cache_tensor.view(torch.uint8),
+                                       a.first_kv)
             self._bound = first
         cos, sin = rope
         t = x.shape[0]

@@ -64,7 +64,7 @@ class FusedFP8Attention:
     @staticmethod
     def can_fuse(attn) -> bool:
         parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
-        if attn.exact_first_token or not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
+        if not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
                 and isinstance(attn.softmax, FP8Softmax) and isinstance(attn.k_cache, FP8KVCache)
                 and isinstance(attn.v_cache, FP8KVCache)):
             return False
@@ -81,13 +81,15 @@ class FusedFP8Attention:
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
         attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
+        if attn.first_kv is not None:
+            attn.keep_first_tokens(k, v, meta.slot_mapping)
         b, length = meta.batch_size, meta.max_query_len
         if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
             queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
         else:                # prompt chunks: queries padded to [B, L], one bias row each
             queries, bias = q[meta.query_index], meta.attn_bias.reshape(b, length, -1)
         out = self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
-                                           bias, self.scales, self.requantize, self.limit)
+                                           bias, self.scales, self.requantize, self.limit, attn.first_kv)
         out = out.reshape(b * length, -1)
         return out if length == 1 else out[meta.flat_index]
 

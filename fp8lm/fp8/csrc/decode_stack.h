@@ -15,6 +15,7 @@ struct DecodeLayer {
   FP8Projection qkv, o, gate_up, down;
   c10::optional<torch::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
   torch::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
+  c10::optional<torch::Tensor> first_kv;  // exact_first_token's rows (read only: a decode step never writes position 0)
   double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
   std::vector<double> attention_scales; // paged_attention's 8 scales
   bool requantize_k, requantize_v;
@@ -41,17 +42,18 @@ class DecodeStack {
                   projection(qkv, qkv_bias, q_n + 2 * kv_n), projection(o, o_bias, hidden_),
                   projection(gate_up, gate_up_bias, 2 * inter_), projection(down, down_bias, hidden_),
                   key_offset ? c10::optional<torch::Tensor>(key_offset->contiguous()) : c10::nullopt,
-                  torch::Tensor(), torch::Tensor(), k_inv_scale, v_inv_scale, attention_scales,
+                  torch::Tensor(), torch::Tensor(), c10::nullopt, k_inv_scale, v_inv_scale, attention_scales,
                   requantize_k, requantize_v};
     TORCH_CHECK(attention_scales.size() == 8, "decode stack: 8 attention scales per layer");
     TORCH_CHECK(!l.key_offset || l.key_offset->numel() == kv_n, "decode stack: key_offset must have kv_heads * head_dim values");
     layers_.push_back(std::move(l));
   }
 
-  void bind_caches(int64_t layer, torch::Tensor k_cache, torch::Tensor v_cache) {
+  void bind_caches(int64_t layer, torch::Tensor k_cache, torch::Tensor v_cache, c10::optional<torch::Tensor> first_kv) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
     layers_[layer].k_cache = k_cache;
     layers_[layer].v_cache = v_cache;
+    layers_[layer].first_kv = first_kv;
   }
 
   // x [B, hidden] (the embeddings of the step's tokens); cos / signed sin [B, head_dim] at their
@@ -78,7 +80,8 @@ class DecodeStack {
       write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
       write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);
       auto att = paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
-                                  l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_);
+                                  l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_,
+                                  l.first_kv);
       add_into(x, project(att.view({B, heads_ * d_}), l.o));
       rms_norm(x, l.post_norm, h);
       silu_mul(project(h, l.gate_up), act);

@@ -59,6 +59,11 @@ struct DecodeArgs {
   QuantArgs grid;                 // limit and format of every FP8 cast (its scale is per call)
   float q_scale, qk_inv_a, qk_out_scale, softmax_inv, softmax_scale, av_inv_a, av_out_scale;
   FP8Operand k, v;
+  // exact_first_token: [kv_heads, first_rows, head_dim] unrounded K and V, one row per cache block
+  // (its first slot's token); key 0 of a sequence is row block_tables[b][0]. nullptr: none.
+  const float* first_k = nullptr;
+  const float* first_v = nullptr;
+  int64_t first_rows = 0;
 };
 
 #pragma GCC push_options
@@ -194,7 +199,8 @@ torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit,
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const torch::Tensor& bias, bool e5m2,
                                std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
-                               int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa) {
+                               int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa,
+                               const c10::optional<torch::Tensor>& first_kv) {
   check_isa(want_isa);
   TORCH_CHECK(q.scalar_type() == torch::kFloat && (q.dim() == 3 || q.dim() == 4) && q.is_contiguous(),
               "q must be contiguous float32 [B, heads, d] or [B, L, heads, d]");
@@ -224,6 +230,14 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
                static_cast<float>(av_a * av_b),
                FP8Operand{static_cast<float>(scales[6]), static_cast<float>(1.0 / qk_b), requantize_k},
                FP8Operand{static_cast<float>(scales[7]), static_cast<float>(1.0 / av_b), requantize_v}};
+  if (first_kv) {
+    TORCH_CHECK(first_kv->scalar_type() == torch::kFloat && first_kv->is_contiguous() && first_kv->dim() == 4 &&
+                first_kv->size(0) == 2 && first_kv->size(1) == num_kv_heads && first_kv->size(2) >= k_cache.size(1) &&
+                first_kv->size(3) == d, "first_kv must be contiguous float32 [2, kv_heads, >= cache blocks, d]");
+    a.first_rows = first_kv->size(2);
+    a.first_k = first_kv->data_ptr<float>();
+    a.first_v = a.first_k + num_kv_heads * a.first_rows * d;
+  }
   FP8LM_ISA_CALL(want_isa, paged_attention(a));
   return out;
 }
