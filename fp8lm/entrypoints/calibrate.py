@@ -66,20 +66,20 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     if recipe not in RECIPES:
         raise FP8LMError(f"--recipe {recipe!r}: allowed: {', '.join(RECIPES)}")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
+    tag = profile_for(resolve_device(device)).name
+    if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
+        recipe = "inc"       # Gaudi applies only its hardware's power-of-two scales
+    if exact_first_token and recipe != "fp8lm":
+        raise FP8LMError(f"--exact-first-token is an option of fp8lm's recipe; this calibration writes INC's "
+                         f"(--recipe {recipe}, profile {tag})")
     output = Path(output).expanduser().resolve()
     check_writable(output)
-    tag = profile_for(resolve_device(device)).name
     limit = ModelConfig.from_folder(resolve_model(model)).max_position_embeddings - max_tokens
     if max_seq_len > limit:
         log.info("--max-seq-len %d lowered to %d: the model holds %d positions", max_seq_len, limit, limit + max_tokens)
         max_seq_len = limit
     prefix = output / "inc_output"
     measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
-    if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
-        recipe = "inc"       # Gaudi applies only its hardware's power-of-two scales
-    if exact_first_token and recipe != "fp8lm":
-        raise FP8LMError(f"--exact-first-token is an option of fp8lm's recipe; this calibration writes INC's "
-                         f"(--recipe {recipe}, profile {tag})")
     quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
     if exact_first_token:
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": True}

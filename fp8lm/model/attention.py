@@ -122,15 +122,14 @@ class PagedAttention(nn.Module):
         if self.key_offset is not None:
             k = k - self.key_offset
         meta = meta.for_window(self.sliding_window)
+        if self.first_kv is not None:
+            self.keep_first_tokens(k, v, meta.slot_mapping)
         fused = getattr(self, "fused_attention", None)   # set by a quantizer that can run this layer fused
         if fused is not None and fused.applies(self, q, meta):
             return fused(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
-        first = None
-        if self.first_kv is not None:
-            self.keep_first_tokens(k, v, meta.slot_mapping)
-            first = self.first_kv[:, :, meta.block_tables[:, 0]]                            # [2, kvh, B, d]
+        first = None if self.first_kv is None else self.first_kv[:, :, meta.block_tables[:, 0]]   # [2, kvh, B, d]
         keys = self.k_cache.fetch(self.k_cache_tensor, meta.block_tables, q.dtype)      # [kvh, B, S, d]
         values = self.v_cache.fetch(self.v_cache_tensor, meta.block_tables, q.dtype)
 

@@ -81,8 +81,6 @@ class FusedFP8Attention:
     def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
         attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        if attn.first_kv is not None:
-            attn.keep_first_tokens(k, v, meta.slot_mapping)
         b, length = meta.batch_size, meta.max_query_len
         if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
             queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
