@@ -142,6 +142,10 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
     in_memory = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
                     max_model_len=64, skip_warmup=True)
     reloaded = LLM(str(folder), max_model_len=64, skip_warmup=True)
+    sidecar = json.loads((folder / "fp8lm_quant.json").read_text())["attention_scales"]
+    for i, layer in enumerate(reloaded.engine.model.model.layers):
+        assert sidecar[f"model.layers.{i}.self_attn.attn"]["exact_first_token"] is True
+        assert layer.self_attn.attn.exact_first_token and layer.self_attn.attn.first_kv is not None
     for a, b in zip(in_memory.generate(prompts, params, use_tqdm=False), reloaded.generate(prompts, params, use_tqdm=False)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob
@@ -221,16 +225,15 @@ def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibrati
     assert not (tmp_path / "fp8").exists()
 
 
-def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written(recipe_calibration, tiny_model,
-                                                                                   tmp_path, monkeypatch):
+def test_exact_first_token_keeps_the_sink_beside_the_cache(recipe_calibration, tiny_model, monkeypatch):
     from fp8lm import SamplingParams
-    from fp8lm.entrypoints.quantize import quantize_to_folder
     from fp8lm.fp8 import cpu_kernels as ck
     from fp8lm.quant.fused_decode import FusedFP8DecodeStack
     from fp8lm.quant.fused_ops import FusedFP8Attention
 
     config = json.loads(recipe_calibration.quant_config.read_text())
-    config["fp8lm"]["exact_first_token"] = True
+    assert config["fp8lm"]["exact_first_token"] is True             # the recipe's default
+    off = {**config, "fp8lm": {**config["fp8lm"], "exact_first_token": False}}
     common = dict(quantization="inc", kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
     llm = LLM(str(tiny_model), quant_config=config, kv_cache_memory=1 << 19, **common)
     model = llm.engine.model
@@ -246,7 +249,12 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, ignore_eos=True)
     logits = llm.engine.score(tokens)
     fused = llm.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
-    plain = LLM(str(tiny_model), quant_config=str(recipe_calibration.quant_config), **common)
+    plain = LLM(str(tiny_model), quant_config=off, **common)
+    assert plain.engine.model.model.layers[0].self_attn.attn.first_kv is None
+    linear_only = {**config, "blocklist": {"types": ["Matmul", "Softmax", "KVCache"], "names": ["^lm_head$"]}}
+    no_fp8_attention = LLM(str(tiny_model), quantization="inc", quant_config=linear_only, max_model_len=64,
+                           skip_warmup=True)
+    assert not no_fp8_attention.engine.model.model.layers[0].self_attn.attn.exact_first_token   # no rows for nothing
     assert torch.isfinite(logits).all() and not torch.equal(logits, plain.engine.score(tokens))
     monkeypatch.setattr(ck, "cpu_kernels", lambda: None)         # the same through the modules
     modules = LLM(str(tiny_model), quant_config=config, **common)
@@ -255,9 +263,6 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache_and_cannot_be_written
     reference = modules.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
     assert fused.token_ids == reference.token_ids
     assert fused.cumulative_logprob == pytest.approx(reference.cumulative_logprob, abs=1e-4)
-    with pytest.raises(FP8LMError, match="exact K/V .* cannot be written"):
-        quantize_to_folder(str(tiny_model), tmp_path / "fp8", config)
-    assert not (tmp_path / "fp8").exists()
 
 
 def test_calibrate_exact_first_token_flag(tiny_model, tmp_path, capsys):
@@ -265,9 +270,13 @@ def test_calibrate_exact_first_token_flag(tiny_model, tmp_path, capsys):
 
     out = tmp_path / "cal"
     assert main(["calibrate", str(tiny_model), "--output", str(out), "--num-samples", "2", "--max-seq-len", "24",
-                 "--max-tokens", "2", "--exact-first-token"]) == 0
+                 "--max-tokens", "2"]) == 0
     config = json.loads((out / "maxabs_quant_cpu.json").read_text())
     assert config["fp8lm"]["exact_first_token"] is True and config["fp8lm"]["rounded_weights"] is True
+    off = tmp_path / "off"
+    assert main(["calibrate", str(tiny_model), "--output", str(off), "--num-samples", "2", "--max-seq-len", "24",
+                 "--max-tokens", "2", "--no-exact-first-token"]) == 0
+    assert json.loads((off / "maxabs_quant_cpu.json").read_text())["fp8lm"]["exact_first_token"] is False
     refused = tmp_path / "inc"
     assert main(["calibrate", str(tiny_model), "--output", str(refused), "--recipe", "inc", "--exact-first-token"]) == 2
     assert "--exact-first-token is an option of fp8lm's recipe" in capsys.readouterr().err

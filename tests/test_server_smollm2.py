@@ -34,11 +34,6 @@ def test_64_concurrent_streams_equal_offline(smollm2):
     assert got == expected
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13, not met: the model itself barely prefers 'The' over 'L' as the answer's first token "
-    "(transformers float32: -1.883 vs -1.965 nats; fp8lm bfloat16: -1.859 vs -1.984) and FP8 moves them by "
-    "~0.5 nats either way; with this calibration bfloat16 + FP8 gives 'L' -1.574 vs 'The' -2.097 and answers "
-    "\"L'Étoile, la France, ...\" (float32 FP8 and bfloat16 without FP8: Paris)"))
 def test_seed_command_line_with_fp8(smollm2, tmp_path):
     """calibrate (the default recipe), then the seed's serve line with fp8lm as the engine's name,
     answered by openai: in bfloat16 + FP8 the model still knows what float32 knows."""

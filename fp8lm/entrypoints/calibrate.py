@@ -55,12 +55,12 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
               use_tqdm: bool = True, quant_overrides: dict | None = None,
               max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
               recipe: str = "fp8lm", max_weight_share: float = 0.15,
-              exact_first_token: bool = False) -> CalibrationResult:
+              exact_first_token: bool | None = None) -> CalibrationResult:
     """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
     "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
     With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
-    high precision (the config's blocklist). `exact_first_token`: the recipe's option of that name
-    on (the budget is then measured with it)."""
+    high precision (the config's blocklist). `exact_first_token`: the fp8lm recipe's option of that
+    name (on by default; the budget is measured with it); None keeps the recipe's default."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
     if recipe not in RECIPES:
@@ -81,8 +81,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     prefix = output / "inc_output"
     measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
     quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
-    if exact_first_token:
-        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": True}
+    if exact_first_token is not None and recipe == "fp8lm":
+        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": exact_first_token}
 
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=measure_cfg,
               max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,

@@ -268,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="fp8lm", choices=("fp8lm", "inc"),
                    help="fp8lm: accuracy-first (exact scales, LM head kept, GPTQ rounding, K smoothing; "
                         "needs fp8lm to run); inc: INC's maxabs_hw config, nothing else")
-    p.add_argument("--exact-first-token", action="store_true",
-                   help="fp8lm recipe: each sequence's first token (the attention sink) keeps its K/V and its "
-                        "q·k and p·v terms in high precision (more accurate; one K/V row more per cache block)")
+    p.add_argument("--exact-first-token", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp8lm recipe (on by default): each sequence's first token (the attention sink) keeps its "
+                        "K/V and its q·k and p·v terms in high precision (more accurate; one K/V row more per "
+                        "cache block)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)

@@ -76,12 +76,8 @@ def quantization_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
 
 
 def _check_writable_attention(model: nn.Module) -> None:
-    """What a compressed-tensors folder cannot hold: per-head scales, first tokens kept exact."""
+    """What a compressed-tensors folder cannot hold: per-head scales."""
     for name, module in model.named_modules():
-        if getattr(module, "exact_first_token", False):
-            raise FP8LMError(f"{name}: the first token's exact K/V (QUANT_CONFIG fp8lm.exact_first_token) cannot be "
-                             "written: compressed-tensors folders have no such cache layout; turn the option off "
-                             "to write a folder, or serve with the QUANT_CONFIG")
         scales = [getattr(module, n, None) for n in ("scale", "scale_a", "scale_b")]
         if isinstance(module, (FP8KVCache, FP8Matmul)) and any(torch.is_tensor(s) and s.numel() > 1 for s in scales):
             raise FP8LMError(f"{name}: per-head attention scales (QUANT_CONFIG fp8lm.per_head_attention_scales) "
@@ -114,8 +110,13 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
                 attention.setdefault(name.rpartition(".")[0], {})["k_scale"] = scale
                 scale += float(offset.abs().max()) / module.fmt.limit
             tensors[f"{attn}.{which}_scale"] = torch.tensor(scale)
-        elif isinstance(module, PagedAttention) and module.key_offset is not None:
-            attention.setdefault(name, {})["key_offset"] = module.key_offset.float().cpu().tolist()
+        elif isinstance(module, PagedAttention):
+            # Both are fp8lm's runtime choices, in the sidecar: other loaders run the same weights and
+            # scales with plain FP8 attention.
+            if module.key_offset is not None:
+                attention.setdefault(name, {})["key_offset"] = module.key_offset.float().cpu().tolist()
+            if module.exact_first_token:
+                attention.setdefault(name, {})["exact_first_token"] = True
         elif isinstance(module, ParallelLinear):
             weight = module.dense_weight()
             tensors[prefix + "weight"] = (weight.bfloat16() if module.bfloat16_values else weight).cpu()
@@ -287,6 +288,8 @@ class CheckpointQuantization:
 
     def finish(self, model: nn.Module) -> None:
         for name, entry in self.attention.items():
+            if entry.get("exact_first_token"):
+                model.get_submodule(name).exact_first_token = True
             if "key_offset" in entry:
                 attn = model.get_submodule(name)
                 attn.key_offset = torch.tensor(entry["key_offset"], dtype=self.dtype, device=self.device)

@@ -223,11 +223,13 @@ class Quantizer:
         return smoothed if smoothed is not None else self._act(spec, node, "inputs", 1)
 
     def _keep_first_tokens_exact(self, model: nn.Module) -> None:
-        """exact_first_token: the attention sink's K/V stay out of FP8 (not in windowed layers, whose
-        first key column is not the sequence's first token)."""
+        """exact_first_token: the attention sink's K/V stay out of FP8 in layers whose attention or
+        cache is FP8 (not in windowed layers, whose first key column is not the sequence's first token)."""
         for module in model.modules():
             if isinstance(module, PagedAttention) and module.sliding_window is None:
-                module.exact_first_token = self.config.fp8lm.exact_first_token
+                fp8 = any(isinstance(m, (FP8KVCache, FP8Matmul)) for m in (module.k_cache, module.v_cache,
+                                                                           module.matmul_qk, module.matmul_av))
+                module.exact_first_token = self.config.fp8lm.exact_first_token and fp8
 
     def _apply_key_offsets(self, model: nn.Module) -> None:
         for name, module in model.named_modules():

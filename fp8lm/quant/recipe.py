@@ -29,9 +29,11 @@ _EXACT = {"rounding_method": "IDENTITY", "backoff": 1.0}
 # per_head_attention_scales is off: SmolLM2's heads' maxima differ by at most ~2x within a layer, so a
 # scale per KV head changes no value's relative rounding (benchmarks/accuracy.py), and it leaves
 # the fused attention kernel (one scale per tensor) for the modules' path.
+# exact_first_token is on: it took SmolLM2's mean KL 0.0345 -> 0.0302 (benchmarks/accuracy.py) and
+# turned bfloat16's France answer to Paris, for one K/V row per cache block in the model dtype.
 FP8LM_OPTIONS = {"rounded_weights": True, "searched_scales": False, "k_smoothing": True,
                  "softmax_scale": "bound", "attention_scales_from_cache": True, "lm_head_bfloat16": True,
-                 "per_head_attention_scales": False, "exact_first_token": False}
+                 "per_head_attention_scales": False, "exact_first_token": True}
 PLAIN_OPTIONS = {"rounded_weights": False, "searched_scales": False, "k_smoothing": False,
                  "softmax_scale": "measured", "attention_scales_from_cache": False, "lm_head_bfloat16": False,
                  "per_head_attention_scales": False, "exact_first_token": False}
