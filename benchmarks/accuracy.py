@@ -85,7 +85,7 @@ def llmc_folder(model: str, kind: str, out: Path, prompts: list[list[int]]) -> P
 def merged(a: Comparison, b: Comparison) -> Comparison:
     return Comparison(Perplexity(a.reference.nll + b.reference.nll, a.reference.num_tokens + b.reference.num_tokens),
                       Perplexity(a.candidate.nll + b.candidate.nll, a.candidate.num_tokens + b.candidate.num_tokens),
-                      a.kl_sum + b.kl_sum, a.agree + b.agree)
+                      a.kl_sum + b.kl_sum, a.agree + b.agree, a.nll_diff_sq + b.nll_diff_sq)
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ def main() -> None:
     halves = (windows[:len(windows) // 2], windows[len(windows) // 2:])
     print(f"held-out text: {sum(len(w) - 1 for w in windows)} scored tokens in {len(windows)} windows of "
           f"{args.window}; dtype {args.dtype}\n")
-    print(f"| recipe | ppl change | halves | mean KL | top-1 |\n|---|---|---|---|---|")
+    print("| recipe | ppl change | halves | mean KL | top-1 |\n|---|---|---|---|---|")
 
     def row(name: str, llm: LLM) -> None:
         a, b = (compare(ref.engine, llm.engine, h) for h in halves)

@@ -75,3 +75,39 @@ def test_sensitivity_keeps_the_best_gain_per_byte(engines):
     per_byte = [result.unit_gain_kl[u] / sizes[u] for u in result.blocklist if u != "lm_head"]
     assert per_byte == sorted(per_byte, reverse=True)
     assert perplexity(fp8, WINDOWS).value == before            # the FP8 modules are put back
+
+
+class _FixedLogits:
+    def __init__(self, logits):
+        self.logits = logits
+
+    def score(self, window):
+        return self.logits[:len(window)]
+
+
+def test_ppl_change_bound_from_the_per_token_differences():
+    """Two tokens whose NLLs differ by 0.1 and 0.3 nats: mean 0.2, variance 0.01, standard error
+    sqrt(0.01 / 2); the point change is e^0.2 - 1."""
+    ref = torch.zeros(3, 4)                                   # uniform: NLL ln 4 for every token
+    cand = torch.zeros(3, 4)
+    for row, target, diff in ((0, 1, 0.1), (1, 2, 0.3)):
+        # lowering the target's logit by x raises its NLL by x + ln((3 + e^-x) / 4)
+        x = torch.tensor(diff)
+        for _ in range(50):                                   # Newton on f(x) = x + ln((3 + e^-x)/4) - diff
+            f = x + torch.log((3 + torch.exp(-x)) / 4) - diff
+            x = x - f / (1 - torch.exp(-x) / (3 + torch.exp(-x)))
+        cand[row, target] = -x
+    result = compare(_FixedLogits(ref), _FixedLogits(cand), [[0, 1, 2]])
+    assert result.nll_diff_sq == pytest.approx(0.1 ** 2 + 0.3 ** 2, rel=1e-5)
+    assert result.ppl_change_pct == pytest.approx(100 * math.expm1(0.2), rel=1e-5)
+    assert result.ppl_change_bound_pct(1.0) == pytest.approx(100 * math.expm1(0.2 + math.sqrt(0.01 / 2)), rel=1e-4)
+    assert result.ppl_change_bound_pct(0.0) == pytest.approx(result.ppl_change_pct)
+
+
+def test_sensitivity_budget_needs_the_bound_not_the_estimate(engines):
+    """A budget equal to the all-FP8 point estimate is not met by it: its one-sided bound is higher."""
+    ref, fp8 = engines
+    everything = compare(ref, fp8, WINDOWS)
+    result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=everything.ppl_change_pct, max_weight_share=0.5)
+    assert everything.ppl_change_bound_pct(1.645) > everything.ppl_change_pct
+    assert result.blocklist and result.with_blocklist_bound_pct >= result.with_blocklist_pct

@@ -158,9 +158,10 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
     result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct, max_weight_share)
     kept = ", ".join(f"{u} (KL -{result.unit_gain_kl[u]:.4f}, {100 * result.unit_share[u]:.1f}% of the "
                      f"weights)" for u in result.blocklist) or "nothing"
-    log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% with %.1f%% of the "
-             "decoder's Linear weights high (calibration samples)", result.all_fp8_pct, kept,
-             result.with_blocklist_pct, 100 * result.kept_share)
+    log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% (%+.2f%% at the "
+             "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights high (calibration samples)",
+             result.all_fp8_pct, kept, result.with_blocklist_pct, result.with_blocklist_bound_pct,
+             100 * result.kept_share)
     return result.blocklist_names()
 
 

@@ -195,7 +195,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"  {unit:26s} mean KL -{pct:.5f} when only it is kept high "
                   f"({100 * result.unit_share[unit]:.1f}% of the decoder's Linear weights)")
         print(f"all FP8: {result.all_fp8_pct:+.2f}%; keeping {len(result.blocklist)} in high precision: "
-              f"{result.with_blocklist_pct:+.2f}% ({100 * result.kept_share:.1f}% of the weights high)")
+              f"{result.with_blocklist_pct:+.2f}% ({result.with_blocklist_bound_pct:+.2f}% at the one-sided 95% "
+              f"bound; {100 * result.kept_share:.1f}% of the weights high)")
         print('blocklist: {"names": ' + json.dumps(result.blocklist_names()) + "}")
     return 0
 

@@ -64,10 +64,19 @@ class Comparison:
     candidate: Perplexity
     kl_sum: float
     agree: int
+    nll_diff_sq: float = 0.0      # sum over tokens of (candidate's NLL - reference's NLL)²
 
     @property
     def ppl_change_pct(self) -> float:
         return 100.0 * (self.candidate.value / self.reference.value - 1)
+
+    def ppl_change_bound_pct(self, z: float) -> float:
+        """The perplexity change at z standard errors of the mean per-token NLL difference above it
+        (tokens taken as independent draws)."""
+        n = self.reference.num_tokens
+        mean = (self.candidate.nll - self.reference.nll) / n
+        stderr = math.sqrt(max(self.nll_diff_sq / n - mean * mean, 0.0) / n)
+        return 100.0 * math.expm1(mean + z * stderr)
 
     @property
     def mean_kl(self) -> float:
@@ -92,14 +101,16 @@ def compare(reference, candidate, windows: list[list[int]]) -> Comparison:
     """`reference`: an engine, or the windows' log-probabilities from `reference_logprobs` (kept to
     compare many candidates against one reference)."""
     ref_lps = reference_logprobs(reference, windows) if hasattr(reference, "score") else reference
-    ref_nll = cand_nll = kl = 0.0
+    ref_nll = cand_nll = kl = diff_sq = 0.0
     agree = n = 0
     for w, la in zip(windows, ref_lps):
         lb = torch.log_softmax(candidate.score(w).float(), -1)
         targets = torch.tensor(w[1:])[:, None]
-        ref_nll -= float(la.gather(1, targets).sum())
-        cand_nll -= float(lb.gather(1, targets).sum())
+        ref_tokens, cand_tokens = -la.gather(1, targets), -lb.gather(1, targets)
+        ref_nll += float(ref_tokens.sum())
+        cand_nll += float(cand_tokens.sum())
+        diff_sq += float(((cand_tokens - ref_tokens) ** 2).sum())
         kl += float((la.exp() * (la - lb)).sum())
         agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
         n += len(w) - 1
-    return Comparison(Perplexity(ref_nll, n), Perplexity(cand_nll, n), kl, agree)
+    return Comparison(Perplexity(ref_nll, n), Perplexity(cand_nll, n), kl, agree, diff_sq)
