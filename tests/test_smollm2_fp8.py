@@ -34,7 +34,7 @@ def test_default_recipe_stays_close(smollm2, calibration):
     """Every decoder Linear, q·k, softmax, p·v and the KV cache in FP8 (the LM head kept). Measured
     (1,602 tokens, AVX2 kernels): float32 +3.43% / KL 0.0289, bfloat16 +3.01% / KL 0.0301; without
     exact_first_token KL 0.0334 / 0.0355 (bfloat16's is above the KL bound, which leaves ~13% for
-    other ISAs' rounding flips: an earlier run on AVX-512 measured 0.032 where this one gives 0.0334).
+    other machines' rounding flips: an earlier session recorded 0.032 where this one gives 0.0334).
     The halves of the text differ by ~1 point, so the perplexity bound leaves that much."""
     ref = scoring(smollm2, calibration[0])
     windows = token_windows(ref.get_tokenizer(), read_text(None), 512)
