@@ -60,11 +60,14 @@ def test_fp8_tiny_model_runs_decode_steps_in_one_call(tiny_model, measured, monk
     assert len(calls) == 5                                  # 5 decode steps after one prefill of both prompts
 
 
-def test_stack_equals_the_layer_by_layer_path(tiny_model, measured):
+@pytest.mark.parametrize("options", [{}, {"exact_first_token": True}], ids=["plain", "exact_first_token"])
+def test_stack_equals_the_layer_by_layer_path(tiny_model, measured, options):
     """Same kernels, same casts: what may differ is float32 rounding in RMSNorm and SiLU (a sum in
     double vs torch's vectorized one, libm's exp vs Sleef's), ~1e-7 relative, and two layers of 64
-    features leave an FP8 rounding flip little room. Measured here: bit for bit equal."""
-    llm = fp8_tiny(tiny_model, measured)
+    features leave an FP8 rounding flip little room. Measured here: bit for bit equal. decode_logits
+    computes token 0 in a one-token step too, so with exact_first_token the stack must keep its K/V."""
+    llm = fp8_tiny(tiny_model, measured, **options)
+    assert all(a.exact_first_token == bool(options) for a in llm.engine.model.attention_layers())
     tokens = [t for p in PROMPTS for t in p][:90]
     stack = llm.engine.model.model.fused_decode
     fused = decode_logits(llm, tokens)

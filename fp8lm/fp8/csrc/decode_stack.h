@@ -15,7 +15,7 @@ struct DecodeLayer {
   FP8Projection qkv, o, gate_up, down;
   c10::optional<torch::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
   torch::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
-  c10::optional<torch::Tensor> first_kv;  // exact_first_token's rows (read only: a decode step never writes position 0)
+  c10::optional<torch::Tensor> first_kv;  // exact_first_token's float32 rows [2, kv_heads, rows, head_dim]
   double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
   std::vector<double> attention_scales; // paged_attention's 8 scales
   bool requantize_k, requantize_v;
@@ -53,6 +53,10 @@ class DecodeStack {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
     layers_[layer].k_cache = k_cache;
     layers_[layer].v_cache = v_cache;
+    TORCH_CHECK(!first_kv || (first_kv->scalar_type() == torch::kFloat && first_kv->is_contiguous() &&
+                              first_kv->dim() == 4 && first_kv->size(0) == 2 && first_kv->size(1) == kv_heads_ &&
+                              first_kv->size(2) > k_cache.size(1) && first_kv->size(3) == d_),
+                "decode stack: first_kv must be contiguous float32 [2, kv_heads, cache blocks + 1, head_dim]");
     layers_[layer].first_kv = first_kv;
   }
 
@@ -78,7 +82,8 @@ class DecodeStack {
       auto qkv = project(h, l.qkv);
       split_rotate(qkv, cos, sin, l.key_offset, q, k, v);
       write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
-      write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);
+      write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);  // checks slots
+      if (l.first_kv) keep_first_tokens(k, v, slots, l.k_cache.size(2), *l.first_kv);
       auto att = paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
                                   l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_,
                                   l.first_kv);
@@ -149,6 +154,26 @@ class DecodeStack {
       for (int64_t hd = 0; hd < kv_heads_; ++hd)
         rotate(kr + hd * d_, c, s, pk + (b * kv_heads_ + hd) * d_, off ? off + hd * d_ : nullptr);
       std::copy(kr + kv_heads_ * d_, kr + 2 * kv_heads_ * d_, pv + b * kv_heads_ * d_);
+    }
+  }
+
+  // As PagedAttention.keep_first_tokens: a token in a block's first slot keeps its unrounded K/V in
+  // that block's row (a one-token step may be a sequence's first: a one-token prompt, a last chunk).
+  void keep_first_tokens(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
+                         int64_t block_size, torch::Tensor& first_kv) const {
+    const int64_t B = k.size(0), rows = first_kv.size(2);
+    const int64_t* ps = slots.data_ptr<int64_t>();
+    float* fk = first_kv.data_ptr<float>();
+    float* fv = fk + kv_heads_ * rows * d_;
+    for (int64_t b = 0; b < B; ++b) {
+      if (ps[b] % block_size != 0) continue;
+      const int64_t row = ps[b] / block_size;
+      for (int64_t hd = 0; hd < kv_heads_; ++hd) {
+        const float* kb = k.data_ptr<float>() + (b * kv_heads_ + hd) * d_;
+        const float* vb = v.data_ptr<float>() + (b * kv_heads_ + hd) * d_;
+        std::copy(kb, kb + d_, fk + (hd * rows + row) * d_);
+        std::copy(vb, vb + d_, fv + (hd * rows + row) * d_);
+      }
     }
   }
 
