@@ -96,8 +96,12 @@ def test_fp8lm_runs_llm_compressor_checkpoints(llmc_folder):
 
 
 def assert_greedy_agrees(llm, hf) -> None:
+    """Each side's greedy tokens, teacher-forced through the other, are its argmax or a near tie.
+    Not the length of the common prefix: one near tie parts two free-running sequences for good, and
+    where it falls is a matter of rounding (transformers' own generate and its full forward differ by
+    up to 0.5 nats on these prompts)."""
     tok = llm.get_tokenizer()
-    exact = identical = 0
+    exact = 0
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
@@ -107,9 +111,19 @@ def assert_greedy_agrees(llm, hf) -> None:
         exact += len(expected) - ties
         free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids
-        identical += next((i for i, (a, b) in enumerate(zip(free, expected)) if a != b), len(expected))
+        assert_transformers_near_ties_only(hf, ids, list(free), llm.engine.eos_token_ids)
     assert exact >= 38
-    assert identical >= 24            # free-running greedy: on average 8 of 16 tokens before they part
+
+
+def assert_transformers_near_ties_only(hf, ids: list[int], tokens: list[int], masked_ids) -> None:
+    """fp8lm's decode-step output teacher-forced through transformers: as assert_near_ties_only."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].clone()
+    logits[:, list(masked_ids)] = float("-inf")
+    best = logits.argmax(-1)
+    gaps = logits.gather(1, best[:, None])[:, 0] - logits[torch.arange(len(tokens)), torch.tensor(tokens)]
+    assert float(gaps.max()) < NEAR_TIE, (tokens, gaps.tolist())
+    assert int((best != torch.tensor(tokens)).sum()) <= 4, (tokens, best.tolist())
 
 
 def test_transformers_runs_fp8lm_checkpoints(smollm2, tmp_path):
