@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fp8lm.entrypoints.calibrate import calibrate
+from fp8lm.errors import FP8LMError
 from fp8lm.quant.dataset import load_samples
 
 
@@ -102,3 +103,20 @@ def test_max_ppl_increase_writes_a_blocklist(tmp_path, tiny_model):
     cfg = json.loads(result.quant_config.read_text())
     assert cfg["blocklist"]["names"] == ["^lm_head$", *result.blocklist] and result.blocklist
     assert all(n.startswith("model\\.layers\\.") for n in result.blocklist)
+
+
+def test_a_budget_it_cannot_reach_says_so(tmp_path, tiny_model, caplog):
+    """Nothing may be kept (share 0), so FP8's bound stays above a 0% budget: a warning, not silence."""
+    with caplog.at_level("WARNING", logger="fp8lm"):
+        result = calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, max_seq_len=40, max_tokens=2,
+                           use_tqdm=False, max_ppl_increase=0.0, max_weight_share=0.0)
+    assert result.blocklist == []
+    assert any("--max-ppl-increase 0.00 not reached" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kw", [dict(max_ppl_increase=-1.0), dict(max_ppl_increase=float("nan")),
+                                dict(max_weight_share=1.5)])
+def test_a_bad_budget_is_refused_before_anything_runs(tmp_path, tiny_model, kw):
+    with pytest.raises(FP8LMError, match="max"):
+        calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, **kw)
+    assert not (tmp_path / "out").exists()

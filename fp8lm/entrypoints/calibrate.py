@@ -65,6 +65,10 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
     if recipe not in RECIPES:
         raise FP8LMError(f"--recipe {recipe!r}: allowed: {', '.join(RECIPES)}")
+    if max_ppl_increase is not None and not max_ppl_increase >= 0:
+        raise FP8LMError(f"--max-ppl-increase {max_ppl_increase}: a perplexity increase in percent, >= 0")
+    if not 0 <= max_weight_share <= 1:
+        raise FP8LMError(f"max_weight_share {max_weight_share}: a share of the decoder's weights, 0..1")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
     tag = profile_for(resolve_device(device)).name
     if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
@@ -162,6 +166,11 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
              "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights high (calibration samples)",
              result.all_fp8_pct, kept, result.with_blocklist_pct, result.with_blocklist_bound_pct,
              100 * result.kept_share)
+    if result.with_blocklist_bound_pct > max_increase_pct:
+        log.warning("--max-ppl-increase %.2f not reached: the units kept are the best found within %.0f%% of the "
+                    "decoder's Linear weights, at %+.2f%% (one-sided 95%% bound); the estimate is from the units' "
+                    "own selection samples, so expect more on other text", max_increase_pct,
+                    100 * max_weight_share, result.with_blocklist_bound_pct)
     return result.blocklist_names()
 
 

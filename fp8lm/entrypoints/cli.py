@@ -129,7 +129,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        exact_first_token=args.exact_first_token)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
     if args.max_ppl_increase is not None:
-        print(f"blocklist for <= {args.max_ppl_increase}% perplexity: {result.blocklist}")
+        print(f"blocklist chosen for --max-ppl-increase {args.max_ppl_increase}: {result.blocklist}")
     for path in result.measurement_files:
         print(f"  {path}")
     if args.recipe == "fp8lm":
