@@ -109,14 +109,15 @@ def assert_greedy_agrees(llm, hf) -> None:
         # fp8lm's view of each step; EOS masked as min_new_tokens does for transformers
         ties = assert_near_ties_only(llm, prompt, expected, NEAR_TIE, 4, masked_ids=llm.engine.eos_token_ids)
         exact += len(expected) - ties
-        free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, min_tokens=16),
                             use_tqdm=False)[0].outputs[0].token_ids
         assert_transformers_near_ties_only(hf, ids, list(free), llm.engine.eos_token_ids)
     assert exact >= 38
 
 
 def assert_transformers_near_ties_only(hf, ids: list[int], tokens: list[int], masked_ids) -> None:
-    """fp8lm's decode-step output teacher-forced through transformers: as assert_near_ties_only."""
+    """fp8lm's decode-step output (EOS masked by min_tokens) teacher-forced through transformers,
+    EOS masked alike: as assert_near_ties_only."""
     with torch.no_grad():
         logits = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].clone()
     logits[:, list(masked_ids)] = float("-inf")
