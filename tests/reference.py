@@ -35,7 +35,14 @@ def assert_near_ties_only(llm, prompt: str, tokens: list[int], near_tie: float, 
     an activation sits on an FP8 rounding boundary; this tells such near ties from real
     disagreements. Returns the ties."""
     ids = llm.get_tokenizer().encode(prompt)
-    logits = llm.engine.score(ids + list(tokens))[len(ids) - 1:].clone()
+    logits = llm.engine.score(ids + list(tokens))[len(ids) - 1:]
+    return assert_ties_in_logits(logits, tokens, near_tie, max_ties, masked_ids, repr(prompt))
+
+
+def assert_ties_in_logits(logits: torch.Tensor, tokens: list[int], near_tie: float, max_ties: int,
+                          masked_ids=(), label: str = "") -> int:
+    """assert_near_ties_only's check on given logits [len(tokens), vocab], row i predicting tokens[i]."""
+    logits = logits.clone()
     logits[:, list(masked_ids)] = float("-inf")
     ties = 0
     for step, token in enumerate(tokens):
@@ -43,6 +50,6 @@ def assert_near_ties_only(llm, prompt: str, tokens: list[int], near_tie: float, 
         if best != token:
             ties += 1
             gap = float(logits[step, best] - logits[step, token])
-            assert gap < near_tie, f"{prompt!r} step {step}: {token} is {gap:.2f} nats below the argmax {best}"
-    assert ties <= max_ties, f"{prompt!r}: {ties} near ties (allowed {max_ties})"
+            assert gap < near_tie, f"{label} step {step}: {token} is {gap:.2f} nats below the argmax {best}"
+    assert ties <= max_ties, f"{label}: {ties} near ties (allowed {max_ties})"
     return ties

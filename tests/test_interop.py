@@ -18,7 +18,7 @@ import torch
 
 from fp8lm import LLM, SamplingParams
 from fp8lm.quant.fp8_modules import FP8Linear
-from reference import assert_near_ties_only
+from reference import assert_near_ties_only, assert_ties_in_logits
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -119,12 +119,8 @@ def assert_transformers_near_ties_only(hf, ids: list[int], tokens: list[int], ma
     """fp8lm's decode-step output (EOS masked by min_tokens) teacher-forced through transformers,
     EOS masked alike: as assert_near_ties_only."""
     with torch.no_grad():
-        logits = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].clone()
-    logits[:, list(masked_ids)] = float("-inf")
-    best = logits.argmax(-1)
-    gaps = logits.gather(1, best[:, None])[:, 0] - logits[torch.arange(len(tokens)), torch.tensor(tokens)]
-    assert float(gaps.max()) < NEAR_TIE, (tokens, gaps.tolist())
-    assert int((best != torch.tensor(tokens)).sum()) <= 4, (tokens, best.tolist())
+        logits = hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+    assert_ties_in_logits(logits, tokens, NEAR_TIE, 4, masked_ids, f"transformers on fp8lm's tokens {tokens}")
 
 
 def test_transformers_runs_fp8lm_checkpoints(smollm2, tmp_path):

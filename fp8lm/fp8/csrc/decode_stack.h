@@ -158,19 +158,21 @@ class DecodeStack {
   }
 
   // As PagedAttention.keep_first_tokens: a token in a block's first slot keeps its unrounded K/V in
-  // that block's row (a one-token step may be a sequence's first: a one-token prompt, a last chunk).
+  // that block's row (a one-token step may be a sequence's first: a one-token prompt).
   void keep_first_tokens(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
                          int64_t block_size, torch::Tensor& first_kv) const {
     const int64_t B = k.size(0), rows = first_kv.size(2);
     const int64_t* ps = slots.data_ptr<int64_t>();
+    const float* pk = k.data_ptr<float>();
+    const float* pv = v.data_ptr<float>();
     float* fk = first_kv.data_ptr<float>();
     float* fv = fk + kv_heads_ * rows * d_;
     for (int64_t b = 0; b < B; ++b) {
       if (ps[b] % block_size != 0) continue;
       const int64_t row = ps[b] / block_size;
       for (int64_t hd = 0; hd < kv_heads_; ++hd) {
-        const float* kb = k.data_ptr<float>() + (b * kv_heads_ + hd) * d_;
-        const float* vb = v.data_ptr<float>() + (b * kv_heads_ + hd) * d_;
+        const float* kb = pk + (b * kv_heads_ + hd) * d_;
+        const float* vb = pv + (b * kv_heads_ + hd) * d_;
         std::copy(kb, kb + d_, fk + (hd * rows + row) * d_);
         std::copy(vb, vb + d_, fv + (hd * rows + row) * d_);
       }
