@@ -5,7 +5,8 @@ text, the same float32 reference.
 
 Rows: INC's maxabs_hw recipe, fp8lm's default recipe and each of its parts switched off, the
 Linear-only recipes, and llm-compressor's FP8, FP8_DYNAMIC and GPTQ FP8 schemes (calibrated in
-transformers on the same samples, run by fp8lm from the folders they write). Each row: perplexity
+transformers on the same token ids as fp8lm's statistics pass: the samples with the model's own
+continuations; run by fp8lm from the folders they write). Each row: perplexity
 change, its two halves (the first and second half of the text's windows: a difference smaller
 than their spread is noise), mean KL and top-1 agreement against float32.
 """
@@ -20,10 +21,9 @@ import time
 from pathlib import Path
 
 from fp8lm import LLM
-from fp8lm.entrypoints.calibrate import _tokenize, calibrate
+from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import Comparison, Perplexity, compare, read_text, token_windows
 from fp8lm.model.registry import pull
-from fp8lm.quant.dataset import load_samples
 from fp8lm.quant.recipe import FP8LM_OPTIONS, PLAIN_OPTIONS, fp8lm_recipe, inc_recipe
 
 LLMC = """
@@ -100,7 +100,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fp8lm-accuracy-"))
     start = time.perf_counter()
     cal = calibrate(model, "builtin", work / "cal", num_samples=args.num_samples, dtype=args.dtype, use_tqdm=False)
-    print(f"calibrated on {cal.num_samples} samples in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"calibrated on {cal.num_samples} samples ({sum(map(len, cal.texts))} tokens with the model's continuations) "
+          f"in {time.perf_counter() - start:.0f} s", flush=True)
     common = dict(dtype=args.dtype, max_model_len=args.window, max_num_seqs=1, skip_warmup=True,
                   num_kv_blocks=-(-args.window // 16))
     ref = LLM(model, **common)
@@ -124,9 +125,8 @@ def main() -> None:
             print(f"<!-- chart: {write_sqnr_report(module_sqnr(ref.engine, llm.engine, windows), args.chart)} -->")
         del llm
     if not args.skip_llmcompressor:
-        prompts = _tokenize(ref, load_samples("builtin", args.num_samples), 1024)[0]
         for kind in ("FP8", "FP8_DYNAMIC", "GPTQ_FP8"):
-            folder = llmc_folder(model, kind, work / f"llmc-{kind}", prompts)
+            folder = llmc_folder(model, kind, work / f"llmc-{kind}", cal.texts)
             row(f"llm-compressor {kind} (Linear only, LM head kept)", LLM(str(folder), **common))
     print(f"\n(total {time.perf_counter() - start:.0f} s; files in {work})")
 

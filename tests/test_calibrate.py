@@ -120,3 +120,25 @@ def test_a_bad_budget_is_refused_before_anything_runs(tmp_path, tiny_model, kw):
     with pytest.raises(FP8LMError, match="max"):
         calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, **kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_short_calibration_text_is_continued_by_the_model(tiny_model):
+    """Each prompt is kept as its own start, continued within the model length; the same seeds give the
+    same tokens; text already long enough is returned as it is, without loading a model."""
+    from fp8lm.entrypoints.calibrate import continued
+
+    prompts = [[5, 6, 7], [8, 9], list(range(3, 35))]
+    texts = continued(str(tiny_model), prompts, 60, "cpu", "float32", max_model_len=32, batch_size=4)
+    assert [t[:len(p)] for t, p in zip(texts, prompts)] == prompts
+    assert texts[2] == prompts[2]                                       # already at the model length
+    # 23 tokens missing over 3 prompts: 8 more each where there is room
+    assert [len(t) for t in texts] == [3 + 8, 2 + 8, 32]
+    assert continued(str(tiny_model), prompts, 60, "cpu", "float32", max_model_len=32, batch_size=4) == texts
+    assert continued("/nonexistent", prompts, 37, "cpu", "float32", max_model_len=32, batch_size=4) is prompts
+
+
+@pytest.mark.parametrize("kw", [dict(statistics_tokens=-1)])
+def test_a_negative_statistics_token_count_is_refused(tmp_path, tiny_model, kw):
+    with pytest.raises(FP8LMError, match="--statistics-tokens"):
+        calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, **kw)
+    assert not (tmp_path / "out").exists()

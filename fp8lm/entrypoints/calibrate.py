@@ -21,6 +21,7 @@ from fp8lm.quant.recipe import RECIPES, fp8lm_recipe, inc_recipe, statistics_ten
 from fp8lm.quant.statistics import StatisticsCollector, save_statistics, stats_path
 
 log = logging.getLogger(__name__)
+STATISTICS_TOKENS = 16384
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CalibrationResult:
     num_samples: int
     num_truncated: int
     blocklist: list[str]
+    texts: list[list[int]]          # the token ids the statistics pass and the budget saw (prompts, continued)
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -55,18 +57,23 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
               use_tqdm: bool = True, quant_overrides: dict | None = None,
               max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
               recipe: str = "fp8lm", max_weight_share: float = 0.15,
-              exact_first_token: bool | None = None) -> CalibrationResult:
+              exact_first_token: bool | None = None, statistics_tokens: int | None = None) -> CalibrationResult:
     """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
     "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
     With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
     high precision (the config's blocklist). `exact_first_token`: the fp8lm recipe's option of that
-    name (on by default; the budget is measured with it); None keeps the recipe's default."""
+    name (on by default; the budget is measured with it); None keeps the recipe's default.
+    `statistics_tokens`: the fewest tokens the fp8lm recipe's statistics pass sees (see `continued`;
+    None: STATISTICS_TOKENS)."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
     if recipe not in RECIPES:
         raise FP8LMError(f"--recipe {recipe!r}: allowed: {', '.join(RECIPES)}")
     if max_ppl_increase is not None and not max_ppl_increase >= 0:
         raise FP8LMError(f"--max-ppl-increase {max_ppl_increase}: a perplexity increase in percent, >= 0")
+    statistics_tokens = STATISTICS_TOKENS if statistics_tokens is None else statistics_tokens
+    if statistics_tokens < 0:
+        raise FP8LMError(f"--statistics-tokens {statistics_tokens}: a number of tokens, >= 0")
     if not 0 <= max_weight_share <= 1:
         raise FP8LMError(f"max_weight_share {max_weight_share}: a share of the decoder's weights, 0..1")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
@@ -110,16 +117,46 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                     "and softmax options only (no rounded weights, searched scales or K smoothing)",
                     tensor_parallel_size)
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-    elif recipe == "fp8lm":
-        collect_statistics(model, quant_cfg, prompts, device, dtype, max_seq_len + max_tokens)
+    texts = prompts
+    if recipe == "fp8lm" and tensor_parallel_size == 1:
+        texts = continued(model, prompts, statistics_tokens, device, dtype, max_seq_len + max_tokens, batch_size)
+        collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
-        blocklist = suggest_blocklist(model, quant_cfg, prompts, max_ppl_increase, device, dtype, max_weight_share)
+        blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share)
         quant_cfg["blocklist"]["names"] = list(dict.fromkeys([*quant_cfg["blocklist"]["names"], *blocklist]))
     measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
     write_json_atomic(measure_path, measure_cfg)
     write_json_atomic(quant_path, quant_cfg)
-    return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist)
+    return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist, texts)
+
+
+def continued(model: str, prompts: list[list[int]], min_tokens: int, device: str, dtype: str,
+              max_model_len: int, batch_size: int) -> list[list[int]]:
+    """The prompts, continued by the unquantized model (sampled at temperature 1, top-p 0.95, a seed
+    per prompt, through end-of-sequence tokens: what follows one is the model's text too) until
+    together they hold about `min_tokens` tokens, each within `max_model_len`.
+    Error-compensating rounding fits each Linear's output error on its inputs' second moments; with
+    fewer tokens than input channels (a few dozen short samples, as the builtin set) it fits those
+    tokens' noise, and only more text cures that."""
+    missing = min_tokens - sum(len(p) for p in prompts)
+    if missing <= 0:
+        return prompts
+    each = -(-missing // len(prompts))
+    room = [i for i, p in enumerate(prompts) if len(p) < max_model_len]
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=i, ignore_eos=True,
+                             max_tokens=min(each, max_model_len - len(prompts[i]))) for i in room]
+    llm = LLM(model, device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch_size)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in room], params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    texts = list(prompts)
+    for i, out in zip(room, outputs):
+        texts[i] = prompts[i] + list(out.outputs[0].token_ids)
+    log.info("statistics pass: %d calibration tokens continued by the model to %d", sum(map(len, prompts)),
+             sum(map(len, texts)))
+    return texts
 
 
 def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], device: str, dtype: str,
@@ -148,9 +185,10 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
 
 
 def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max_increase_pct: float,
-                      device: str, dtype: str, max_weight_share: float, max_windows: int = 16) -> list[str]:
+                      device: str, dtype: str, max_weight_share: float, max_windows: int = 32) -> list[str]:
     """Units kept in high precision (the recipe's FP8 attention and KV cache included) until the
-    calibration samples' perplexity rises at most `max_increase_pct`."""
+    calibration text's perplexity rises at most `max_increase_pct` (`sensitivity`: ranked on half
+    the windows, checked on the other half)."""
     from fp8lm.eval.report import sensitivity
 
     windows = calibration_windows(prompts, window=256, max_windows=max_windows)
@@ -175,11 +213,13 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
 
 
 def calibration_windows(prompts: list[list[int]], window: int, max_windows: int) -> list[list[int]]:
-    """The prompts as one token stream cut into windows, as held-out text is scored: short prompts
-    alone would weigh a sequence's first tokens (where attention sinks are) far above real use."""
+    """The prompts as one token stream cut into windows, as held-out text is scored (short prompts
+    alone would weigh a sequence's first tokens, where attention sinks are, far above real use);
+    at most `max_windows`, spread evenly over the stream."""
     from fp8lm.eval.perplexity import split_windows
 
-    return split_windows([t for p in prompts for t in p], window, max_windows)
+    windows = split_windows([t for p in prompts for t in p], window)
+    return windows[::-(-len(windows) // max_windows)]
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:

@@ -126,7 +126,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                        max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase,
                        tensor_parallel_size=args.tensor_parallel_size, recipe=args.recipe,
-                       exact_first_token=args.exact_first_token)
+                       exact_first_token=args.exact_first_token, statistics_tokens=args.statistics_tokens)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
     if args.max_ppl_increase is not None:
         print(f"blocklist chosen for --max-ppl-increase {args.max_ppl_increase}: {result.blocklist}")
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8lm recipe (on by default): each sequence's first token (the attention sink) keeps its "
                         "K/V and its q·k and p·v terms in high precision (more accurate; one K/V row more per "
                         "cache block)")
+    p.add_argument("--statistics-tokens", type=int, default=None,
+                   help="fp8lm recipe: the fewest tokens its statistics pass (GPTQ rounding, K smoothing) sees "
+                        "(default 16384); shorter datasets are continued by the model itself (sampled, seeded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)
