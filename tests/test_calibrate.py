@@ -78,7 +78,7 @@ def test_interrupted_calibration_writes_nothing(tmp_path, tiny_model, monkeypatc
 
 @pytest.mark.slow
 def test_smollm2_builtin_calibration(tmp_path, smollm2):
-    result = run(str(smollm2), "--output", str(tmp_path / "cal"), "--max-tokens", "8")
+    result = run(str(smollm2), "--output", str(tmp_path / "cal"), "--max-tokens", "8", "--statistics-tokens", "4096")
     assert result.returncode == 0, result.stderr
     quant_cfg = json.loads((tmp_path / "cal" / "maxabs_quant_cpu.json").read_text())
     assert quant_cfg["mode"] == "QUANTIZE" and quant_cfg["dump_stats_path"] == str(tmp_path / "cal" / "inc_output")
@@ -94,7 +94,7 @@ def test_smollm2_builtin_calibration(tmp_path, smollm2):
         for v in node["inputs"] + node.get("outputs", []) + list(node.get("params", {}).values()):
             assert 0 < v[0][0] < float("inf"), name
     meta = data["Fp8lmMetadata"]
-    assert meta["num_samples"] == 32 and meta["num_tokens"] > 1000 and meta["model"]["name"] == smollm2.name
+    assert meta["num_samples"] == 32 and meta["num_tokens"] > 4000 and meta["model"]["name"] == smollm2.name
 
 
 def test_max_ppl_increase_writes_a_blocklist(tmp_path, tiny_model):
@@ -122,19 +122,29 @@ def test_a_bad_budget_is_refused_before_anything_runs(tmp_path, tiny_model, kw):
     assert not (tmp_path / "out").exists()
 
 
-def test_short_calibration_text_is_continued_by_the_model(tiny_model):
-    """Each prompt is kept as its own start, continued within the model length; the same seeds give the
-    same tokens; text already long enough is returned as it is, without loading a model."""
-    from fp8lm.entrypoints.calibrate import continued
+def test_short_calibration_text_is_continued_by_the_model():
+    """23 tokens missing over 3 prompts: 8 more each where there is room, never fewer than max_tokens;
+    sampled (temperature 1, a seed per prompt) through EOS, so that the lengths are what they say."""
+    from fp8lm.entrypoints.calibrate import continuation_params
 
-    prompts = [[5, 6, 7], [8, 9], list(range(3, 35))]
-    texts = continued(str(tiny_model), prompts, 60, "cpu", "float32", max_model_len=32, batch_size=4)
-    assert [t[:len(p)] for t, p in zip(texts, prompts)] == prompts
-    assert texts[2] == prompts[2]                                       # already at the model length
-    # 23 tokens missing over 3 prompts: 8 more each where there is room
-    assert [len(t) for t in texts] == [3 + 8, 2 + 8, 32]
-    assert continued(str(tiny_model), prompts, 60, "cpu", "float32", max_model_len=32, batch_size=4) == texts
-    assert continued("/nonexistent", prompts, 37, "cpu", "float32", max_model_len=32, batch_size=4) is prompts
+    params = continuation_params([[5, 6, 7], [8, 9], list(range(32))], 60, 2, max_model_len=34)
+    assert [p.max_tokens for p in params] == [8, 8, 2]
+    assert [p.seed for p in params] == [0, 1, 2] and all(p.temperature == 1.0 and p.ignore_eos for p in params)
+    assert [p.max_tokens for p in continuation_params([[5, 6, 7]], 2, 4, max_model_len=34)] == [4]
+
+
+def test_the_fp8lm_recipe_measures_and_collects_on_the_continued_text(tmp_path, tiny_model):
+    """INC's recipe measures the prompts and its greedy max_tokens; fp8lm's measures (and runs its
+    statistics pass on) the prompts continued to statistics_tokens."""
+    (tmp_path / "short.txt").write_text("\n\n".join(f"sample {i} is short" for i in range(6)))
+    kw = dict(max_seq_len=40, max_tokens=2, use_tqdm=False, statistics_tokens=150)
+    inc = calibrate(str(tiny_model), str(tmp_path / "short.txt"), tmp_path / "inc", recipe="inc", **kw)
+    result = calibrate(str(tiny_model), str(tmp_path / "short.txt"), tmp_path / "out", **kw)
+    assert sum(map(len, inc.texts)) < 150 <= sum(map(len, result.texts))
+    assert all(t[:len(p)] == p and len(t) > len(p) + 2 for t, p in zip(result.texts, inc.texts))
+    for out, texts in (("inc", [p + [0, 0] for p in inc.texts]), ("out", result.texts)):
+        data = json.loads((tmp_path / out / "inc_output_hooks_maxabs.json").read_text())
+        assert data["Fp8lmMetadata"]["num_tokens"] == sum(map(len, texts)) - len(texts)   # the last is not run
 
 
 @pytest.mark.parametrize("kw", [dict(statistics_tokens=-1)])

@@ -63,7 +63,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     With `max_ppl_increase` (%), a sensitivity pass on the calibration samples chooses what stays in
     high precision (the config's blocklist). `exact_first_token`: the fp8lm recipe's option of that
     name (on by default; the budget is measured with it); None keeps the recipe's default.
-    `statistics_tokens`: the fewest tokens the fp8lm recipe's statistics pass sees (see `continued`;
+    `statistics_tokens`: the fewest tokens the fp8lm recipe measures on (see `continuation_params`;
     None: STATISTICS_TOKENS)."""
     if num_samples < 1:
         raise FP8LMError(f"--num-samples {num_samples}: must be at least 1")
@@ -103,8 +103,9 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         if truncated:
             log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
                         truncated, len(samples), max_seq_len)
-        llm.generate([{"prompt_token_ids": p} for p in prompts],
-                     SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=use_tqdm)
+        params = (continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens)
+                  if recipe == "fp8lm" else SamplingParams(temperature=0, max_tokens=max_tokens))
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=use_tqdm)
         files = llm.finalize_calibration()
     except BaseException:
         llm.engine.discard_measurement()   # an interrupted calibration writes nothing
@@ -117,9 +118,10 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                     "and softmax options only (no rounded weights, searched scales or K smoothing)",
                     tensor_parallel_size)
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-    texts = prompts
+    texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)] if recipe == "fp8lm" else prompts
     if recipe == "fp8lm" and tensor_parallel_size == 1:
-        texts = continued(model, prompts, statistics_tokens, device, dtype, max_seq_len + max_tokens, batch_size)
+        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
+                 sum(map(len, texts)), sum(map(len, prompts)))
         collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
@@ -131,32 +133,19 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist, texts)
 
 
-def continued(model: str, prompts: list[list[int]], min_tokens: int, device: str, dtype: str,
-              max_model_len: int, batch_size: int) -> list[list[int]]:
-    """The prompts, continued by the unquantized model (sampled at temperature 1, top-p 0.95, a seed
-    per prompt, through end-of-sequence tokens: what follows one is the model's text too) until
-    together they hold about `min_tokens` tokens, each within `max_model_len`.
-    Error-compensating rounding fits each Linear's output error on its inputs' second moments; with
-    fewer tokens than input channels (a few dozen short samples, as the builtin set) it fits those
-    tokens' noise, and only more text cures that."""
-    missing = min_tokens - sum(len(p) for p in prompts)
-    if missing <= 0:
-        return prompts
-    each = -(-missing // len(prompts))
-    room = [i for i, p in enumerate(prompts) if len(p) < max_model_len]
-    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=i, ignore_eos=True,
-                             max_tokens=min(each, max_model_len - len(prompts[i]))) for i in room]
-    llm = LLM(model, device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch_size)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in room], params, use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
-    texts = list(prompts)
-    for i, out in zip(room, outputs):
-        texts[i] = prompts[i] + list(out.outputs[0].token_ids)
-    log.info("statistics pass: %d calibration tokens continued by the model to %d", sum(map(len, prompts)),
-             sum(map(len, texts)))
-    return texts
+def continuation_params(prompts: list[list[int]], min_tokens: int, max_tokens: int,
+                        max_model_len: int) -> list[SamplingParams]:
+    """How the fp8lm recipe's MEASURE pass generates: each prompt continued by the unquantized model
+    (sampled at temperature 1, top-p 0.95, seed = its index, through end-of-sequence tokens: what
+    follows one is the model's text too) by at least `max_tokens` and until together they hold about
+    `min_tokens`, each within `max_model_len`. Both the maxima (scales) and the statistics pass see
+    that text. From few tokens the scales miss the larger activations of other text (clipped there),
+    and GPTQ, fitting each Linear's output error on its inputs' second moments, fits those tokens'
+    noise where they are fewer than its input channels (the builtin set: ~1,300 tokens; down_proj:
+    1,536 inputs)."""
+    each = max(max_tokens, -(-(min_tokens - sum(map(len, prompts))) // len(prompts)))
+    return [SamplingParams(temperature=1.0, top_p=0.95, seed=i, ignore_eos=True,
+                           max_tokens=min(each, max_model_len - len(p))) for i, p in enumerate(prompts)]
 
 
 def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], device: str, dtype: str,
