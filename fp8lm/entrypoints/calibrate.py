@@ -190,14 +190,14 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
     kept = ", ".join(f"{u} (KL -{result.unit_gain_kl[u]:.4f}, {100 * result.unit_share[u]:.1f}% of the "
                      f"weights)" for u in result.blocklist) or "nothing"
     log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% (%+.2f%% at the "
-             "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights high (calibration samples)",
+             "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights high (the calibration windows "
+             "the units were not ranked on)",
              result.all_fp8_pct, kept, result.with_blocklist_pct, result.with_blocklist_bound_pct,
              100 * result.kept_share)
     if result.with_blocklist_bound_pct > max_increase_pct:
         log.warning("--max-ppl-increase %.2f not reached: the units kept are the best found within %.0f%% of the "
-                    "decoder's Linear weights, at %+.2f%% (one-sided 95%% bound); the estimate is from the units' "
-                    "own selection samples, so expect more on other text", max_increase_pct,
-                    100 * max_weight_share, result.with_blocklist_bound_pct)
+                    "decoder's Linear weights, at %+.2f%% (one-sided 95%% bound, on calibration text)",
+                    max_increase_pct, 100 * max_weight_share, result.with_blocklist_bound_pct)
     return result.blocklist_names()
 
 

@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--max-seq-len", type=int, default=1024, help="longer samples are truncated (with a warning)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per sample while measuring")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="tokens generated per sample while measuring (--recipe inc: greedy, as INC; fp8lm: at least "
+                        "this many, sampled, see --statistics-tokens)")
     p.add_argument("--output", required=True, help="folder for the measurement files and configs")
     p.add_argument("--max-ppl-increase", type=float, default=None,
                    help="keep the units (a layer's attention projections or MLP) that buy the most per byte in "
@@ -274,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "K/V and its q·k and p·v terms in high precision (more accurate; one K/V row more per "
                         "cache block)")
     p.add_argument("--statistics-tokens", type=int, default=None,
-                   help="fp8lm recipe: the fewest tokens its statistics pass (GPTQ rounding, K smoothing) sees "
-                        "(default 16384); shorter datasets are continued by the model itself (sampled, seeded)")
+                   help="fp8lm recipe: the fewest tokens it measures on (scales, GPTQ rounding, K smoothing; default "
+                        "16384): shorter datasets are continued by the model itself (sampled, seeded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=cmd_calibrate)
