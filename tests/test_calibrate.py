@@ -147,8 +147,7 @@ def test_the_fp8lm_recipe_measures_and_collects_on_the_continued_text(tmp_path, 
         assert data["Fp8lmMetadata"]["num_tokens"] == sum(map(len, texts)) - len(texts)   # the last is not run
 
 
-@pytest.mark.parametrize("kw", [dict(statistics_tokens=-1)])
-def test_a_negative_statistics_token_count_is_refused(tmp_path, tiny_model, kw):
+def test_a_negative_statistics_token_count_is_refused(tmp_path, tiny_model):
     with pytest.raises(FP8LMError, match="--statistics-tokens"):
-        calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, **kw)
+        calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, statistics_tokens=-1)
     assert not (tmp_path / "out").exists()

@@ -113,15 +113,16 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     finally:
         llm.engine.shutdown()
     del llm
+    texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)] if recipe == "fp8lm" else prompts
+    if recipe == "fp8lm":
+        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
+                 sum(map(len, texts)), sum(map(len, prompts)))
     if recipe == "fp8lm" and tensor_parallel_size > 1:
         log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
                     "and softmax options only (no rounded weights, searched scales or K smoothing)",
                     tensor_parallel_size)
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-    texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)] if recipe == "fp8lm" else prompts
-    if recipe == "fp8lm" and tensor_parallel_size == 1:
-        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
-                 sum(map(len, texts)), sum(map(len, prompts)))
+    elif recipe == "fp8lm":
         collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
@@ -208,7 +209,7 @@ def calibration_windows(prompts: list[list[int]], window: int, max_windows: int)
     from fp8lm.eval.perplexity import split_windows
 
     windows = split_windows([t for p in prompts for t in p], window)
-    return windows[::-(-len(windows) // max_windows)]
+    return windows[::max(1, -(-len(windows) // max_windows))]
 
 
 def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
