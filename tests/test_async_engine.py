@@ -1,5 +1,6 @@
 """The engine thread and its asyncio side: a client slower than the engine holds one pending output."""
 import asyncio
+import threading
 
 import pytest
 
@@ -14,8 +15,21 @@ from fp8lm.entrypoints.openai.async_engine import AsyncEngine
 def test_a_slow_reader_gets_one_pending_output_not_a_backlog(tiny_model, kind):
     """Cumulative outputs supersede an unread one; deltas join it. Either way the reader's second
     read is the whole rest of the request, equal to what LLM.generate makes of it."""
-    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_model), max_model_len=128,
-                                                        skip_warmup=True), step_thread=False), 60.0)
+    first_read = threading.Event()
+
+    class EngineWaitingForTheFirstRead(LLMEngine):
+        """Its second step waits until the reader has its first output, so that output holds
+        exactly one token however late the reader's loop wakes; later steps run unread."""
+        steps = 0
+
+        def step(self):
+            if self.steps == 1:
+                first_read.wait(30)
+            self.steps += 1
+            return super().step()
+
+    engine = AsyncEngine(lambda: EngineWaitingForTheFirstRead(
+        EngineConfig(model=str(tiny_model), max_model_len=128, skip_warmup=True), step_thread=False), 60.0)
     engine.start()
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1, output_kind=kind)
 
@@ -25,10 +39,13 @@ def test_a_slow_reader_gets_one_pending_output_not_a_backlog(tiny_model, kind):
         gen = engine.generate("slow", "Hello", params)
         first = await gen.__anext__()
         first_tokens = list(first.outputs[0].token_ids)
+        first_read.set()
         while engine.engine.has_unfinished_requests():      # the engine runs on while nobody reads
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)                              # its last outputs reach the loop
         second = await gen.__anext__()
+        with pytest.raises(StopAsyncIteration):                # nothing queued behind it
+            await gen.__anext__()
         return first, first_tokens, second
 
     try:
