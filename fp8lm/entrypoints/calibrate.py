@@ -113,17 +113,18 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     finally:
         llm.engine.shutdown()
     del llm
-    texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)] if recipe == "fp8lm" else prompts
+    texts = prompts
     if recipe == "fp8lm":
+        texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)]
         log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
                  sum(map(len, texts)), sum(map(len, prompts)))
-    if recipe == "fp8lm" and tensor_parallel_size > 1:
-        log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
-                    "and softmax options only (no rounded weights, searched scales or K smoothing)",
-                    tensor_parallel_size)
-        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-    elif recipe == "fp8lm":
-        collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
+        if tensor_parallel_size > 1:
+            log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
+                        "and softmax options only (no rounded weights, searched scales or K smoothing)",
+                        tensor_parallel_size)
+            quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
+        else:
+            collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
         blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share)
