@@ -29,7 +29,7 @@ demo: $(VENV)/.runtime
 	$(PY) -m fp8lm demo
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 # Quick local loop: skips the SmolLM2 and oracle tests that CI runs.
 test-fast: install

@@ -99,7 +99,9 @@ def main() -> None:
     model = str(pull("smollm2-135m-instruct"))
     work = Path(tempfile.mkdtemp(prefix="fp8lm-accuracy-"))
     start = time.perf_counter()
-    cal = calibrate(model, "builtin", work / "cal", num_samples=args.num_samples, dtype=args.dtype, use_tqdm=False)
+    # searched_scales on only so that the statistics hold the searched factors its row needs
+    cal = calibrate(model, "builtin", work / "cal", num_samples=args.num_samples, dtype=args.dtype, use_tqdm=False,
+                    quant_overrides={"fp8lm": {**FP8LM_OPTIONS, "searched_scales": True}})
     print(f"calibrated on {cal.num_samples} samples ({sum(map(len, cal.texts))} tokens with the model's continuations) "
           f"in {time.perf_counter() - start:.0f} s", flush=True)
     common = dict(dtype=args.dtype, max_model_len=args.window, max_num_seqs=1, skip_warmup=True,

@@ -3,6 +3,9 @@ once per machine into the fp8lm cache and shared by every slow test."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,35 @@ def smollm2_hf(smollm2):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+# SmolLM2 calibrated with fp8lm's default recipe once per run, as `make demo` calibrates (room for the
+# recipe's 16,384 tokens: 32 builtin samples, max_seq_len 512, 16 generated): every test that needs
+# an FP8 SmolLM2 and does not test calibration itself shares these two.
+SMOLLM2_CALIBRATION = dict(num_samples=32, max_seq_len=512, max_tokens=16)
+
+
+@dataclass
+class CliCalibration:
+    quant_config: Path      # <folder>/maxabs_quant_cpu.json
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp8(smollm2, tmp_path_factory) -> Path:
+    """The float32 calibration through the Python API; returns its QUANT_CONFIG path."""
+    from fp8lm.entrypoints.calibrate import calibrate
+
+    return calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal-float32"), dtype="float32",
+                     use_tqdm=False, **SMOLLM2_CALIBRATION).quant_config
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp8_bfloat16(smollm2, tmp_path_factory) -> CliCalibration:
+    """The bfloat16 calibration through the CLI (`fp8lm calibrate ... --dtype bfloat16`)."""
+    out = tmp_path_factory.mktemp("cal-bfloat16")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMOLLM2_CALIBRATION.items()]
+    result = subprocess.run([sys.executable, "-m", "fp8lm", "calibrate", str(smollm2), "--output", str(out),
+                             "--dtype", "bfloat16", *flags], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return CliCalibration(out / "maxabs_quant_cpu.json", result.stdout)

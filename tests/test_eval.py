@@ -40,7 +40,7 @@ def test_comparison_with_itself_and_with_fp8(engines):
     same = compare(ref, ref, WINDOWS)
     assert same.mean_kl == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0 and same.ppl_change_pct == 0
     diff = compare(ref, fp8, WINDOWS)
-    assert diff.mean_kl > 0 and 0.5 < diff.top1_agreement <= 1.0
+    assert diff.mean_kl > 0 and 0.5 < diff.top1_agreement
     assert diff.reference.value == same.reference.value
 
 
@@ -63,18 +63,19 @@ def test_sqnr_report_files(engines, tmp_path):
 def test_sensitivity_keeps_the_best_gain_per_byte(engines):
     ref, fp8 = engines
     before = perplexity(fp8, WINDOWS).value
-    result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=0.0, max_weight_share=0.5)
-    layers = {f"model.layers.{i}.{g}" for i in (0, 1) for g in ("self_attn", "mlp")}
+    result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=0.0, max_weight_share=0.5, max_attention_share=0.5)
+    layers = {f"model.layers.{i}.{g}" for i in (0, 1) for g in ("self_attn", "mlp", "self_attn.attn")}
     assert set(result.unit_gain_kl) == layers | {"lm_head"}
     # q, o: 64x64; k, v: 32x64 (2 KV heads); MLP 3 x 128x64: 12,288 of 73,728 decoder weights
     assert result.unit_share["model.layers.0.self_attn"] == pytest.approx(1 / 6)
-    assert result.kept_share <= 0.5 and result.blocklist
+    assert result.unit_share["model.layers.0.self_attn.attn"] == pytest.approx(1 / 2)     # one of two layers
+    assert result.kept_share <= 0.5 and result.kept_attention_share <= 0.5 and result.blocklist
     assert result.baseline_ppl == perplexity(ref, WINDOWS[1::2]).value      # checked on the odd windows
     assert result.with_blocklist_pct < result.all_fp8_pct
-    sizes = {u: result.unit_share[u] for u in result.blocklist}
-    per_byte = [result.unit_gain_kl[u] / sizes[u] for u in result.blocklist if u != "lm_head"]
-    assert per_byte == sorted(per_byte, reverse=True)
-    assert perplexity(fp8, WINDOWS).value == before            # the FP8 modules are put back
+    # one scale for both kinds: a unit's gain per share of its own cap (both caps 0.5 here)
+    per_price = [result.unit_gain_kl[u] / result.unit_share[u] for u in result.blocklist if u != "lm_head"]
+    assert per_price == sorted(per_price, reverse=True)
+    assert perplexity(fp8, WINDOWS).value == before            # the FP8 modules and caches are put back
 
 
 class _FixedLogits:
@@ -121,6 +122,38 @@ def test_sensitivity_ranks_on_other_windows_than_it_checks(engines):
     finally:
         swapper.keep(set())
     assert result.unit_gain_kl[unit] == pytest.approx(everything - kept, abs=1e-9)
+
+
+def test_a_kept_attention_unit_is_the_reference_attention_over_a_high_precision_cache(engines):
+    """Layer 1's attention kept: its q·k, softmax, p·v and K/V cache are the reference's modules over
+    a cache of the model dtype. With every other unit kept too, the quantized model is the reference."""
+    from fp8lm.eval.report import HighPrecisionSwapper, attention_units, linear_units, unit_pattern
+
+    ref, fp8 = engines
+    units = {**linear_units(fp8.model), **attention_units(fp8.model)}
+    assert units["model.layers.1.self_attn.attn"] == [f"model.layers.1.self_attn.attn.{n}" for n in (
+        "matmul_qk", "softmax", "matmul_av", "k_cache", "v_cache")]
+    assert unit_pattern("model.layers.1.self_attn.attn") == r"model\.layers\.1\.self_attn\.attn\."
+    attn = fp8.model.get_submodule("model.layers.1.self_attn.attn")
+    fp8_cache = attn.k_cache_tensor
+    swapper = HighPrecisionSwapper(fp8.model, ref.model, units)
+    try:
+        swapper.keep({"model.layers.1.self_attn.attn"})
+        assert attn.k_cache_tensor.dtype == torch.float32 and attn.k_cache is ref.model.get_submodule(
+            "model.layers.1.self_attn.attn.k_cache")
+        swapper.keep(set(units))
+        assert torch.equal(fp8.score(WINDOWS[0]), ref.score(WINDOWS[0]))
+    finally:
+        swapper.keep(set())
+    assert attn.k_cache_tensor is fp8_cache and attn.k_cache_tensor.dtype == torch.float8_e4m3fn
+
+
+def test_sensitivity_caps_each_kind_of_unit(engines):
+    ref, fp8 = engines
+    result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=0.0, max_weight_share=0.0, max_attention_share=0.5)
+    assert result.kept_share == 0 and result.kept_attention_share == pytest.approx(0.5)
+    assert set(result.blocklist) - {"lm_head"} <= {"model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"}
+    assert not any(u.endswith(".attn") for u in sensitivity(ref, fp8, WINDOWS, 0.0, 0.5, 0.0).blocklist)
 
 
 def test_sensitivity_budget_needs_the_bound_not_the_estimate(engines):

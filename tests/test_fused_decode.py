@@ -95,13 +95,10 @@ def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
 
 
 @pytest.mark.slow
-def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, tmp_path):
+def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, smollm2_fp8):
     """On SmolLM2 (30 layers) float32 rounding differences cascade through FP8 roundings up to the
     noise floor of static FP8 (tests/fp8_noise.py); the stack must not add to it."""
-    from fp8lm.entrypoints.calibrate import calibrate
-
-    result = calibrate(str(smollm2), "builtin", tmp_path, num_samples=8, max_seq_len=128, max_tokens=4, use_tqdm=False)
-    kw = dict(quantization="inc", quant_config=str(result.quant_config), kv_cache_dtype="fp8_inc", max_model_len=512,
+    kw = dict(quantization="inc", quant_config=str(smollm2_fp8), kv_cache_dtype="fp8_inc", max_model_len=512,
               max_num_seqs=1, num_kv_blocks=32, skip_warmup=True)
     llm, perturbed = LLM(str(smollm2), **kw), LLM(str(smollm2), **kw)
     assert isinstance(llm.engine.model.model.fused_decode, FusedFP8DecodeStack)

@@ -14,7 +14,6 @@ INPUTS = torch.randint(3, 90, (3, 24), generator=torch.Generator().manual_seed(0
 
 def inc_run(model_dir, config: dict, path):
     """Runs INC prepare (MEASURE) or convert (QUANTIZE) on transformers' model of the same folder."""
-    pytest.importorskip("neural_compressor")
     from neural_compressor.torch.quantization import FP8Config, convert, finalize_calibration, prepare
     from transformers import LlamaForCausalLM
 

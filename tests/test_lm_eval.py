@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fp8lm import LLM
-from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import read_text
 from server_util import running_server
 
@@ -76,10 +75,16 @@ def hf_results(smollm2, tasks):
                     ["fp8lm_heldout", "fp8lm_mc"])
 
 
-def test_local_completions_equal_the_hf_backend(smollm2, tasks, hf_results):
+@pytest.fixture(scope="module")
+def server(smollm2):
+    """SmolLM2 unquantized, float32, served once for this module's tests."""
     with running_server(str(smollm2), "--max-model-len", "2048", "--served-model-name", "smol") as proc:
-        results, samples = evaluate(tasks, "local-completions", api_args(proc, smollm2, "completions"),
-                                    ["fp8lm_heldout", "fp8lm_mc"])
+        yield proc
+
+
+def test_local_completions_equal_the_hf_backend(smollm2, tasks, hf_results, server):
+    results, samples = evaluate(tasks, "local-completions", api_args(server, smollm2, "completions"),
+                                ["fp8lm_heldout", "fp8lm_mc"])
     ref, ref_samples = hf_results
     bpb, ref_bpb = results["fp8lm_heldout"]["bits_per_byte,none"], ref["fp8lm_heldout"]["bits_per_byte,none"]
     print(f"bits/byte: server {bpb:.6f}, lm-eval hf {ref_bpb:.6f}")
@@ -93,12 +98,11 @@ def test_local_completions_equal_the_hf_backend(smollm2, tasks, hf_results):
             assert abs(ll - ref_ll) < 1e-3 * max(1.0, abs(ref_ll)), (ll, ref_ll)
 
 
-def test_local_chat_completions_equal_the_hf_backend(smollm2, tasks):
+def test_local_chat_completions_equal_the_hf_backend(smollm2, tasks, server):
     ref, ref_samples = evaluate(tasks, "hf", f"pretrained={smollm2},dtype=float32,device=cpu", ["fp8lm_capitals"],
                                 chat=True)
-    with running_server(str(smollm2), "--max-model-len", "2048", "--served-model-name", "smol") as proc:
-        results, samples = evaluate(tasks, "local-chat-completions", api_args(proc, smollm2, "chat/completions"),
-                                    ["fp8lm_capitals"], chat=True)
+    results, samples = evaluate(tasks, "local-chat-completions", api_args(server, smollm2, "chat/completions"),
+                                ["fp8lm_capitals"], chat=True)
     ours = [s["resps"][0][0] for s in samples["fp8lm_capitals"]]
     theirs = [s["resps"][0][0] for s in ref_samples["fp8lm_capitals"]]
     print("replies:", ours)
@@ -106,16 +110,14 @@ def test_local_chat_completions_equal_the_hf_backend(smollm2, tasks):
     assert results["fp8lm_capitals"]["exact_match,none"] == ref["fp8lm_capitals"]["exact_match,none"]
 
 
-def test_fp8_server_bits_per_byte_equal_fp8lm_scoring(smollm2, tasks, tmp_path):
+def test_fp8_server_bits_per_byte_equal_fp8lm_scoring(smollm2, smollm2_fp8, tasks):
     """The FP8 model (default recipe, FP8 KV cache) served and scored by lm-eval gives the bits/byte
     fp8lm's own perplexity() gives on lm-eval's windows: the same engine, the same tokens."""
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
     from transformers import AutoTokenizer
 
-    cal = calibrate(str(smollm2), "builtin", tmp_path, num_samples=32, max_seq_len=256, max_tokens=8,
-                    dtype="float32", use_tqdm=False)
-    fp8 = {"quantization": "inc", "quant_config": str(cal.quant_config), "kv_cache_dtype": "fp8_inc"}
-    env = {"QUANT_CONFIG": str(cal.quant_config)}
+    fp8 = {"quantization": "inc", "quant_config": str(smollm2_fp8), "kv_cache_dtype": "fp8_inc"}
+    env = {"QUANT_CONFIG": str(smollm2_fp8)}
     with running_server(str(smollm2), "--max-model-len", "2048", "--served-model-name", "smol", "--quantization",
                         "inc", "--kv-cache-dtype", "fp8_inc", env=env, timeout=600) as proc:
         results, _ = evaluate(tasks, "local-completions", api_args(proc, smollm2, "completions"), ["fp8lm_heldout"])

@@ -41,6 +41,51 @@ def test_gptq_is_round_to_nearest_when_inputs_are_uncorrelated():
     assert torch.equal(q, round_to_nearest(w, scale, E4M3, 448.0))
 
 
+def test_gptq_batches_and_stacked_rows_round_each_problem_as_alone():
+    """A batch of problems (each its own H) rounds each as alone; rows of Linears sharing one H
+    (q/k/v, gate/up) stacked with each row's own scale round as each Linear alone (gptq_rounds)."""
+    from fp8lm.quant.recipe import gptq_rounds
+
+    hs = [(correlated_inputs(seed=s).T @ correlated_inputs(seed=s)).double() for s in range(3)]
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(24, 64, generator=g) * (1 + i) for i in range(3)]
+    scales = [w.abs().amax().reshape(1) / 448 for w in ws]
+    alone = [gptq_round(w, h, s, E4M3, 448.0) for w, h, s in zip(ws, hs, scales)]
+    batch = gptq_round(torch.stack(ws), torch.stack(hs), torch.stack(scales).reshape(3, 1, 1), E4M3, 448.0)
+    assert all(torch.equal(a, b) for a, b in zip(alone, batch))
+    # q, k, v read one input (one H); "o" has an H of its own and the same shape as the stacked q/k/v
+    shared = [gptq_round(w, hs[0], s, E4M3, 448.0) for w, s in zip(ws, scales)]
+    o = torch.randn(72, 64, generator=g)
+    got = gptq_rounds({"q": (ws[0], hs[0], scales[0]), "k": (ws[1], hs[0], scales[1]),
+                       "v": (ws[2], hs[0], scales[2]), "o": (o, hs[1], o.abs().amax().reshape(1) / 448)},
+                      E4M3, 448.0)
+    assert all(torch.equal(got[n], q) for n, q in zip("qkv", shared))
+    assert torch.equal(got["o"], gptq_round(o, hs[1], o.abs().amax().reshape(1) / 448, E4M3, 448.0))
+
+
+def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, tiny_model):
+    """q/k/v (and gate/up) of the plain-scale FP8 model: one XqᵀXq tensor each group, added to once per
+    input, equal to the one computed by hand from what q_proj receives."""
+    from fp8lm.quant.recipe import PLAIN_OPTIONS
+    from fp8lm.quant.statistics import StatisticsCollector
+
+    config = {**json.loads(recipe_calibration.quant_config.read_text()), "fp8lm": PLAIN_OPTIONS}
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=config, max_model_len=64, skip_warmup=True)
+    collector = StatisticsCollector(llm.engine.model, search_scales=False)
+    attn = llm.engine.model.model.layers[0].self_attn
+    seen = []
+    attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    llm.engine.score(list(range(3, 40)))
+    collector.detach()
+    stats = {n.rpartition(".")[2]: s for n, s in collector.linears.items() if n.startswith("model.layers.0.")}
+    assert stats["q_proj"].hessian is stats["k_proj"].hessian is stats["v_proj"].hessian
+    assert stats["gate_proj"].hessian is stats["up_proj"].hessian
+    assert stats["o_proj"].hessian is not stats["q_proj"].hessian
+    q = attn.q_proj
+    xq = fake_quant(seen[0], 1 / q.input_scale, q.fmt.dtype, q.fmt.limit) * q.input_scale
+    assert torch.allclose(stats["q_proj"].hessian, (xq.T @ xq).double(), rtol=1e-6)
+
+
 def test_key_offset_leaves_attention_unchanged(tiny_model):
     """Subtracting any per-channel constant from the keys shifts every score of a query's row by
     q·offset, which softmax cancels: float32 logits agree to rounding."""

@@ -1,7 +1,5 @@
 """The server on SmolLM2: 64 concurrent streams equal offline generation; the seed's command line."""
 import asyncio
-import subprocess
-import sys
 
 import openai
 import pytest
@@ -34,14 +32,11 @@ def test_64_concurrent_streams_equal_offline(smollm2):
     assert got == expected
 
 
-def test_seed_command_line_with_fp8(smollm2, tmp_path):
-    """calibrate (the default recipe), then the seed's serve line with fp8lm as the engine's name,
-    answered by openai: in bfloat16 + FP8 the model still knows what float32 knows."""
-    cal = subprocess.run([sys.executable, "-m", "fp8lm", "calibrate", str(smollm2), "--output", str(tmp_path),
-                          "--num-samples", "32", "--max-tokens", "16", "--max-seq-len", "512", "--dtype", "bfloat16"],
-                         capture_output=True, text=True, timeout=900)
-    assert cal.returncode == 0, cal.stderr
-    env = {"QUANT_CONFIG": str(tmp_path / "maxabs_quant_cpu.json")}
+def test_seed_command_line_with_fp8(smollm2, smollm2_fp8_bfloat16):
+    """calibrate (the default recipe, the run's shared `fp8lm calibrate ... --dtype bfloat16`), then the
+    seed's serve line with fp8lm as the engine's name, answered by openai: in bfloat16 + FP8 the model
+    still knows what float32 knows."""
+    env = {"QUANT_CONFIG": str(smollm2_fp8_bfloat16.quant_config)}
     with running_server(str(smollm2), "--dtype", "bfloat16", "--max-model-len", "2048", "--block-size", "128",
                         "--max-num-seqs", "32", "--quantization", "inc", "--kv-cache-dtype", "fp8_inc",
                         env=env, timeout=600) as proc:

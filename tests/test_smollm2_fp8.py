@@ -3,7 +3,6 @@ with the unquantized model on held-out text, in float32 and bfloat16."""
 import pytest
 
 from fp8lm import LLM, SamplingParams
-from fp8lm.entrypoints.calibrate import calibrate
 from fp8lm.eval.perplexity import compare, read_text, token_windows
 from fp8lm.fp8 import cpu_kernels as ck
 from fp8lm.quant import fp8_modules, fused_ops
@@ -13,11 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def calibration(request, smollm2, tmp_path_factory):
-    # make demo's settings: room for the recipe's whole 16,384 tokens (max_seq_len 256 held 8,448)
-    result = calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal"), num_samples=32, max_seq_len=512,
-                       max_tokens=16, dtype=request.param, use_tqdm=False)
-    return request.param, result
+def calibration(request):
+    """The run's shared calibrations (tests/conftest.py: make demo's settings, the recipe's whole
+    16,384 tokens); bfloat16's through the CLI."""
+    if request.param == "float32":
+        return "float32", request.getfixturevalue("smollm2_fp8")
+    return "bfloat16", request.getfixturevalue("smollm2_fp8_bfloat16").quant_config
 
 
 def scoring(model, dtype, **kw):
@@ -26,9 +26,8 @@ def scoring(model, dtype, **kw):
 
 
 def fp8_llm(model, calibration, **kw):
-    dtype, result = calibration
-    return scoring(model, dtype, quantization="inc", quant_config=str(result.quant_config), kv_cache_dtype="fp8_inc",
-                   **kw)
+    dtype, quant_config = calibration
+    return scoring(model, dtype, quantization="inc", quant_config=str(quant_config), kv_cache_dtype="fp8_inc", **kw)
 
 
 def test_default_recipe_stays_close(smollm2, calibration):
@@ -48,8 +47,8 @@ def test_default_recipe_stays_close(smollm2, calibration):
 def test_error_compensating_rounding_never_loses_on_smollm2(calibration):
     from safetensors.torch import load_file
 
-    dtype, result = calibration
-    stats = load_file(f"{result.quant_config.parent}/inc_output_fp8lm_stats.safetensors")
+    dtype, quant_config = calibration
+    stats = load_file(f"{quant_config.parent}/inc_output_fp8lm_stats.safetensors")
     ratios = {k[:-len(".gptq_error_ratio")]: float(v) for k, v in stats.items() if k.endswith(".gptq_error_ratio")}
     assert len(ratios) == 210                                      # every decoder Linear (the LM head is kept)
     assert max(ratios.values()) < 1.0, max(ratios.items(), key=lambda kv: kv[1])

@@ -65,8 +65,9 @@ def test_fp8_calibrate_tp3_quantize_unify_tp1(smollm2, tmp_path):
     from fp8lm.entrypoints.calibrate import calibrate
     from fp8lm.quant.unify import unify_measurements
 
+    # No continuation beyond max_tokens (statistics_tokens=0): the per-rank files are what is tested.
     cal = calibrate(str(smollm2), "builtin", tmp_path, num_samples=8, max_seq_len=128, max_tokens=4,
-                    use_tqdm=False, tensor_parallel_size=3)
+                    use_tqdm=False, tensor_parallel_size=3, statistics_tokens=0)
     assert sorted(p.name for p in tmp_path.glob("inc_output_hooks_maxabs_*_3.json")) == [
         f"inc_output_hooks_maxabs_{r}_3.json" for r in range(3)]
     fp8 = dict(quantization="inc", quant_config=str(cal.quant_config), kv_cache_dtype="fp8_inc",
@@ -89,6 +90,9 @@ def test_fp8_calibrate_tp3_quantize_unify_tp1(smollm2, tmp_path):
     assert result.mean_kl < 1.25 * floor.mean_kl, (result.summary(), floor.summary())
 
 
+COLLECTIVE_TIMEOUT_S = 3     # FP8LM_TP_COLLECTIVE_TIMEOUT_S for the servers below (default 30)
+
+
 def start_tp3_server(smollm2):
     """`fp8lm serve` at TP=3, healthy; returns the process, an openai client and the worker pids."""
     from server_util import free_port
@@ -99,7 +103,8 @@ def start_tp3_server(smollm2):
     proc = subprocess.Popen([sys.executable, "-m", "fp8lm", "serve", str(smollm2), "--port", str(port),
                              "--tensor-parallel-size", "3", "--max-model-len", "256", "--served-model-name", "smol"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "FP8LM_SKIP_WARMUP": "1"})
+                            env={**os.environ, "FP8LM_SKIP_WARMUP": "1",
+                                 "FP8LM_TP_COLLECTIVE_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S)})
     deadline = time.monotonic() + 300
     while True:
         assert proc.poll() is None, proc.stdout.read()
@@ -129,17 +134,15 @@ def paris(client):
 
 @pytest.mark.slow
 def test_serve_tp3_survives_idle_time_and_dies_with_a_worker(smollm2):
-    """Idle ranks wait for rank 0 past gloo's collective timeout (30 s): the server answers after 60 s
-    without traffic; a rank killed afterwards still ends it within 30 s, naming the rank."""
+    """Idle ranks wait for rank 0 past gloo's collective timeout (here 3 s): the server answers after
+    twice that without traffic; a rank killed afterwards still ends it within 30 s, naming the rank."""
     proc, client, workers = start_tp3_server(smollm2)
     try:
         assert paris(client)
-        time.sleep(60)
+        time.sleep(2 * COLLECTIVE_TIMEOUT_S)
         assert proc.poll() is None and paris(client)
         os.kill(workers[0], signal.SIGKILL)
-        start = time.monotonic()
         proc.wait(30)
-        assert time.monotonic() - start < 30
         out = proc.stdout.read()
         assert proc.returncode == 2 and "the server stopped: tensor-parallel worker fp8lm-tp-rank1" in out, out[-2000:]
         time.sleep(1)

@@ -23,6 +23,7 @@ from fp8lm.errors import FP8LMError
 
 log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 30.0     # a hung rank fails every other rank's next collective within this
+COLLECTIVE_TIMEOUT_ENV = "FP8LM_TP_COLLECTIVE_TIMEOUT_S"    # overrides it (seconds; the ranks inherit it)
 # The other ranks wait for rank 0's next message as long as a server stays idle. A rank that dies
 # closes its sockets, which fails a waiting broadcast at once; a hung one is caught by the step's
 # own collectives (COLLECTIVE_TIMEOUT_S).
@@ -58,7 +59,20 @@ def init_group(backend: str, rank: int, world_size: int, init_method: str) -> No
         # Ranks on one host share its cores: more threads than cores would spin against each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=collective_timeout_s()))
+
+
+def collective_timeout_s() -> float:
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None:
+        return COLLECTIVE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FP8LMError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected seconds") from None
+    if not value > 0:
+        raise FP8LMError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be positive (seconds)")
+    return value
 
 
 def free_tcp_address() -> str:

@@ -16,12 +16,14 @@ from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.fingerprint import model_fingerprint
 from fp8lm.model.registry import resolve_model
+from fp8lm.model.tokenizer import Tokenizer
 from fp8lm.quant.dataset import load_samples
 from fp8lm.quant.recipe import RECIPES, fp8lm_recipe, inc_recipe, statistics_tensors
 from fp8lm.quant.statistics import StatisticsCollector, save_statistics, stats_path
 
 log = logging.getLogger(__name__)
 STATISTICS_TOKENS = 16384
+PREFILL = SamplingParams(temperature=0, max_tokens=1)    # a pass over the prompts: the one token is not used
 
 
 @dataclass
@@ -56,7 +58,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
               batch_size: int = 32, max_tokens: int = 32, device: str = "auto", dtype: str = "auto",
               use_tqdm: bool = True, quant_overrides: dict | None = None,
               max_ppl_increase: float | None = None, tensor_parallel_size: int = 1,
-              recipe: str = "fp8lm", max_weight_share: float = 0.15,
+              recipe: str = "fp8lm", max_weight_share: float = 0.15, max_attention_share: float = 0.3,
               exact_first_token: bool | None = None, statistics_tokens: int | None = None) -> CalibrationResult:
     """MEASURE over the dataset, then the QUANTIZE config of `recipe`: "inc" (INC's maxabs_hw) or
     "fp8lm" (accuracy-first; also a statistics pass that writes <prefix>_fp8lm_stats.safetensors).
@@ -76,6 +78,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         raise FP8LMError(f"--statistics-tokens {statistics_tokens}: a number of tokens, >= 0")
     if not 0 <= max_weight_share <= 1:
         raise FP8LMError(f"max_weight_share {max_weight_share}: a share of the decoder's weights, 0..1")
+    if not 0 <= max_attention_share <= 1:
+        raise FP8LMError(f"max_attention_share {max_attention_share}: a share of the decoder's layers, 0..1")
     samples = load_samples(dataset, num_samples)           # dataset errors before the model loads
     tag = profile_for(resolve_device(device)).name
     if tag.startswith("gaudi") or (quant_overrides or {}).get("device_for_scales", "").lower().startswith("gaudi"):
@@ -95,27 +99,19 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     if exact_first_token is not None and recipe == "fp8lm":
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": exact_first_token}
 
-    llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=measure_cfg,
-              max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
-              tensor_parallel_size=tensor_parallel_size)
-    try:
-        prompts, truncated = _tokenize(llm, samples, max_seq_len)
-        if truncated:
-            log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
-                        truncated, len(samples), max_seq_len)
-        params = (continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens)
-                  if recipe == "fp8lm" else SamplingParams(temperature=0, max_tokens=max_tokens))
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=use_tqdm)
-        files = llm.finalize_calibration()
-    except BaseException:
-        llm.engine.discard_measurement()   # an interrupted calibration writes nothing
-        raise
-    finally:
-        llm.engine.shutdown()
-    del llm
-    texts = prompts
+    prompts, truncated = _tokenize(resolve_model(model), samples, max_seq_len)
+    if truncated:
+        log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
+                    truncated, len(samples), max_seq_len)
+    engine = dict(device=device, dtype=dtype, max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
+                  tensor_parallel_size=tensor_parallel_size, skip_warmup=True)
     if recipe == "fp8lm":
-        texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)]
+        texts = continue_texts(LLM(model, **engine), prompts,
+                               continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),
+                               use_tqdm)
+        # What generating them runs through the model: all but each text's last token.
+        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine),
+                        [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)], PREFILL, use_tqdm)
         log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
                  sum(map(len, texts)), sum(map(len, prompts)))
         if tensor_parallel_size > 1:
@@ -124,10 +120,15 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                         tensor_parallel_size)
             quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
         else:
-            collect_statistics(model, quant_cfg, texts, device, dtype, max_seq_len + max_tokens)
+            collect_statistics(model, quant_cfg, texts, device, dtype, batch_size, use_tqdm)
+    else:
+        texts = prompts
+        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), prompts,
+                        SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm)
     blocklist: list[str] = []
     if max_ppl_increase is not None:
-        blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share)
+        blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share,
+                                      max_attention_share)
         quant_cfg["blocklist"]["names"] = list(dict.fromkeys([*quant_cfg["blocklist"]["names"], *blocklist]))
     measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
     write_json_atomic(measure_path, measure_cfg)
@@ -137,11 +138,11 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
 
 def continuation_params(prompts: list[list[int]], min_tokens: int, max_tokens: int,
                         max_model_len: int) -> list[SamplingParams]:
-    """How the fp8lm recipe's MEASURE pass generates: each prompt continued by the unquantized model
+    """How the fp8lm recipe's calibration text is generated: each prompt continued by the unquantized model
     (sampled at temperature 1, top-p 0.95, seed = its index, through end-of-sequence tokens: what
     follows one is the model's text too) by at least `max_tokens` and until together they hold about
-    `min_tokens`, each within `max_model_len`. Both the maxima (scales) and the statistics pass see
-    that text. From few tokens the scales miss the larger activations of other text (clipped there),
+    `min_tokens`, each within `max_model_len`. Both MEASURE (the maxima, hence the scales) and the
+    statistics pass then run over that text in prefills. From few tokens the scales miss the larger activations of other text (clipped there),
     and GPTQ, fitting each Linear's output error on its inputs' second moments, fits those tokens'
     noise where they are fewer than its input channels (the builtin set: ~1,300 tokens; down_proj:
     1,536 inputs)."""
@@ -150,21 +151,45 @@ def continuation_params(prompts: list[list[int]], min_tokens: int, max_tokens: i
                            max_tokens=min(each, max_model_len - len(p))) for i, p in enumerate(prompts)]
 
 
-def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], device: str, dtype: str,
-                       max_model_len: int) -> Path:
-    """The statistics pass: the calibration prompts through the model quantized with the recipe's
-    plain scales, then rounded weights, searched scales and key offsets into the statistics file."""
-    plain = {**quant_cfg, "fp8lm": {**quant_cfg["fp8lm"], **fp8lm_recipe(Path(), False)["fp8lm"]}}
-    longest = max(max_model_len, max(len(p) for p in prompts))
-    llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=plain, kv_cache_dtype="fp8_inc",
-              max_model_len=longest, max_num_seqs=1, num_kv_blocks=-(-longest // 16), skip_warmup=True)
-    collector = StatisticsCollector(llm.engine.model)
+def continue_texts(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[list[int]]:
+    """Each prompt followed by the model's continuation, generated by the plain engine (no observer
+    runs while it generates: MEASURE and the statistics pass see the finished text in prefills)."""
     try:
-        for p in prompts:
-            if len(p) >= 2:
-                llm.engine.score(p)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=use_tqdm)
+    finally:
+        llm.engine.shutdown()
+    return [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)]
+
+
+def measure(llm: LLM, prompts: list[list[int]], params: SamplingParams, use_tqdm: bool) -> list[Path]:
+    """MEASURE mode over `prompts` generated with `params`; the measurement files (none if interrupted)."""
+    try:
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=use_tqdm)
+        return llm.finalize_calibration()
+    except BaseException:
+        llm.engine.discard_measurement()   # an interrupted calibration writes nothing
+        raise
+    finally:
+        llm.engine.shutdown()
+
+
+def collect_statistics(model: str, quant_cfg: dict, texts: list[list[int]], device: str, dtype: str,
+                       batch_size: int, use_tqdm: bool = False) -> Path:
+    """The statistics pass: the calibration text (prefills, batched) through the model quantized with
+    the recipe's plain scales, then rounded weights, searched scales and key offsets into the
+    statistics file. Each text but its last token, as MEASURE saw it."""
+    plain = {**quant_cfg, "fp8lm": {**quant_cfg["fp8lm"], **fp8lm_recipe(Path(), False)["fp8lm"]}}
+    prompts = [t[:-1] for t in texts if len(t) >= 2]
+    # No prefix caching: a prefix the prompts share is statistics of every one of them.
+    llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=plain, kv_cache_dtype="fp8_inc",
+              max_model_len=max(map(len, prompts)) + 1, max_num_seqs=batch_size, skip_warmup=True,
+              enable_prefix_caching=False)
+    collector = StatisticsCollector(llm.engine.model, search_scales=quant_cfg["fp8lm"].get("searched_scales", False))
+    try:
+        llm.generate([{"prompt_token_ids": p} for p in prompts], PREFILL, use_tqdm=use_tqdm)
     finally:
         collector.detach()
+        llm.engine.shutdown()
     folder = resolve_model(model)
     tensors = statistics_tensors(collector, folder)
     fingerprint = model_fingerprint(folder)
@@ -176,11 +201,12 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
 
 
 def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max_increase_pct: float,
-                      device: str, dtype: str, max_weight_share: float, max_windows: int = 32) -> list[str]:
-    """Units kept in high precision (the recipe's FP8 attention and KV cache included) until the
+                      device: str, dtype: str, max_weight_share: float, max_attention_share: float,
+                      max_windows: int = 32) -> list[str]:
+    """Units kept in high precision (Linears, and layers' FP8 attention with their K/V cache) until the
     calibration text's perplexity rises at most `max_increase_pct` (`sensitivity`: ranked on half
     the windows, checked on the other half)."""
-    from fp8lm.eval.report import sensitivity
+    from fp8lm.eval.report import is_attention_unit, sensitivity
 
     windows = calibration_windows(prompts, window=256, max_windows=max_windows)
     longest = max(len(w) for w in windows)
@@ -188,18 +214,20 @@ def suggest_blocklist(model: str, quant_cfg: dict, prompts: list[list[int]], max
                   num_kv_blocks=-(-longest // 16))
     reference = LLM(model, **common)
     candidate = LLM(model, quantization="inc", quant_config=quant_cfg, kv_cache_dtype="fp8_inc", **common)
-    result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct, max_weight_share)
+    result = sensitivity(reference.engine, candidate.engine, windows, max_increase_pct, max_weight_share,
+                         max_attention_share)
     kept = ", ".join(f"{u} (KL -{result.unit_gain_kl[u]:.4f}, {100 * result.unit_share[u]:.1f}% of the "
-                     f"weights)" for u in result.blocklist) or "nothing"
+                     f"{'layers' if is_attention_unit(u) else 'weights'})" for u in result.blocklist) or "nothing"
     log.info("mixed precision: all FP8 %+.2f%%; keeping %s in high precision: %+.2f%% (%+.2f%% at the "
-             "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights high (the calibration windows "
-             "the units were not ranked on)",
+             "one-sided 95%% bound) with %.1f%% of the decoder's Linear weights and %.0f%% of its layers' "
+             "attention and K/V cache high (the calibration windows the units were not ranked on)",
              result.all_fp8_pct, kept, result.with_blocklist_pct, result.with_blocklist_bound_pct,
-             100 * result.kept_share)
+             100 * result.kept_share, 100 * result.kept_attention_share)
     if result.with_blocklist_bound_pct > max_increase_pct:
         log.warning("--max-ppl-increase %.2f not reached: the units kept are the best found within %.0f%% of the "
-                    "decoder's Linear weights, at %+.2f%% (one-sided 95%% bound, on calibration text)",
-                    max_increase_pct, 100 * max_weight_share, result.with_blocklist_bound_pct)
+                    "decoder's Linear weights and %.0f%% of its layers' attention, at %+.2f%% (one-sided 95%% "
+                    "bound, on calibration text)", max_increase_pct, 100 * max_weight_share,
+                    100 * max_attention_share, result.with_blocklist_bound_pct)
     return result.blocklist_names()
 
 
@@ -213,8 +241,8 @@ def calibration_windows(prompts: list[list[int]], window: int, max_windows: int)
     return windows[::max(1, -(-len(windows) // max_windows))]
 
 
-def _tokenize(llm: LLM, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
-    tok = llm.engine.tokenizer
+def _tokenize(folder: Path, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
+    tok = Tokenizer.from_folder(folder)
     if tok is None:
         raise FP8LMError("calibration needs a model with a tokenizer")
     prompts, truncated = [], 0

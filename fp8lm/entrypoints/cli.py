@@ -125,6 +125,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(args.model, args.dataset, Path(args.output), num_samples=args.num_samples,
                        max_seq_len=args.max_seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=args.device, dtype=args.dtype, max_ppl_increase=args.max_ppl_increase,
+                       max_weight_share=args.max_weight_share, max_attention_share=args.max_attention_share,
                        tensor_parallel_size=args.tensor_parallel_size, recipe=args.recipe,
                        exact_first_token=args.exact_first_token, statistics_tokens=args.statistics_tokens)
     print(f"measured {result.num_samples} samples ({result.num_truncated} truncated)")
@@ -181,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fp8lm.eval.perplexity import read_text, token_windows
-    from fp8lm.eval.report import module_sqnr, sensitivity, write_sqnr_report
+    from fp8lm.eval.report import is_attention_unit, module_sqnr, sensitivity, write_sqnr_report
 
     if not args.quantization:
         raise FP8LMError("report compares FP8 with high precision: pass --quantization inc (and QUANT_CONFIG)")
@@ -192,11 +193,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sensitivity:
         result = sensitivity(reference.engine, candidate.engine, windows, args.max_ppl_increase)
         for unit, pct in sorted(result.unit_gain_kl.items(), key=lambda kv: -kv[1]):
-            print(f"  {unit:26s} mean KL -{pct:.5f} when only it is kept high "
-                  f"({100 * result.unit_share[unit]:.1f}% of the decoder's Linear weights)")
+            what = "layers" if is_attention_unit(unit) else "decoder's Linear weights"
+            print(f"  {unit:31s} mean KL -{pct:.5f} when only it is kept high "
+                  f"({100 * result.unit_share[unit]:.1f}% of the {what})")
         print(f"all FP8: {result.all_fp8_pct:+.2f}%; keeping {len(result.blocklist)} in high precision: "
               f"{result.with_blocklist_pct:+.2f}% ({result.with_blocklist_bound_pct:+.2f}% at the one-sided 95% "
-              f"bound; {100 * result.kept_share:.1f}% of the weights high)")
+              f"bound; {100 * result.kept_share:.1f}% of the weights and {100 * result.kept_attention_share:.0f}% of "
+              f"the layers' attention high)")
         print('blocklist: {"names": ' + json.dumps(result.blocklist_names()) + "}")
     return 0
 
@@ -265,8 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many, sampled, see --statistics-tokens)")
     p.add_argument("--output", required=True, help="folder for the measurement files and configs")
     p.add_argument("--max-ppl-increase", type=float, default=None,
-                   help="keep the units (a layer's attention projections or MLP) that buy the most per byte in "
-                        "high precision until FP8 costs at most this %% (at most 15%% of the weights)")
+                   help="keep the units (a layer's attention projections, MLP, or attention with its K/V cache) that "
+                        "buy the most per price in high precision until FP8 costs at most this %% (at most "
+                        "--max-weight-share of the Linear weights and --max-attention-share of the layers' attention)")
+    p.add_argument("--max-weight-share", type=float, default=0.15,
+                   help="--max-ppl-increase: the most of the decoder's Linear weights kept in high precision (0..1)")
+    p.add_argument("--max-attention-share", type=float, default=0.3,
+                   help="--max-ppl-increase: the most of the layers whose attention and K/V cache stay in high "
+                        "precision (0..1)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="measure on N ranks: one file per rank")
     p.add_argument("--recipe", default="fp8lm", choices=("fp8lm", "inc"),
                    help="fp8lm: accuracy-first (exact scales, LM head kept, GPTQ rounding, K smoothing; "

@@ -14,7 +14,8 @@ from fp8lm.fp8.numerics import fake_quant
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
 from fp8lm.quant.modules import replace_module
 
-FP8_TYPES = (FP8Linear, FP8Matmul, FP8Softmax, FP8KVCache)
+FP8_ATTENTION = (FP8Matmul, FP8Softmax, FP8KVCache)
+FP8_TYPES = (FP8Linear, *FP8_ATTENTION)
 
 
 @dataclass
@@ -97,27 +98,61 @@ def linear_units(model: nn.Module) -> dict[str, list[str]]:
     return {u: [n for n in names if n in fp8] for u, names in units.items() if any(n in fp8 for n in names)}
 
 
+def attention_units(model: nn.Module) -> dict[str, list[str]]:
+    """Each decoder layer's FP8 attention as one unit ("model.layers.N.self_attn.attn"): its q·k,
+    softmax, p·v and K/V cache, kept in high precision together (the cache then in the model dtype)."""
+    units: dict[str, list[str]] = {}
+    for i, layer in enumerate(model.model.layers):
+        unit = f"model.layers.{i}.self_attn.attn"
+        names = [f"{unit}.{n}" for n, m in layer.self_attn.attn.named_children() if isinstance(m, FP8_ATTENTION)]
+        if names:
+            units[unit] = names
+    return units
+
+
+def is_attention_unit(unit: str) -> bool:
+    return unit.endswith(".attn")
+
+
 def unit_pattern(unit: str) -> str:
-    """The blocklist name pattern of a unit (the attention ops under self_attn.attn stay FP8)."""
+    """The blocklist name pattern of a unit (a layer's attention projections leave its attention ops
+    to their own unit)."""
     if unit == "lm_head":
         return "^lm_head$"
+    if is_attention_unit(unit):
+        return re.escape(unit) + r"\."
     group = unit.rpartition(".")[2]
     return re.escape(unit) + (r"\.[qkvo]_proj$" if group == "self_attn" else r"\.")
 
 
 class HighPrecisionSwapper:
-    """Puts the high-precision originals of chosen units into the quantized model (and back); its
-    FP8 attention and KV cache stay as they are."""
+    """Puts the high-precision originals of chosen units into the quantized model (and back). An
+    attention unit kept also gets K/V caches of the reference's dtype (empty: every step scored
+    writes the K/V it reads), and its FP8 caches back when it is put back."""
 
     def __init__(self, quantized: nn.Module, reference: nn.Module, units: dict[str, list[str]]):
         self.quantized, self.units = quantized, units
         self.fp8 = {n: quantized.get_submodule(n) for names in units.values() for n in names}
         self.originals = {n: reference.get_submodule(n) for n in self.fp8}
+        self.reference = reference
+        self.fp8_caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(self, kept: set[str]) -> None:
         for unit, names in self.units.items():
             for n in names:
                 replace_module(self.quantized, n, self.originals[n] if unit in kept else self.fp8[n])
+            if is_attention_unit(unit):
+                self._bind_caches(unit, unit in kept)
+
+    def _bind_caches(self, unit: str, high_precision: bool) -> None:
+        attn = self.quantized.get_submodule(unit)
+        if high_precision and unit not in self.fp8_caches:
+            self.fp8_caches[unit] = (attn.k_cache_tensor, attn.v_cache_tensor)
+            dtype = self.reference.get_submodule(unit).k_cache_tensor.dtype
+            attn.bind_cache(torch.zeros_like(attn.k_cache_tensor, dtype=dtype),
+                            torch.zeros_like(attn.v_cache_tensor, dtype=dtype), attn.first_kv)
+        elif not high_precision and unit in self.fp8_caches:
+            attn.bind_cache(*self.fp8_caches.pop(unit), attn.first_kv)
 
 
 @dataclass
@@ -125,8 +160,9 @@ class Sensitivity:
     baseline_ppl: float
     all_fp8_pct: float
     unit_gain_kl: dict[str, float]           # mean-KL decrease when only that unit is kept in high precision
-    unit_share: dict[str, float]             # the unit's share of the decoder's FP8 Linear weights
-    blocklist: list[str]                     # units kept, best gain per byte first
+    unit_share: dict[str, float]             # Linear units: their share of the decoder's FP8 Linear weights;
+                                             # attention units: 1 / the number of layers
+    blocklist: list[str]                     # units kept, best gain per price first
     with_blocklist_pct: float
     with_blocklist_bound_pct: float          # the same at BUDGET_Z standard errors above (what the budget checks)
 
@@ -135,7 +171,13 @@ class Sensitivity:
 
     @property
     def kept_share(self) -> float:
-        return sum(self.unit_share[u] for u in self.blocklist if u != "lm_head")
+        """The decoder's Linear weights kept in high precision (a share)."""
+        return sum(self.unit_share[u] for u in self.blocklist if u != "lm_head" and not is_attention_unit(u))
+
+    @property
+    def kept_attention_share(self) -> float:
+        """The layers whose attention and K/V cache are kept in high precision (a share)."""
+        return sum(self.unit_share[u] for u in self.blocklist if is_attention_unit(u))
 
 
 # One-sided 95%: a few calibration windows measure the perplexity change to ~±0.7 points (SmolLM2, 8
@@ -145,36 +187,47 @@ BUDGET_Z = 1.645
 
 
 def sensitivity(reference_engine, quantized_engine, windows, max_increase_pct: float,
-                max_weight_share: float = 0.15) -> Sensitivity:
+                max_weight_share: float = 0.15, max_attention_share: float = 0.3) -> Sensitivity:
     """Each unit's measured gain (mean KL to the reference, which is far steadier than perplexity on
-    a few windows) when kept alone; then units by gain per byte until the quantized model's
+    a few windows) when kept alone; then units by gain per price until the quantized model's
     perplexity, BUDGET_Z standard errors above its estimate, is at most `max_increase_pct` above the
-    reference's, or the next unit would exceed `max_weight_share` of the decoder's Linear weights.
-    The gains are measured on the even windows and the perplexity on the odd ones (both on the one
-    window there is, if only one): ranked and checked on the same tokens, the units chosen are those
-    that happened to help on them, and the estimate is biased towards the budget."""
+    reference's. Units are every layer's attention projections and MLP (their price: their share of
+    the decoder's Linear weights, at most `max_weight_share` kept), every layer's attention with its
+    K/V cache (price: its share of the layers, at most `max_attention_share` kept: the cache bytes
+    and the unfused attention it costs), and the LM head; a unit's price is its share of its cap,
+    so the two kinds compete on one scale. The gains are measured on the even windows and the
+    perplexity on the odd ones (both on the one window there is, if only one): ranked and checked
+    on the same tokens, the units chosen are those that happened to help on them, and the estimate
+    is biased towards the budget."""
     ranking, checking = (range(0, len(windows), 2), range(1, len(windows), 2)) if len(windows) > 1 else ([0], [0])
-    units = linear_units(quantized_engine.model)
-    sizes = {u: sum(quantized_engine.model.get_submodule(n).in_features * quantized_engine.model.get_submodule(n)
-                    .out_features for n in names) for u, names in units.items()}
+    model = quantized_engine.model
+    linears, attention = linear_units(model), (attention_units(model) if max_attention_share > 0 else {})
+    sizes = {u: sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
+             for u, names in linears.items()}
     decoder = sum(v for u, v in sizes.items() if u != "lm_head")
-    share = {u: v / decoder for u, v in sizes.items()}
-    swapper = HighPrecisionSwapper(quantized_engine.model, reference_engine.model, units)
+    share = {**{u: v / decoder for u, v in sizes.items()}, **{u: 1 / len(model.model.layers) for u in attention}}
+    cap = {u: max_attention_share if is_attention_unit(u) else max_weight_share for u in share}
+    swapper = HighPrecisionSwapper(model, reference_engine.model, {**linears, **attention})
     reference = list(reference_logprobs(reference_engine, windows))
 
     def measure(kept, on) -> Comparison:
         swapper.keep(set(kept))
         return compare([reference[i] for i in on], quantized_engine, [windows[i] for i in on])
 
+    def fits(unit, kept) -> bool:
+        same_kind = [u for u in kept if is_attention_unit(u) == is_attention_unit(unit) and u != "lm_head"]
+        return unit == "lm_head" or sum(share[u] for u in same_kind) + share[unit] <= cap[unit] + 1e-9
+
     try:
         everything, ranked_all = measure([], checking), measure([], ranking).mean_kl
-        gain = {u: ranked_all - measure([u], ranking).mean_kl for u in units}
+        gain = {u: ranked_all - measure([u], ranking).mean_kl for u in share}
         kept: list[str] = []
         current = everything
-        for unit in sorted(units, key=lambda u: gain[u] / sizes[u], reverse=True):
+        price = {u: share[u] / (cap[u] or 1.0) for u in share}     # cap 0: nothing of that kind fits
+        for unit in sorted(share, key=lambda u: gain[u] / price[u], reverse=True):
             if current.ppl_change_bound_pct(BUDGET_Z) <= max_increase_pct or gain[unit] <= 0:
                 break
-            if unit != "lm_head" and sum(share[u] for u in kept if u != "lm_head") + share[unit] > max_weight_share:
+            if not fits(unit, kept):
                 continue
             kept.append(unit)
             current = measure(kept, checking)

@@ -69,6 +69,9 @@ class Quantizer:
                 and not self.config.flag("allow_measurement_mismatch"):
             raise FP8LMError(f"{path} was computed on another model ({meta.get('model')}); run fp8lm calibrate "
                              f"again, or set \"allow_measurement_mismatch\": true in QUANT_CONFIG ({self.config.source})")
+        if self.config.fp8lm.searched_scales and not any(k.endswith(".input_scale_factor") for k in tensors):
+            raise FP8LMError(f"{path} holds no searched input scales (its calibration ran without searched_scales); "
+                             f"run fp8lm calibrate with it on, or turn fp8lm.searched_scales off ({self.config.source})")
         return tensors
 
     def _check_provenance(self, meta: dict | None, base: Path, fingerprint: dict | None) -> None:

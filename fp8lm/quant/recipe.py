@@ -67,34 +67,72 @@ def _checkpoint_weights(folder: Path, names: list[str]) -> dict[str, torch.Tenso
     return found
 
 
-def rounded_linear(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype, limit: float):
-    """(FP8 values, scale, GPTQ's output error, round-to-nearest's output error at that scale): the
-    scale searched among WEIGHT_CANDIDATES by output error, then GPTQ unless it loses to rounding."""
+def nearest_choice(weight: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype, limit: float):
+    """(scale [1], round-to-nearest FP8 values, their output error): the scale among
+    WEIGHT_CANDIDATES (factors on the max-abs scale) with the least output error."""
     base = weight.abs().amax().clamp(min=2.0 ** -100) / limit
     candidates = {f: round_to_nearest(weight, base * f, dtype, limit) for f in WEIGHT_CANDIDATES}
     errors = {f: output_error(weight, q * base * f, hessian) for f, q in candidates.items()}
     best = min(errors, key=errors.get)
-    scale, nearest, err_nearest = (base * best).reshape(1), candidates[best], errors[best]
-    rounded = gptq_round(weight, hessian, scale, dtype, limit)
-    err = output_error(weight, rounded * scale, hessian)
-    return (nearest if err >= err_nearest else rounded), scale, err, err_nearest
+    return (base * best).reshape(1), candidates[best], errors[best]
+
+
+# A batch of GPTQ problems holds at most this many bytes of float64 second moments.
+GPTQ_BATCH_BYTES = 256 << 20
+
+
+def gptq_rounds(problems: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: torch.dtype,
+                limit: float) -> dict[str, torch.Tensor]:
+    """GPTQ's FP8 values for each name's (weight, second moments, scale). Linears that share their
+    second moments (one input, one input scale: q/k/v, gate/up) are one problem, their rows stacked
+    (GPTQ rounds rows independently, each with its own scale); problems of one shape run as a batch."""
+    shared: dict[int, list[str]] = {}
+    for name, (_, hessian, _) in problems.items():
+        shared.setdefault(id(hessian), []).append(name)
+    shapes: dict[tuple, list[list[str]]] = {}
+    for names in shared.values():
+        rows = sum(problems[n][0].shape[0] for n in names)
+        shapes.setdefault((rows, problems[names[0]][0].shape[1]), []).append(names)
+    rounded: dict[str, torch.Tensor] = {}
+    for (_, cols), groups in shapes.items():
+        step = max(1, GPTQ_BATCH_BYTES // (8 * cols * cols))
+        for i in range(0, len(groups), step):
+            batch = groups[i:i + step]
+            weights = torch.stack([torch.cat([problems[n][0] for n in names]) for names in batch])
+            scales = torch.stack([torch.cat([problems[n][2].expand(problems[n][0].shape[0]) for n in names])
+                                  for names in batch])
+            hessians = torch.stack([problems[names[0]][1] for names in batch])
+            q = gptq_round(weights, hessians, scales[..., None], dtype, limit)
+            for names, values in zip(batch, q):
+                for n, part in zip(names, values.split([problems[n][0].shape[0] for n in names])):
+                    rounded[n] = part
+    return rounded
 
 
 def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> dict[str, torch.Tensor]:
     """What the statistics file holds, from a finished statistics pass."""
     tensors: dict[str, torch.Tensor] = {}
     weights = _checkpoint_weights(model_folder, list(collector.linears))
-    gains = []
+    nearest, problems, float_hessians = {}, {}, {}
     for name, stats in collector.linears.items():
-        module = stats.module
-        tensors[f"{name}.input_scale_factor"] = torch.tensor([stats.best_activation_factor()])
-        if name not in weights:
-            continue            # e.g. a tied LM head: keeps round-to-nearest
-        q, scale, err, err_nearest = rounded_linear(weights[name], stats.hessian, module.fmt.dtype, module.fmt.limit)
-        tensors[f"{name}.weight"] = q.to(module.fmt.dtype)
-        tensors[f"{name}.weight_scale"] = scale.float()
-        gains.append(err / err_nearest if err_nearest > 0 else 1.0)
-        tensors[f"{name}.gptq_error_ratio"] = torch.tensor([gains[-1]])     # < 1: GPTQ's weight is used
+        if stats.candidate_error is not None:
+            tensors[f"{name}.input_scale_factor"] = torch.tensor([stats.best_activation_factor()])
+        if name in weights:         # not e.g. a tied LM head: that keeps round-to-nearest
+            fmt, hessian = stats.module.fmt, stats.hessian
+            h32 = float_hessians.setdefault(id(hessian), hessian.float())
+            scale, q, err = nearest_choice(weights[name], h32, fmt.dtype, fmt.limit)
+            nearest[name], problems[name] = (q, err), (weights[name], hessian, scale)
+    gains = []
+    if problems:
+        fmt = next(iter(collector.linears.values())).module.fmt
+        for name, rounded in gptq_rounds(problems, fmt.dtype, fmt.limit).items():
+            weight, hessian, scale = problems[name]
+            err = output_error(weight, rounded * scale, float_hessians[id(hessian)])
+            q, err_nearest = nearest[name]
+            tensors[f"{name}.weight"] = (q if err >= err_nearest else rounded).to(fmt.dtype)
+            tensors[f"{name}.weight_scale"] = scale.float()
+            gains.append(err / err_nearest if err_nearest > 0 else 1.0)
+            tensors[f"{name}.gptq_error_ratio"] = torch.tensor([gains[-1]])     # < 1: GPTQ's weight is used
     for name, keys in collector.keys.items():
         if keys.low is not None:
             tensors[f"{name}.key_offset"] = keys.offset()

@@ -33,18 +33,34 @@ def stats_path(stats_prefix: Path) -> Path:
 
 
 class LinearStatistics:
-    def __init__(self, module: FP8Linear):
+    """`search_scales`: also each candidate input scale's weighted rounding error (four more casts of
+    every input; only the searched_scales option reads them). `hessian`: another Linear's
+    accumulator, where both read one input at one input scale (q/k/v, gate/up): their XqᵀXq is one
+    tensor, added to once per input (by the Linear that owns it)."""
+
+    def __init__(self, module: FP8Linear, search_scales: bool = True, hessian: torch.Tensor | None = None):
         self.module = module
-        self.hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
-        weight = module.fp8_weight().float() * torch.as_tensor(module.weight_scale, dtype=torch.float32)
-        self.column_norms = weight.pow(2).sum(dim=0).double()
-        self.candidate_error = torch.zeros(len(ACTIVATION_CANDIDATES), dtype=torch.float64)
+        self.owns_hessian = hessian is None
+        self.hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64) \
+            if hessian is None else hessian
+        self.candidate_error = None
+        if search_scales:
+            weight = module.fp8_weight().float() * torch.as_tensor(module.weight_scale, dtype=torch.float32)
+            self.column_norms = weight.pow(2).sum(dim=0).double()
+            self.candidate_error = torch.zeros(len(ACTIVATION_CANDIDATES), dtype=torch.float64)
+
+    @property
+    def observes(self) -> bool:
+        return self.owns_hessian or self.candidate_error is not None
 
     def update(self, x: torch.Tensor) -> None:
         m, fmt = self.module, self.module.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        xq = fake_quant(x, 1 / m.input_scale, fmt.dtype, fmt.limit) * m.input_scale
-        self.hessian += (xq.T @ xq).double()
+        if self.owns_hessian:
+            xq = fake_quant(x, 1 / m.input_scale, fmt.dtype, fmt.limit) * m.input_scale
+            self.hessian += (xq.T @ xq).double()
+        if self.candidate_error is None:
+            return
         for i, f in enumerate(ACTIVATION_CANDIDATES):
             s = m.input_scale * f
             err = (fake_quant(x, 1 / s, fmt.dtype, fmt.limit) * s - x).double().pow(2).sum(dim=0)
@@ -95,15 +111,20 @@ class HeadStatistics:
 class StatisticsCollector:
     """Hooks on every FP8 Linear and on every attention layer's q·k and K/V caches of `model`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, search_scales: bool = True):
         self.linears: dict[str, LinearStatistics] = {}
         self.keys: dict[str, KeyStatistics] = {}
         self.heads: dict[str, HeadStatistics] = {}      # "<attention>.query" / "<attention>.value"
         self._handles = []
+        same_input = shared_inputs(model)
         for name, module in model.named_modules():
             if isinstance(module, FP8Linear) and not module.dynamic:
-                stats = self.linears[name] = LinearStatistics(module)
-                self._handles.append(module.register_forward_pre_hook(lambda m, args, s=stats: s.update(args[0])))
+                owner = self.linears.get(same_input.get(name, name))
+                stats = self.linears[name] = LinearStatistics(module, search_scales,
+                                                              None if owner is None else owner.hessian)
+                if stats.observes:
+                    self._handles.append(module.register_forward_pre_hook(
+                        lambda m, args, s=stats: s.update(args[0])))
         for name, module in model.named_modules():
             if hasattr(module, "k_cache") and hasattr(module, "bind_cache"):
                 stats = self.keys[name] = KeyStatistics()
@@ -118,6 +139,20 @@ class StatisticsCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def shared_inputs(model: nn.Module) -> dict[str, str]:
+    """Static FP8 Linears that read one input at one input scale (a module's `fusable_projections`):
+    each one after the first -> the first's name."""
+    first: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        for names in getattr(module, "fusable_projections", ()):
+            members = [(f"{prefix}.{n}", getattr(module, n)) for n in names]
+            lead = members[0][1]
+            if all(isinstance(m, FP8Linear) and not m.dynamic and torch.equal(
+                    torch.as_tensor(m.input_scale), torch.as_tensor(lead.input_scale)) for _, m in members):
+                first.update({n: members[0][0] for n, _ in members[1:]})
+    return first
 
 
 def save_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -1,0 +1,64 @@
+"""What `fp8lm calibrate` costs against the inference it needs, side by side in one run (issue #31).
+
+The reference is what a calibration cannot do without: the engine generating the fp8lm recipe's
+continuation of the calibration prompts (the same sampling parameters, batched, no hooks) and one
+prefill of the finished text. Then `calibrate()` with the CLI's defaults. Target: <= 1.5x.
+"""
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fp8lm import LLM, SamplingParams
+from fp8lm.entrypoints.calibrate import STATISTICS_TOKENS, calibrate, continuation_params
+from fp8lm.quant.dataset import load_samples
+
+
+def reference_seconds(model: str, max_seq_len: int, max_tokens: int, batch_size: int) -> tuple[float, float, int]:
+    engine = dict(max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size, skip_warmup=True)
+    llm = LLM(model, **engine)
+    tok = llm.engine.tokenizer
+    prompts = [tok.encode(s)[:max_seq_len] if isinstance(s, str)
+               else tok.encode(tok.apply_chat_template(s), add_special_tokens=False)[:max_seq_len]
+               for s in load_samples("builtin", 512)]
+    params = continuation_params(prompts, STATISTICS_TOKENS, max_tokens, max_seq_len + max_tokens)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    generate = time.perf_counter() - start
+    texts = [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)]
+    del llm
+    llm = LLM(model, enable_prefix_caching=False, **engine)    # a cache would hold the generated text's blocks
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": t} for t in texts], SamplingParams(temperature=0, max_tokens=1),
+                 use_tqdm=False)
+    return generate, time.perf_counter() - start, sum(map(len, texts))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-seq-len", type=int, default=1024)     # the CLI's defaults
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--log", action="store_true", help="calibrate's log lines, timed (where the time goes)")
+    args = parser.parse_args()
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    generate, prefill, tokens = reference_seconds(args.model, args.max_seq_len, args.max_tokens, args.batch_size)
+    print(f"reference: generate {generate:.1f} s + prefill {prefill:.1f} s = {generate + prefill:.1f} s "
+          f"({tokens} tokens)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        calibrate(args.model, "builtin", Path(tmp), max_seq_len=args.max_seq_len, max_tokens=args.max_tokens,
+                  batch_size=args.batch_size, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    print(f"fp8lm calibrate (default flags): {seconds:.1f} s = {seconds / (generate + prefill):.2f}x the reference "
+          f"(target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
