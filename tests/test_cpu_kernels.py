@@ -85,6 +85,22 @@ def test_linear_equals_float64_reference_to_float32_rounding(kernels, case):
         assert (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
 
 
+@pytest.mark.parametrize("t, k", [(1, 5), (37, 64), (300, 200)])
+def test_fp8_gram_is_the_fp8_inputs_second_moment(kernels, t, k):
+    """XqᵀXq (the statistics pass's GPTQ second moments) from the W8A8 GEMM with xᵀ as both operands:
+    the float64 product of the same FP8 values to float32 summation order, on every ISA."""
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)) * 3
+    x[:, 0] = 0                                   # an input never seen
+    scale = float(x.abs().amax()) / 448
+    xq = (x * (1 / torch.tensor([scale]))).clamp(-448, 448).to(E4M3).double() * scale
+    expected = xq.T @ xq
+    bound = (t + 5) * 2.0**-24 * (xq.abs().T @ xq.abs()) + 1e-44
+    for isa in isas(kernels):
+        got = ck.CpuKernels(kernels.module, isa).fp8_gram(x, scale, E4M3, 448.0)
+        err = (got.double() - expected).abs()
+        assert got.shape == (k, k) and (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
+
+
 @settings(max_examples=150, deadline=None)
 @given(m=st.sampled_from([1, 2, 7, 8, 9, 24]), k=st.integers(1, 200), n=st.integers(1, 80),
        seed=st.integers(0, 2**31 - 1), with_bias=st.booleans())

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fp8lm.errors import FP8LMError
-from fp8lm.fp8.numerics import FP8_LAYOUT
+from fp8lm.fp8.numerics import FP8_LAYOUT, to_fp8
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ class CpuKernels:
         if x.dim() != 2 or x.dtype != torch.float32:
             raise FP8LMError(f"CPU kernels: x must be 2-D float32, got {tuple(x.shape)} {x.dtype}")
         return self.module.linear_bf16(x.contiguous(), packed, out_features, bias, ISA_CODES[self.isa])
+
+    def fp8_gram(self, x: torch.Tensor, scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
+        """X_qᵀX_q [K, K] float32 for X_q = the FP8 values of x [T, K] at `scale`, times `scale`: the
+        W8A8 GEMM with xᵀ as both operands (its FP8 cast as `linear`'s), so every product is exact
+        and only the float32 sums' order differs from X_qᵀX_q in float64."""
+        xt = x.t().float().contiguous()
+        s = torch.tensor([float(scale)])
+        packed = pack_panels(to_fp8(xt, 1 / s, fp8_dtype, limit))
+        return self.linear(xt, packed, xt.shape[0], fp8_dtype, kernel_col_scale(s, xt.shape[0], fp8_dtype), s, 1 / s,
+                           limit)
 
     def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""

@@ -22,10 +22,21 @@ import torch
 from torch import nn
 
 from fp8lm.errors import FP8LMError
+from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.quant.fp8_modules import FP8Linear
 
 ACTIVATION_CANDIDATES = (1.0, 0.9, 0.8, 0.7)      # factors on the max-abs scale (clipping)
+
+
+def fp8_second_moment(x: torch.Tensor, scale, fmt) -> torch.Tensor:
+    """X_qᵀX_q (float32) of x [T, K]'s FP8 values at the per-tensor `scale`, times the scale: on the
+    CPU kernels' W8A8 GEMM where they run (bfloat16 dot products on AVX-512 BF16), else in torch."""
+    kernels = kernels_for(x.device)
+    if kernels is not None and torch.as_tensor(scale).numel() == 1:
+        return kernels.fp8_gram(x, float(scale), fmt.dtype, fmt.limit)
+    xq = fake_quant(x, 1 / scale, fmt.dtype, fmt.limit) * scale
+    return xq.T @ xq
 
 
 def stats_path(stats_prefix: Path) -> Path:
@@ -57,8 +68,7 @@ class LinearStatistics:
         m, fmt = self.module, self.module.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.owns_hessian:
-            xq = fake_quant(x, 1 / m.input_scale, fmt.dtype, fmt.limit) * m.input_scale
-            self.hessian += (xq.T @ xq).double()
+            self.hessian += fp8_second_moment(x, m.input_scale, fmt).double()
         if self.candidate_error is None:
             return
         for i, f in enumerate(ACTIVATION_CANDIDATES):
