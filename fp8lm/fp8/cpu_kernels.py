@@ -188,10 +188,20 @@ def _build(cache: Path):
     if fresh:
         log.info("compiling the CPU FP8 kernels into %s (once, about 30 s)", build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
+    # Compiled from a copy inside the build folder: ninja rebuilds when a source's path changes, and
+    # a checkout and an installed wheel (the same sources elsewhere) would rebuild each other's .so.
+    sources = build_dir / "src"
+    sources.mkdir(exist_ok=True)
+    for s in _SOURCES:
+        if not (sources / s).is_file():
+            tmp = sources / f".{s}.{os.getpid()}"
+            shutil.copyfile(_CSRC / s, tmp)
+            os.replace(tmp, sources / s)
     start = time.perf_counter()
     # -fopenmp makes at::parallel_for use torch's thread pool (the libgomp torch has loaded).
-    module = cpp_extension.load(name, [str(_CSRC / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
-                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)], build_directory=str(build_dir), verbose=False)
+    module = cpp_extension.load(name, [str(sources / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(sources)],
+                                build_directory=str(build_dir), verbose=False)
     return module, (time.perf_counter() - start if fresh else None)
 
 
