@@ -96,9 +96,9 @@ def smollm2_hf(smollm2):
     return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
 
 
-# SmolLM2 calibrated with fp8lm's default recipe once per run, as `make demo` calibrates (room for the
-# recipe's 16,384 tokens: 32 builtin samples, max_seq_len 512, 16 generated): every test that needs
-# an FP8 SmolLM2 and does not test calibration itself shares these two.
+# SmolLM2 calibrated with fp8lm's default recipe once per run: 32 builtin samples continued to the
+# recipe's default 16,384 tokens (max_seq_len 512 and 16 generated leave room for them). Every test
+# that needs an FP8 SmolLM2 and does not test calibration itself shares these two.
 SMOLLM2_CALIBRATION = dict(num_samples=32, max_seq_len=512, max_tokens=16)
 
 

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def calibration(request):
-    """The run's shared calibrations (tests/conftest.py: make demo's settings, the recipe's whole
-    16,384 tokens); bfloat16's through the CLI."""
+    """The run's shared calibrations (tests/conftest.py: the recipe's whole 16,384 tokens); bfloat16's
+    through the CLI."""
     if request.param == "float32":
         return "float32", request.getfixturevalue("smollm2_fp8")
     return "bfloat16", request.getfixturevalue("smollm2_fp8_bfloat16").quant_config
