@@ -183,7 +183,9 @@ def _build(cache: Path):
 
     digest = hashlib.sha256(b"".join((_CSRC / s).read_bytes() for s in _SOURCES)).hexdigest()[:12]
     name = f"fp8lm_cpu_{digest}"
-    build_dir = cache / "kernels" / f"torch-{torch.__version__}" / name
+    # One folder per torch install too: ninja also rebuilds when torch's include path changes (another venv).
+    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    build_dir = cache / "kernels" / f"torch-{torch.__version__}-{where}" / name
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
         log.info("compiling the CPU FP8 kernels into %s (once, about 30 s)", build_dir)
