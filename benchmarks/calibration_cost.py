@@ -13,17 +13,15 @@ from pathlib import Path
 import torch
 
 from fp8lm import LLM, SamplingParams
-from fp8lm.entrypoints.calibrate import STATISTICS_TOKENS, calibrate, continuation_params
+from fp8lm.entrypoints.calibrate import STATISTICS_TOKENS, calibrate, continuation_params, tokenize_samples
+from fp8lm.model.registry import resolve_model
 from fp8lm.quant.dataset import load_samples
 
 
 def reference_seconds(model: str, max_seq_len: int, max_tokens: int, batch_size: int) -> tuple[float, float, int]:
     engine = dict(max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size, skip_warmup=True)
     llm = LLM(model, **engine)
-    tok = llm.engine.tokenizer
-    prompts = [tok.encode(s)[:max_seq_len] if isinstance(s, str)
-               else tok.encode(tok.apply_chat_template(s), add_special_tokens=False)[:max_seq_len]
-               for s in load_samples("builtin", 512)]
+    prompts, _ = tokenize_samples(resolve_model(model), load_samples("builtin", 512), max_seq_len)
     params = continuation_params(prompts, STATISTICS_TOKENS, max_tokens, max_seq_len + max_tokens)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -99,7 +99,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     if exact_first_token is not None and recipe == "fp8lm":
         quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": exact_first_token}
 
-    prompts, truncated = _tokenize(resolve_model(model), samples, max_seq_len)
+    prompts, truncated = tokenize_samples(resolve_model(model), samples, max_seq_len)
     if truncated:
         log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
                     truncated, len(samples), max_seq_len)
@@ -109,9 +109,9 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         texts = continue_texts(LLM(model, **engine), prompts,
                                continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),
                                use_tqdm)
-        # What generating them runs through the model: all but each text's last token.
-        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine),
-                        [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)], PREFILL, use_tqdm)
+        # What generating them ran through the model: all but each text's last token.
+        ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
+        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), ran, PREFILL, use_tqdm)
         log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
                  sum(map(len, texts)), sum(map(len, prompts)))
         if tensor_parallel_size > 1:
@@ -120,7 +120,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                         tensor_parallel_size)
             quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
         else:
-            collect_statistics(model, quant_cfg, texts, device, dtype, batch_size, use_tqdm)
+            collect_statistics(model, quant_cfg, ran, device, dtype, batch_size, use_tqdm)
     else:
         texts = prompts
         files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), prompts,
@@ -173,13 +173,12 @@ def measure(llm: LLM, prompts: list[list[int]], params: SamplingParams, use_tqdm
         llm.engine.shutdown()
 
 
-def collect_statistics(model: str, quant_cfg: dict, texts: list[list[int]], device: str, dtype: str,
+def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], device: str, dtype: str,
                        batch_size: int, use_tqdm: bool = False) -> Path:
-    """The statistics pass: the calibration text (prefills, batched) through the model quantized with
-    the recipe's plain scales, then rounded weights, searched scales and key offsets into the
-    statistics file. Each text but its last token, as MEASURE saw it."""
+    """The statistics pass: `prompts` (the tokens MEASURE ran; prefills, batched) through the model
+    quantized with the recipe's plain scales, then rounded weights, searched scales and key offsets
+    into the statistics file."""
     plain = {**quant_cfg, "fp8lm": {**quant_cfg["fp8lm"], **fp8lm_recipe(Path(), False)["fp8lm"]}}
-    prompts = [t[:-1] for t in texts if len(t) >= 2]
     # No prefix caching: a prefix the prompts share is statistics of every one of them.
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=plain, kv_cache_dtype="fp8_inc",
               max_model_len=max(map(len, prompts)) + 1, max_num_seqs=batch_size, skip_warmup=True,
@@ -241,7 +240,9 @@ def calibration_windows(prompts: list[list[int]], window: int, max_windows: int)
     return windows[::max(1, -(-len(windows) // max_windows))]
 
 
-def _tokenize(folder: Path, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
+def tokenize_samples(folder: Path, samples, max_seq_len: int) -> tuple[list[list[int]], int]:
+    """The samples' token ids (chat samples through the chat template), each cut to max_seq_len;
+    and how many were cut."""
     tok = Tokenizer.from_folder(folder)
     if tok is None:
         raise FP8LMError("calibration needs a model with a tokenizer")
