@@ -115,7 +115,7 @@ def test_a_budget_it_cannot_reach_says_so(tmp_path, tiny_model, caplog):
 
 
 @pytest.mark.parametrize("kw", [dict(max_ppl_increase=-1.0), dict(max_ppl_increase=float("nan")),
-                                dict(max_weight_share=1.5)])
+                                dict(max_weight_share=1.5), dict(max_attention_share=-0.1)])
 def test_a_bad_budget_is_refused_before_anything_runs(tmp_path, tiny_model, kw):
     with pytest.raises(FP8LMError, match="max"):
         calibrate(str(tiny_model), "builtin", tmp_path / "out", num_samples=6, use_tqdm=False, **kw)
