@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fp8lm.errors import FP8LMError
@@ -16,3 +17,8 @@ def read_json(path: Path, label: str, error: type[FP8LMError] = FP8LMError):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise error(f"{label} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def cache_dir() -> Path:
+    """Where fp8lm keeps what it builds or downloads once per machine (FP8LM_CACHE, default ~/.cache/fp8lm)."""
+    return Path(os.environ.get("FP8LM_CACHE") or Path.home() / ".cache" / "fp8lm")

@@ -14,7 +14,7 @@ from fp8lm.engine.block_manager import BlockManager
 from fp8lm.engine.config import EngineConfig, resolve_device
 from fp8lm.engine.cuda_graphs import graph_buckets
 from fp8lm.engine.kv_sizing import KVCacheSizing
-from fp8lm.engine.model_host import ModelHost
+from fp8lm.engine.model_host import ModelHost, run_worker
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
 from fp8lm.engine.output_processor import OutputProcessor
@@ -113,7 +113,7 @@ class LLMEngine(KVCacheSizing, ModelHost):
             return launched
         check_divisible(ModelConfig.from_folder(resolve_model(config.model)), world)
         address = free_tcp_address()
-        self.workers = spawn_local_workers(config, world, address)
+        self.workers = spawn_local_workers(run_worker, config, world, address)
         init_group(backend_for(resolve_device(config.device)), 0, world, address)
         atexit.register(self.shutdown)
         return DistInfo(0, world, 0)

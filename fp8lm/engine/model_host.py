@@ -17,7 +17,7 @@ from fp8lm.errors import FP8LMError
 from fp8lm.fp8.formats import device_tag
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.fingerprint import model_fingerprint
-from fp8lm.model.layers import pack_linears_for_cpu
+from fp8lm.model.linear import pack_linears_for_cpu
 from fp8lm.model.llama import TensorParallel
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
@@ -134,3 +134,8 @@ class WorkerEngine(ModelHost):
                     return
         finally:
             torch.distributed.destroy_process_group()
+
+
+def run_worker(config: EngineConfig, dist_info: DistInfo, init_method: str) -> None:
+    """Entry point of a rank > 0 started by fp8lm itself (engine/parallel.py spawns it)."""
+    WorkerEngine(config, dist_info, init_method).serve()

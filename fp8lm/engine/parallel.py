@@ -81,26 +81,25 @@ def free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def spawn_local_workers(engine_config, world_size: int, init_method: str) -> list:
-    """Starts ranks 1..N-1 on this host (fresh interpreters: no inherited threads or state)."""
+def spawn_local_workers(target, engine_config, world_size: int, init_method: str) -> list:
+    """Starts ranks 1..N-1 on this host (fresh interpreters: no inherited threads or state), each
+    running target(engine_config, DistInfo(rank, world_size, rank), init_method)."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for rank in range(1, world_size):
-        p = ctx.Process(target=worker_main, args=(engine_config, rank, world_size, init_method),
+        p = ctx.Process(target=_run_worker, args=(target, engine_config, DistInfo(rank, world_size, rank), init_method),
                         name=f"fp8lm-tp-rank{rank}", daemon=True)
         p.start()
         procs.append(p)
     return procs
 
 
-def worker_main(engine_config, rank: int, world_size: int, init_method: str) -> None:
-    """Entry point of a rank > 0 started by fp8lm itself."""
+def _run_worker(target, engine_config, dist_info: DistInfo, init_method: str) -> None:
+    rank = dist_info.rank
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
-    from fp8lm.engine.model_host import WorkerEngine
-
     exit_with_parent()
     try:
-        WorkerEngine(engine_config, DistInfo(rank, world_size, rank), init_method).serve()
+        target(engine_config, dist_info, init_method)
     except Exception as e:
         log.error("rank %d stopped: %s", rank, e)
         raise SystemExit(1) from None

@@ -11,11 +11,11 @@ from torch import nn
 
 from fp8lm.eval.perplexity import Comparison, compare, reference_logprobs
 from fp8lm.fp8.numerics import fake_quant
-from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.fp8_linear import is_fp8
+from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
 from fp8lm.quant.modules import replace_module
 
 FP8_ATTENTION = (FP8Matmul, FP8Softmax, FP8KVCache)
-FP8_TYPES = (FP8Linear, *FP8_ATTENTION)
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ModuleError:
 
 
 def fp8_twins(quantized: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in quantized.named_modules() if isinstance(m, FP8_TYPES)}
+    return {name: m for name, m in quantized.named_modules() if is_fp8(m) or isinstance(m, FP8_ATTENTION)}
 
 
 def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError]:
@@ -94,7 +94,7 @@ def linear_units(model: nn.Module) -> dict[str, list[str]]:
         for group, names in LINEAR_GROUPS.items():
             units[f"model.layers.{i}.{group}"] = [f"model.layers.{i}.{group}.{n}" for n in names]
     units["lm_head"] = ["lm_head"]
-    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    fp8 = {n for n, m in model.named_modules() if is_fp8(m)}
     return {u: [n for n in names if n in fp8] for u, names in units.items() if any(n in fp8 for n in names)}
 
 

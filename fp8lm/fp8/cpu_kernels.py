@@ -210,7 +210,7 @@ def _build(cache: Path):
 @functools.cache
 def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None (and one log line saying why) where they cannot run."""
-    from fp8lm.model.registry import cache_dir
+    from fp8lm.files import cache_dir
 
     want = _requested_isa()
     if want == "off":

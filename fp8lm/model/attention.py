@@ -66,7 +66,21 @@ def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, m
     return bias[None, :, None]
 
 
+class AttentionKernel:
+    """What a quantizer may set as `PagedAttention.fused_attention`: the layer's cache writes,
+    matmuls and softmax in one call, the same numbers as its modules'. Declared here, built in quant/."""
+
+    def applies(self, attn: PagedAttention, q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class PagedAttention(nn.Module):
+    fused_attention: AttentionKernel | None = None
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -124,9 +138,8 @@ class PagedAttention(nn.Module):
         meta = meta.for_window(self.sliding_window)
         if self.first_kv is not None:
             self.keep_first_tokens(k, v, meta.slot_mapping)
-        fused = getattr(self, "fused_attention", None)   # set by a quantizer that can run this layer fused
-        if fused is not None and fused.applies(self, q, meta):
-            return fused(self, q, k, v, meta)
+        if self.fused_attention is not None and self.fused_attention.applies(self, q, meta):
+            return self.fused_attention(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
         first = None if self.first_kv is None else self.first_kv[:, :, meta.block_tables[:, 0]]   # [2, kvh, B, d]

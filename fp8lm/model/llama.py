@@ -9,7 +9,8 @@ from torch import nn
 
 from fp8lm.model.attention import AttentionMetadata, PagedAttention
 from fp8lm.model.config import ModelConfig
-from fp8lm.model.layers import ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear, VocabEmbedding, project
+from fp8lm.model.layers import RMSNorm, VocabEmbedding
+from fp8lm.model.linear import ColumnParallelLinear, LMHead, ParallelLinear, RowParallelLinear, project
 from fp8lm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -20,7 +21,7 @@ class TensorParallel:
         self.rank, self.size, self.group = rank, size, group
 
     def linear_args(self) -> dict:
-        return {"tp_rank": self.rank, "tp_size": self.size}
+        return {"tp_rank": self.rank, "tp_size": self.size, "process_group": self.group}
 
 
 class LlamaAttention(nn.Module):
@@ -40,8 +41,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, bias, **tp.linear_args())
         self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
         self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
-        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, config.o_bias, process_group=tp.group,
-                                        **tp.linear_args())
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, config.o_bias, **tp.linear_args())
         # Qwen3: RMSNorm over each head's q and k (one weight of head_dim, replicated on every rank).
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
@@ -68,7 +68,7 @@ class LlamaMLP(nn.Module):
         bias = config.mlp_bias
         self.gate_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
         self.up_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
-        self.down_proj = RowParallelLinear(i, h, bias, process_group=tp.group, **tp.linear_args())
+        self.down_proj = RowParallelLinear(i, h, bias, **tp.linear_args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
@@ -88,7 +88,20 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class DecodeKernel:
+    """What a quantizer may set as `LlamaModel.fused_decode`: whole decode steps of the decoder
+    layers in one call, the same numbers as the layers'. Declared here, built in quant/."""
+
+    def applies(self, x: torch.Tensor, meta) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class LlamaModel(nn.Module):
+    fused_decode: DecodeKernel | None = None
+
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.rotary = RotaryEmbedding(config)
@@ -99,9 +112,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
-        fused = getattr(self, "fused_decode", None)     # set by a quantizer that runs whole decode steps fused
-        if fused is not None and fused.applies(x, meta):
-            return self.norm(fused(x, rope, meta))
+        if self.fused_decode is not None and self.fused_decode.applies(x, meta):
+            return self.norm(self.fused_decode(x, rope, meta))
         for layer in self.layers:
             x = layer(rope, x, meta)
         return self.norm(x)
@@ -119,17 +131,25 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        # Only a plain LM head shares the embedding's tensor; a quantized one keeps its own copy.
-        if self.config.tie_word_embeddings and type(self.lm_head) is LMHead:
+        # Only a dense LM head shares the embedding's tensor; a quantized one keeps its own copy.
+        if self.config.tie_word_embeddings and self.lm_head.weight.dtype == self.model.embed_tokens.weight.dtype:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def projection_groups(self) -> list[list[tuple[str, ParallelLinear]]]:
+        """(name, Linear) of each group of Linears that read one input (each module's
+        `fusable_projections`: q/k/v, gate/up), layer by layer."""
+        groups = []
+        for i, layer in enumerate(self.model.layers):
+            for owner, prefix in ((layer.self_attn, f"model.layers.{i}.self_attn"), (layer.mlp, f"model.layers.{i}.mlp")):
+                groups += [[(f"{prefix}.{n}", getattr(owner, n)) for n in names] for names in owner.fusable_projections]
+        return groups
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden]; `compute_logits` turns selected rows into logits."""
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.lm_head
-        return head.logits(hidden) if isinstance(head, LMHead) else head(hidden).float()
+        return self.lm_head.logits(hidden)

@@ -13,7 +13,7 @@ from torch import nn
 from fp8lm.errors import ModelLoadError
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.families import fused_parts
-from fp8lm.model.layers import copy_exact
+from fp8lm.model.linear import copy_exact
 from fp8lm.model.llama import LlamaForCausalLM, TensorParallel
 
 

