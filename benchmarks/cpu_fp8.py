@@ -65,12 +65,13 @@ from fp8lm import LLM, SamplingParams
 kw = {kw!r}
 llm = LLM({model!r}, max_model_len=512, max_num_seqs=1, num_kv_blocks=32, skip_warmup=True, **kw)
 llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)
-m = llm.engine.model
-fp8 = sum(mod.packed_weight.numel() for mod in m.modules() if getattr(mod, "packed_weight", None) is not None
-          and mod.packed_weight.dtype == torch.uint8)
+from fp8lm.model.linear import OneDNNPacked, ParallelLinear
+from fp8lm.quant.fp8_linear import FP8Panels
+m = llm.engine.host.model
+formats = [mod.format for mod in m.modules() if isinstance(mod, ParallelLinear)]
+fp8 = sum(f.packed.numel() for f in formats if isinstance(f, FP8Panels))
 dense = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()) if not t.is_meta)
-packed32 = sum(mod.packed_weight.to_dense().numel() * 4 for mod in m.modules()
-               if getattr(mod, "packed_weight", None) is not None and mod.packed_weight.dtype != torch.uint8)
+packed32 = sum(f.packed.to_dense().numel() * 4 for f in formats if isinstance(f, OneDNNPacked))
 rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
 print(fp8, dense + packed32, rss)
 """
@@ -130,7 +131,7 @@ def decode_profile(llm, prompt: list[int], tokens: int) -> None:
     everything else (embedding, final norm, sampling, scheduling, detokenizing)."""
     from fp8lm.eval.throughput import run_fp8lm
 
-    model = llm.engine.model
+    model = llm.engine.host.model
     spent = {"decoder (one call)": 0.0, "LM head": 0.0}
 
     def timed(fn, key):
@@ -242,10 +243,10 @@ def main() -> None:
             t, n = run_fp8lm(llm, batch, args.tokens)
             results.setdefault(batch_label, {})[label] = n / t
         if label == "fp8lm FP8":
-            stack, llm.engine.model.model.fused_decode = llm.engine.model.model.fused_decode, None
+            stack, llm.engine.host.model.model.fused_decode = llm.engine.host.model.model.fused_decode, None
             t, n = run_fp8lm(llm, prompts[:1], args.tokens)
             results["batch-1"]["fp8lm FP8, layer by layer"] = n / t
-            llm.engine.model.model.fused_decode = stack
+            llm.engine.host.model.model.fused_decode = stack
             decode_profile(llm, prompts[0], args.tokens)
         llm.engine.shutdown()
         del llm

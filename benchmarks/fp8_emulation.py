@@ -36,17 +36,19 @@ def cast_costs() -> None:
 def linear_costs() -> None:
     from fp8lm.fp8.formats import CPU
     from fp8lm.fp8.scale_methods import ScaleSpec
-    from fp8lm.model.layers import ColumnParallelLinear
-    from fp8lm.quant.fp8_modules import FP8Format, FP8Linear
+    from fp8lm.model.linear import ColumnParallelLinear, pack_linears_for_cpu
+    from fp8lm.quant.fp8_linear import quantize_linear
+    from fp8lm.quant.fp8_modules import FP8Format
 
     print("Linear forward, SmolLM2 shapes (float32 oneDNN vs FP8 emulated):")
     for m, n, k in ((1, 1536, 576), (32, 1536, 576), (32, 576, 1536), (32, 49152, 576)):
         hp = ColumnParallelLinear(k, n)
         torch.nn.init.normal_(hp.weight, std=0.05)
-        fp8 = FP8Linear(hp, FP8Format(torch.float8_e4m3fn, 448.0), 0.05, None, ScaleSpec(backoff=0.5), None, CPU)
+        fp8 = ColumnParallelLinear(k, n)
+        quantize_linear(fp8, FP8Format(torch.float8_e4m3fn, 448.0), 0.05, None, ScaleSpec(backoff=0.5), None, CPU)
         fp8.load_tensor("weight", hp.weight.detach())
-        fp8.prepare(torch.device("cpu"), torch.float32)
-        hp.pack_for_onednn(32)
+        fp8.format = fp8.format.prepare(fp8, torch.device("cpu"), torch.float32)
+        pack_linears_for_cpu(hp, 32)
         x = torch.randn(m, k)
         t_hp, t_fp8 = best_ms(lambda: hp(x)), best_ms(lambda: fp8(x))
         print(f"  {m:>3}x{k}x{n:<6} float32 {t_hp:7.3f} ms   FP8 {t_fp8:7.3f} ms   ratio {t_fp8 / t_hp:.2f}x")

@@ -13,5 +13,5 @@ import torch
 def perturb_embeddings(llm, relative: float, seed: int = 0) -> None:
     """Multiply every embedding output of `llm` by (1 + relative·N(0, 1)), elementwise."""
     g = torch.Generator().manual_seed(seed)
-    llm.engine.model.model.embed_tokens.register_forward_hook(
+    llm.engine.host.model.model.embed_tokens.register_forward_hook(
         lambda module, args, out: out * (1 + relative * torch.randn(out.shape, generator=g)))

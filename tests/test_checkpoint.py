@@ -11,7 +11,8 @@ from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.entrypoints.quantize import quantize_to_folder
 from fp8lm.errors import FP8LMError, ModelLoadError
-from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear
+from fp8lm.quant.fp8_linear import is_fp8
+from fp8lm.quant.fp8_modules import FP8KVCache
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (6, 19, 31)]
@@ -33,8 +34,8 @@ def test_round_trip_outputs_identical(tiny_model, quant_config, saved):
     in_memory = LLM(str(tiny_model), quantization="inc", quant_config=quant_config, kv_cache_dtype="fp8_inc",
                     max_model_len=64, skip_warmup=True)
     reloaded = LLM(str(saved), max_model_len=64, skip_warmup=True)
-    assert isinstance(reloaded.engine.model.lm_head, FP8Linear)
-    assert isinstance(reloaded.engine.model.model.layers[0].self_attn.attn.k_cache, FP8KVCache)
+    assert is_fp8(reloaded.engine.host.model.lm_head)
+    assert isinstance(reloaded.engine.host.model.model.layers[0].self_attn.attn.k_cache, FP8KVCache)
     for a, b in zip(in_memory.generate(PROMPTS, PARAMS, use_tqdm=False), reloaded.generate(PROMPTS, PARAMS, use_tqdm=False)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == b.outputs[0].cumulative_logprob

@@ -37,7 +37,7 @@ def test_padded_decode_steps_equal_the_unpadded_engine(tiny_model, monkeypatch):
     assert sorted(runner.graphs.steps) == [1, 2, 4, 8]
     # The scratch block is past the block manager's blocks: no sequence can own it.
     assert padded.engine.block_manager.num_blocks == runner.num_blocks
-    assert padded.engine.model.attention_layers()[0].k_cache_tensor.shape[1] == runner.num_blocks + 1
+    assert padded.engine.host.model.attention_layers()[0].k_cache_tensor.shape[1] == runner.num_blocks + 1
     assert set(calls) == {5, 4, 3, 2, 1}
     for a, b in zip(expected, outputs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -50,7 +50,7 @@ def test_a_hooked_model_decodes_unpadded(tiny_model, monkeypatch):
     monkeypatch.setattr(LLMEngine, "_wants_decode_graphs", lambda self: True)
     llm = LLM(str(tiny_model), max_model_len=96, max_num_seqs=8, skip_warmup=True, kv_cache_memory=1 << 20)
     seen = []
-    llm.engine.model.model.norm.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    llm.engine.host.model.model.norm.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
     calls = []
     monkeypatch.setattr(DecodeGraphs, "run", lambda *a: calls.append(1))
     llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)

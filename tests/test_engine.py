@@ -181,11 +181,11 @@ def test_decode_steps_keep_tokens_in_sequence_order(llm, monkeypatch):
 def test_bfloat16_loads_on_every_cpu(tiny_model):
     """oneDNN packs bfloat16 weights only on CPUs with AVX-512 BW/VL/DQ (or AVX-NE-CONVERT); elsewhere
     the plain weight serves, and bfloat16 still runs (it used to fail at load on AVX2 machines)."""
-    from fp8lm.model.layers import onednn_packs
+    from fp8lm.model.linear import OneDNNPacked, onednn_packs
 
     llm = LLM(str(tiny_model), dtype="bfloat16", max_model_len=64, skip_warmup=True)
-    q = llm.engine.model.model.layers[0].self_attn.q_proj
-    assert (q.packed_weight is not None) == onednn_packs(torch.bfloat16)
+    q = llm.engine.host.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.format, OneDNNPacked) == onednn_packs(torch.bfloat16)
     ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
     tokens = list(range(3, 30))
     assert (llm.engine.score(tokens).float() - ref.engine.score(tokens)).abs().max() < 0.1

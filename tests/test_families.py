@@ -85,7 +85,7 @@ def test_windowed_layers_skip_blocks_outside_the_window(family):
     name, folder, _ = family
     llm = engine_llm(folder)
     seen = []
-    windowed = [m for m in llm.engine.model.modules() if getattr(m, "sliding_window", None)]
+    windowed = [m for m in llm.engine.host.model.modules() if getattr(m, "sliding_window", None)]
     windowed[0].register_forward_pre_hook(lambda m, args: seen.append(args[3].for_window(8).block_tables.shape[1]))
     greedy(llm, 4)
     # 40 prompt tokens in 4-token blocks: 10 blocks; a decode query at position 40 with 8 keys reads
@@ -117,17 +117,17 @@ def test_fp8_flow(family, tmp_path):
     from fp8lm.entrypoints.calibrate import calibrate
     from fp8lm.entrypoints.quantize import quantize_to_folder
     from fp8lm.eval.perplexity import compare
-    from fp8lm.quant import fp8_modules
+    from fp8lm.quant.fp8_linear import FP8Panels, is_fp8
 
     name, folder, _ = family
     cal = calibrate(str(folder), "builtin", tmp_path / "cal", num_samples=8, max_seq_len=64, max_tokens=4,
                     use_tqdm=False)
     fp8 = engine_llm(folder, quantization="inc", quant_config=str(cal.quant_config), kv_cache_dtype="fp8_inc")
-    linears = [m for m in fp8.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)]
-    assert len(linears) == 2 * 7 and all(m.backend.startswith("cpu-") for m in linears)
-    attn = fp8.engine.model.model.layers[0].self_attn
+    linears = [m for m in fp8.engine.host.model.modules() if is_fp8(m)]
+    assert len(linears) == 2 * 7 and all(isinstance(m.format, FP8Panels) for m in linears)
+    attn = fp8.engine.host.model.model.layers[0].self_attn
     fusable = attn.q_proj.out_features % 32 == 0 and attn.k_proj.out_features % 32 == 0     # kernel panels
-    assert (getattr(attn.q_proj, "fused", None) is not None) == fusable          # q/k/v as one call, bias too
+    assert (attn.q_proj.fused is not None) == fusable          # q/k/v as one call, bias too
     windows = [PROMPT, list(range(3, 90))]
     result = compare(engine_llm(folder).engine, fp8.engine, windows)
     print(name, "FP8 vs float32:", result.summary())

@@ -51,7 +51,7 @@ def fp8_tiny(tiny_model, prefix, **fp8lm_options):
 
 def test_fp8_tiny_model_runs_decode_steps_in_one_call(tiny_model, measured, monkeypatch):
     llm = fp8_tiny(tiny_model, measured)
-    stack = llm.engine.model.model.fused_decode
+    stack = llm.engine.host.model.model.fused_decode
     assert isinstance(stack, FusedFP8DecodeStack)
     calls = []
     original = FusedFP8DecodeStack.__call__
@@ -67,13 +67,13 @@ def test_stack_equals_the_layer_by_layer_path(tiny_model, measured, options):
     features leave an FP8 rounding flip little room. Measured here: bit for bit equal. decode_logits
     computes token 0 in a one-token step too, so with exact_first_token the stack must keep its K/V."""
     llm = fp8_tiny(tiny_model, measured, **options)
-    assert all(a.exact_first_token == bool(options) for a in llm.engine.model.attention_layers())
+    assert all(a.exact_first_token == bool(options) for a in llm.engine.host.model.attention_layers())
     tokens = [t for p in PROMPTS for t in p][:90]
-    stack = llm.engine.model.model.fused_decode
+    stack = llm.engine.host.model.model.fused_decode
     fused = decode_logits(llm, tokens)
-    llm.engine.model.model.fused_decode = None
+    llm.engine.host.model.model.fused_decode = None
     layered = decode_logits(llm, tokens)
-    llm.engine.model.model.fused_decode = stack
+    llm.engine.host.model.model.fused_decode = stack
     assert (fused.argmax(-1) == layered.argmax(-1)).float().mean() > 0.97
     assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
     assert torch.allclose(fused, layered, atol=1e-2)
@@ -82,14 +82,14 @@ def test_stack_equals_the_layer_by_layer_path(tiny_model, measured, options):
 def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
     """With per-channel key offsets (fp8lm's k_smoothing) the stack subtracts them too."""
     llm = fp8_tiny(tiny_model, measured)
-    attn = llm.engine.model.attention_layers()
+    attn = llm.engine.host.model.attention_layers()
     assert all(a.key_offset is None for a in attn)
     tokens = [t for p in PROMPTS for t in p][:60]
     for a in attn:
         a.key_offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
-    llm.engine.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.model, attn[0].fused_attention.kernels)
+    llm.engine.host.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.host.model, attn[0].fused_attention.kernels)
     fused = decode_logits(llm, tokens)
-    llm.engine.model.model.fused_decode = None
+    llm.engine.host.model.model.fused_decode = None
     layered = decode_logits(llm, tokens)
     assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
 
@@ -101,11 +101,11 @@ def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, smollm2_fp8):
     kw = dict(quantization="inc", quant_config=str(smollm2_fp8), kv_cache_dtype="fp8_inc", max_model_len=512,
               max_num_seqs=1, num_kv_blocks=32, skip_warmup=True)
     llm, perturbed = LLM(str(smollm2), **kw), LLM(str(smollm2), **kw)
-    assert isinstance(llm.engine.model.model.fused_decode, FusedFP8DecodeStack)
+    assert isinstance(llm.engine.host.model.model.fused_decode, FusedFP8DecodeStack)
     tokens = llm.get_tokenizer().encode(read_text(None))[:400]
     fused = decode_logits(llm, tokens)
-    llm.engine.model.model.fused_decode = None
-    perturbed.engine.model.model.fused_decode = None
+    llm.engine.host.model.model.fused_decode = None
+    perturbed.engine.host.model.model.fused_decode = None
     layered = decode_logits(llm, tokens)
     perturb_embeddings(perturbed, 1e-6)
     floor = mean_kl(layered, decode_logits(perturbed, tokens))

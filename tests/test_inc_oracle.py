@@ -88,7 +88,7 @@ def test_same_linear_outputs_as_inc_quantize(both_measured, tiny_model, method, 
     assert len(names) == 15
     for name in names:
         theirs = inc_model.get_submodule(name)
-        mine = ours.engine.model.get_submodule(name)
+        mine = ours.engine.host.model.get_submodule(name)
         xi = x[:, : mine.in_features] if mine.in_features <= 64 else torch.randn(5, mine.in_features) * 2
         with torch.no_grad():
             expected = theirs(xi)

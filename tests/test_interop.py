@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fp8lm import LLM, SamplingParams
-from fp8lm.quant.fp8_modules import FP8Linear
+from fp8lm.quant.fp8_linear import is_fp8
 from reference import assert_near_ties_only, assert_ties_in_logits
 
 pytestmark = pytest.mark.slow
@@ -66,9 +66,9 @@ def test_fp8lm_runs_llm_compressor_checkpoints(llmc_folder):
     scheme = llmc_folder.name
     hf = transformers_model(llmc_folder)
     llm = LLM(str(llmc_folder), max_model_len=256, skip_warmup=True)
-    down = llm.engine.model.model.layers[3].mlp.down_proj
-    assert isinstance(down, FP8Linear) and down.dynamic == (scheme == "FP8_DYNAMIC")
-    assert not isinstance(llm.engine.model.lm_head, FP8Linear)        # ignored by the recipe
+    down = llm.engine.host.model.model.layers[3].mlp.down_proj
+    assert is_fp8(down) and (down.input_scale is None) == (scheme == "FP8_DYNAMIC")
+    assert not is_fp8(llm.engine.host.model.lm_head)        # ignored by the recipe
 
     # Module by module: the same input gives the same output (float32 rounding).
     seen = {}
@@ -86,7 +86,7 @@ def test_fp8lm_runs_llm_compressor_checkpoints(llmc_folder):
     assert len(seen) == 210
     for name, (x, y) in seen.items():
         with torch.no_grad():
-            z = llm.engine.model.get_submodule(name)(x.reshape(-1, x.shape[-1])).reshape(y.shape)
+            z = llm.engine.host.model.get_submodule(name)(x.reshape(-1, x.shape[-1])).reshape(y.shape)
         diff, scale = (z - y).abs(), max(1.0, y.abs().max().item())
         assert diff.median() <= 1e-6 * scale and diff.max() <= 1e-3 * scale, name
 

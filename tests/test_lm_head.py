@@ -7,7 +7,8 @@ import torch
 from conftest import make_tiny_llama, measure_tiny
 from fp8lm import LLM
 from fp8lm.fp8 import cpu_kernels as ck
-from fp8lm.model.layers import LMHead
+from fp8lm.model.linear import LMHead
+from fp8lm.quant.bfloat16_format import BF16Panels, keep_bfloat16_values
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))] for n in (7, 13)]
 
@@ -30,13 +31,13 @@ def fp8_llm(model, prefix, **options):
 
 
 def test_kept_head_computes_with_bfloat16_values_and_leaves_the_embedding(tied_model, measured):
-    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.model
+    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.host.model
     weight = plain.lm_head.dense_weight().clone()
-    model = fp8_llm(tied_model, measured, lm_head_bfloat16=True).engine.model
+    model = fp8_llm(tied_model, measured, lm_head_bfloat16=True).engine.host.model
     head = model.lm_head
     assert type(head) is LMHead
     if ck.cpu_kernels() is not None:
-        assert head.bf16_panels is not None and head.bf16_panels[1].dtype == torch.bfloat16
+        assert isinstance(head.format, BF16Panels) and head.format.panels.dtype == torch.bfloat16
     hidden = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3
     rounded = weight.bfloat16().double()
     expected = hidden.double() @ rounded.T
@@ -48,9 +49,9 @@ def test_kept_head_computes_with_bfloat16_values_and_leaves_the_embedding(tied_m
 
 
 def test_without_the_option_the_head_keeps_float32(tied_model, measured):
-    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.model
-    head = fp8_llm(tied_model, measured).engine.model.lm_head
-    assert head.bf16_panels is None
+    plain = LLM(str(tied_model), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.host.model
+    head = fp8_llm(tied_model, measured).engine.host.model.lm_head
+    assert not head.format.bfloat16_values
     assert torch.equal(head.dense_weight(), plain.lm_head.dense_weight())
 
 
@@ -58,8 +59,8 @@ def test_without_kernels_the_rounded_values_stay_in_the_weight():
     head = LMHead(24, 40)
     head.weight.data.normal_(generator=torch.Generator().manual_seed(2))
     weight = head.weight.detach().clone()
-    head.keep_bfloat16_values(None)
-    assert head.bf16_panels is None and head.weight.dtype == torch.float32
+    keep_bfloat16_values(head, None)
+    assert head.format.bfloat16_values and head.weight.dtype == torch.float32
     assert torch.equal(head.weight, weight.bfloat16().float())
     x = torch.randn(3, 24)
     assert torch.equal(head(x), x @ weight.bfloat16().float().T)
@@ -70,12 +71,12 @@ def test_a_bfloat16_models_kept_head_gives_unrounded_float32_logits(tied_model, 
     """bfloat16 weights and hidden states, float32 sums and logits: against float64, not rounded to
     bfloat16 (whose steps of 1/16-1/8 at this size would tie many logits)."""
     plain = LLM(str(tied_model), dtype="bfloat16", max_model_len=64, skip_warmup=True,
-                kv_cache_memory=1 << 20).engine.model
+                kv_cache_memory=1 << 20).engine.host.model
     config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(measured),
               "blocklist": {"names": ["^lm_head$"]}, "fp8lm": {"lm_head_bfloat16": True},
               "allow_measurement_mismatch": True}
     model = LLM(str(tied_model), dtype="bfloat16", quantization="inc", quant_config=config, max_model_len=64,
-                skip_warmup=True, kv_cache_memory=1 << 20).engine.model
+                skip_warmup=True, kv_cache_memory=1 << 20).engine.host.model
     weight = plain.lm_head.dense_weight().double()
     hidden = (torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
     logits = model.compute_logits(hidden)

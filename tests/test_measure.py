@@ -108,7 +108,7 @@ def test_observer_state_does_not_grow(tiny_model, tmp_path):
     llm = LLM(str(tiny_model), quantization="inc", max_model_len=64,
               quant_config={"mode": "MEASURE", "dump_stats_path": str(tmp_path / "m")})
     llm.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
-    for node in llm.engine.measurement.nodes.values():
+    for node in llm.engine.host.measurement.nodes.values():
         assert all(o.value.numel() == 1 for o in node.inputs + node.outputs)
     llm.engine.discard_measurement()
 

@@ -7,10 +7,11 @@ import torch
 from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError
-from fp8lm.model.layers import LMHead
+from fp8lm.model.linear import LMHead
 from fp8lm.fp8 import cpu_kernels as ck
 from fp8lm.quant import fp8_modules, fused_ops
-from fp8lm.quant.fp8_modules import FP8KVCache, FP8Linear, FP8Matmul, FP8Softmax
+from fp8lm.quant.fp8_linear import FP8Panels, is_fp8
+from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (6, 19, 31, 11, 25)]
@@ -30,9 +31,9 @@ def quantized(tiny_model, prefix, kv="fp8_inc", **cfg):
 
 def test_modules_are_swapped_and_outputs_stay_close(tiny_model, measured):
     llm = quantized(tiny_model, measured)
-    model = llm.engine.model
+    model = llm.engine.host.model
     attn = model.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, FP8Linear) and attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert is_fp8(attn.q_proj) and attn.q_proj.format.fp8_weight(attn.q_proj).dtype == torch.float8_e4m3fn
     assert isinstance(attn.attn.matmul_qk, FP8Matmul) and isinstance(attn.attn.softmax, FP8Softmax)
     assert isinstance(attn.attn.k_cache, FP8KVCache)
     assert attn.attn.k_cache_tensor.dtype == torch.float8_e4m3fn
@@ -51,12 +52,12 @@ def test_fp8_kv_cache_holds_four_times_the_blocks(tiny_model, measured):
 
 def test_linear_arithmetic_equals_torch_float8_reference(tiny_model, measured):
     llm = quantized(tiny_model, measured, kv="auto")
-    q = llm.engine.model.model.layers[1].mlp.down_proj
+    q = llm.engine.host.model.model.layers[1].mlp.down_proj
     x = torch.randn(7, q.in_features) * 3
     s_in, s_w = q.input_scale, torch.as_tensor(q.weight_scale)
     # Independent: torch's own float8 casts, dequantize, float64 matmul.
     xq = (x * (1 / s_in)).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s_in
-    wq = q.fp8_weight().double() * s_w.double()
+    wq = q.format.fp8_weight(q).double() * s_w.double()
     expected = xq @ wq.T
     assert torch.allclose(q(x).double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -67,7 +68,7 @@ def test_scale_formats_give_identical_outputs(tiny_model, measured):
         llm = quantized(tiny_model, measured, scale_format=fmt)
         outs[fmt] = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True),
                                  use_tqdm=False)
-        q = llm.engine.model.model.layers[0].self_attn.q_proj
+        q = llm.engine.host.model.model.layers[0].self_attn.q_proj
         assert isinstance(q.input_scale, torch.Tensor) == (fmt == "CONST")
     for a, b in zip(outs["SCALAR"], outs["CONST"]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -84,8 +85,8 @@ def test_fp8_batching_is_exact(tiny_model, measured):
 
 def test_blocklist_keeps_lm_head_in_high_precision(tiny_model, measured):
     llm = quantized(tiny_model, measured, blocklist={"names": ["lm_head"], "types": ["Softmax"]})
-    assert type(llm.engine.model.lm_head) is LMHead
-    assert not isinstance(llm.engine.model.model.layers[0].self_attn.attn.softmax, FP8Softmax)
+    assert type(llm.engine.host.model.lm_head) is LMHead
+    assert not isinstance(llm.engine.host.model.model.layers[0].self_attn.attn.softmax, FP8Softmax)
 
 
 def pow2_up(x):
@@ -124,7 +125,7 @@ def test_every_method_gives_its_scales(tiny_model, measured, method):
     from safetensors.torch import load_file
 
     llm = quantized(tiny_model, measured, scale_method=method, kv="auto")
-    q = llm.engine.model.model.layers[0].self_attn.q_proj
+    q = llm.engine.host.model.model.layers[0].self_attn.q_proj
     w = load_file(tiny_model / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].float()
     m_in = json.loads(open(f"{measured}_hooks_maxabs.json").read())["Nodes"]["model.layers.0.self_attn.q_proj"]["inputs"][0][0][0]
     w_scale, in_scale = EXPECTED[method]
@@ -139,7 +140,7 @@ def test_every_method_gives_its_scales(tiny_model, measured, method):
 
 def test_unit_scale_needs_no_measurement(tiny_model, tmp_path):
     llm = quantized(tiny_model, tmp_path / "none", scale_method="unit_scale")
-    assert isinstance(llm.engine.model.lm_head, FP8Linear) and llm.engine.model.lm_head.input_scale == 1.0
+    assert is_fp8(llm.engine.host.model.lm_head) and llm.engine.host.model.lm_head.input_scale == 1.0
 
 
 def edit_measurement(prefix, tmp_path, edit):
@@ -155,7 +156,7 @@ def test_unmeasured_module_is_named(tiny_model, measured, tmp_path):
     with pytest.raises(FP8LMError, match=r"model\.layers\.1\.mlp\.up_proj: allowlisted but not measured"):
         quantized(tiny_model, prefix)
     llm = quantized(tiny_model, prefix, ignore_modules_wo_measures=True)
-    assert not isinstance(llm.engine.model.model.layers[1].mlp.up_proj, FP8Linear)
+    assert not is_fp8(llm.engine.host.model.model.layers[1].mlp.up_proj)
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -185,11 +186,11 @@ def test_missing_measurement_file(tiny_model, tmp_path):
 def test_auto_mode_measures_then_quantizes(tiny_model, tmp_path):
     cfg = {"mode": "AUTO", "dump_stats_path": str(tmp_path / "auto")}
     first = LLM(str(tiny_model), quantization="inc", quant_config=cfg, max_model_len=64)
-    assert first.engine.measurement is not None
+    assert first.engine.host.measurement is not None
     first.generate(PROMPTS, GREEDY, use_tqdm=False)
     first.finalize_calibration()
     second = LLM(str(tiny_model), quantization="inc", quant_config=cfg, max_model_len=64)
-    assert isinstance(second.engine.model.lm_head, FP8Linear)
+    assert is_fp8(second.engine.host.model.lm_head)
 
 
 def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, monkeypatch):
@@ -197,7 +198,7 @@ def test_skipping_requantization_of_cache_reads_is_exact(tiny_model, measured, m
     power-of-two scale (fp8lm's attention_scales_from_cache), in FP8Matmul and in the fused
     attention kernel alike: the same logprobs as rounding them again."""
     llm = quantized(tiny_model, measured, fp8lm={"attention_scales_from_cache": True})
-    layers = llm.engine.model.attention_layers()
+    layers = llm.engine.host.model.attention_layers()
     assert all(a.matmul_qk.scale_b == a.k_cache.scale and a.matmul_av.scale_b == a.v_cache.scale for a in layers)
     fused = [a.fused_attention for a in layers]
     assert all(f is not None and f.requantize == (False, False) for f in fused)
@@ -269,7 +270,7 @@ def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, c
     from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
 
     llm = quantized(tiny_model, measured)
-    layers = llm.engine.model.attention_layers()
+    layers = llm.engine.host.model.attention_layers()
     best = layers[0].fused_attention.kernels
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
         pytest.skip(f"this CPU has no {isa}")
@@ -294,14 +295,14 @@ def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, c
 
 def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_model, measured, monkeypatch):
     fast = quantized(tiny_model, measured)
-    linears = [m for m in fast.engine.model.modules() if isinstance(m, FP8Linear)]
-    assert linears and all(m.backend.startswith("cpu-") for m in linears)
+    linears = [m for m in fast.engine.host.model.modules() if is_fp8(m)]
+    assert linears and all(isinstance(m.format, FP8Panels) and m.format.backend.startswith("cpu-") for m in linears)
     for m in linears:   # only the packed FP8 bytes are resident: no dequantized copy
-        assert m.packed_weight.dtype == torch.uint8 and m.compute_weight is None and m.weight.is_meta
-        assert m.packed_weight.numel() == -(-m.out_features // 32) * 32 * m.in_features
+        assert m.format.packed.dtype == torch.uint8 and m.weight.is_meta
+        assert m.format.packed.numel() == -(-m.out_features // 32) * 32 * m.in_features
     monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     reference = quantized(tiny_model, measured)
-    assert all(m.backend.startswith("emulated") for m in reference.engine.model.modules() if isinstance(m, FP8Linear))
+    assert all(m.format.backend.startswith("emulated") for m in reference.engine.host.model.modules() if is_fp8(m))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     a = fast.generate(PROMPTS, params, use_tqdm=False)
     b = reference.generate(PROMPTS, params, use_tqdm=False)
@@ -314,7 +315,7 @@ def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, re
     from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
 
     llm = quantized(tiny_model, measured)
-    layers = llm.engine.model.attention_layers()
+    layers = llm.engine.host.model.attention_layers()
     best = layers[0].fused_attention.kernels
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
         pytest.skip(f"this CPU has no {isa}")

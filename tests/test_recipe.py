@@ -71,8 +71,8 @@ def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, t
 
     config = {**json.loads(recipe_calibration.quant_config.read_text()), "fp8lm": PLAIN_OPTIONS}
     llm = LLM(str(tiny_model), quantization="inc", quant_config=config, max_model_len=64, skip_warmup=True)
-    collector = StatisticsCollector(llm.engine.model, search_scales=False)
-    attn = llm.engine.model.model.layers[0].self_attn
+    collector = StatisticsCollector(llm.engine.host.model, search_scales=False)
+    attn = llm.engine.host.model.model.layers[0].self_attn
     seen = []
     attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     llm.engine.score(list(range(3, 40)))
@@ -94,7 +94,7 @@ def test_key_offset_leaves_attention_unchanged(tiny_model):
     tokens = list(range(3, 40))
     before = llm.engine.score(tokens)
     g = torch.Generator().manual_seed(0)
-    for attn in llm.engine.model.attention_layers():
+    for attn in llm.engine.host.model.attention_layers():
         attn.key_offset = 3 * torch.randn(attn.num_kv_heads, attn.head_dim, generator=g)
     after = llm.engine.score(tokens)
     assert (after - before).abs().max() < 1e-5
@@ -103,14 +103,14 @@ def test_key_offset_leaves_attention_unchanged(tiny_model):
 def test_activation_scale_search_picks_least_output_error():
     from fp8lm.quant.statistics import ACTIVATION_CANDIDATES, LinearStatistics
 
-    class Stub:   # what LinearStatistics reads of an FP8Linear
+    class Stub:   # what LinearStatistics reads of an FP8 Linear
         in_features, input_scale = 8, 10.0 / 448
-        weight_scale = 1.0
 
-        class fmt:
-            dtype, limit = E4M3, 448.0
+        class format:
+            class fmt:
+                dtype, limit = E4M3, 448.0
 
-        def fp8_weight(self):
+        def dense_weight(self):
             return torch.ones(4, 8)
 
     stats = LinearStatistics(Stub())
@@ -145,14 +145,14 @@ def test_calibrate_writes_the_accuracy_first_recipe(recipe_calibration, tiny_mod
 
     llm = LLM(str(tiny_model), quantization="inc", quant_config=str(recipe_calibration.quant_config),
               kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
-    attn = llm.engine.model.model.layers[0].self_attn.attn
+    attn = llm.engine.host.model.model.layers[0].self_attn.attn
     assert attn.softmax.output_scale == pytest.approx(1 / 448, rel=1e-7)      # probabilities <= 1
     assert attn.matmul_qk.scale_b == attn.k_cache.scale and attn.matmul_av.scale_b == attn.v_cache.scale
     maxabs = float(stats["model.layers.0.self_attn.attn.key_maxabs"])
     assert attn.k_cache.scale == pytest.approx(maxabs / 448)                  # of K after smoothing
     assert torch.equal(attn.key_offset, stats["model.layers.0.self_attn.attn.key_offset"])
-    q = llm.engine.model.model.layers[0].self_attn.q_proj
-    assert torch.equal(q.fp8_weight(), w)                                     # the rounded weight runs
+    q = llm.engine.host.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.format.fp8_weight(q), w)                                     # the rounded weight runs
     assert q.weight_scale == pytest.approx(float(stats["model.layers.0.self_attn.q_proj.weight_scale"]))
 
 
@@ -189,7 +189,7 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
                     max_model_len=64, skip_warmup=True)
     reloaded = LLM(str(folder), max_model_len=64, skip_warmup=True)
     sidecar = json.loads((folder / "fp8lm_quant.json").read_text())["attention_scales"]
-    for i, layer in enumerate(reloaded.engine.model.model.layers):
+    for i, layer in enumerate(reloaded.engine.host.model.model.layers):
         assert sidecar[f"model.layers.{i}.self_attn.attn"]["exact_first_token"] is True
         assert layer.self_attn.attn.exact_first_token and layer.self_attn.attn.first_kv is not None
     for a, b in zip(in_memory.generate(prompts, params, use_tqdm=False), reloaded.generate(prompts, params, use_tqdm=False)):
@@ -200,8 +200,8 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
 
     def keep(module, args):
         keys["k"] = args[0]
-    hook = in_memory.engine.model.model.layers[0].self_attn.attn.k_cache.register_forward_pre_hook(keep)
-    in_memory.engine.model.model.layers[0].self_attn.attn.key_offset = None      # K itself, as other loaders cache it
+    hook = in_memory.engine.host.model.model.layers[0].self_attn.attn.k_cache.register_forward_pre_hook(keep)
+    in_memory.engine.host.model.model.layers[0].self_attn.attn.key_offset = None      # K itself, as other loaders cache it
     in_memory.engine.score(prompts[1])
     hook.remove()
     assert float(keys["k"].abs().max()) <= float(tensors["model.layers.0.self_attn.k_scale"]) * 448 * (1 + 1e-6)
@@ -253,7 +253,7 @@ def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibrati
     llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
               max_model_len=64, skip_warmup=True)
     prefix = "model.layers.1.self_attn.attn"
-    attn = llm.engine.model.model.layers[1].self_attn.attn
+    attn = llm.engine.host.model.model.layers[1].self_attn.attn
     smoothed_k = stats[f"{prefix}.smoothed_key_maxabs_per_head"]
     assert smoothed_k.shape == (2,) and float(smoothed_k.max()) == pytest.approx(float(stats[f"{prefix}.key_maxabs"]))
     assert torch.allclose(attn.k_cache.scale, smoothed_k / 448, rtol=1e-6)
@@ -282,7 +282,7 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache(recipe_calibration, t
     off = {**config, "fp8lm": {**config["fp8lm"], "exact_first_token": False}}
     common = dict(quantization="inc", kv_cache_dtype="fp8_inc", max_model_len=64, skip_warmup=True)
     llm = LLM(str(tiny_model), quant_config=config, kv_cache_memory=1 << 19, **common)
-    model = llm.engine.model
+    model = llm.engine.host.model
     attns = [layer.self_attn.attn for layer in model.model.layers]
     # per block and layer: 16 slots of FP8 K and V, plus one float32 K/V row
     per_block = sum(2 * (16 * 1 + 4) * a.num_kv_heads * a.head_dim for a in attns)
@@ -296,15 +296,15 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache(recipe_calibration, t
     logits = llm.engine.score(tokens)
     fused = llm.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
     plain = LLM(str(tiny_model), quant_config=off, **common)
-    assert plain.engine.model.model.layers[0].self_attn.attn.first_kv is None
+    assert plain.engine.host.model.model.layers[0].self_attn.attn.first_kv is None
     linear_only = {**config, "blocklist": {"types": ["Matmul", "Softmax", "KVCache"], "names": ["^lm_head$"]}}
     no_fp8_attention = LLM(str(tiny_model), quantization="inc", quant_config=linear_only, max_model_len=64,
                            skip_warmup=True)
-    assert not no_fp8_attention.engine.model.model.layers[0].self_attn.attn.exact_first_token   # no rows for nothing
+    assert not no_fp8_attention.engine.host.model.model.layers[0].self_attn.attn.exact_first_token   # no rows for nothing
     assert torch.isfinite(logits).all() and not torch.equal(logits, plain.engine.score(tokens))
     monkeypatch.setattr(ck, "cpu_kernels", lambda: None)         # the same through the modules
     modules = LLM(str(tiny_model), quant_config=config, **common)
-    assert getattr(modules.engine.model.model.layers[0].self_attn.attn, "fused_attention", None) is None
+    assert getattr(modules.engine.host.model.model.layers[0].self_attn.attn, "fused_attention", None) is None
     assert torch.allclose(modules.engine.score(tokens), logits, atol=1e-4, rtol=1e-4)
     reference = modules.generate([{"prompt_token_ids": tokens[:20]}], params, use_tqdm=False)[0].outputs[0]
     assert fused.token_ids == reference.token_ids

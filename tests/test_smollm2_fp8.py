@@ -5,7 +5,9 @@ import pytest
 from fp8lm import LLM, SamplingParams
 from fp8lm.eval.perplexity import compare, read_text, token_windows
 from fp8lm.fp8 import cpu_kernels as ck
-from fp8lm.quant import fp8_modules, fused_ops
+from fp8lm.model.linear import ParallelLinear
+from fp8lm.quant import fused_ops
+from fp8lm.quant.fp8_linear import FP8Panels, is_fp8
 from fp8_noise import perturb_embeddings
 
 pytestmark = pytest.mark.slow
@@ -75,7 +77,7 @@ def test_fused_kernels_run(smollm2, calibration, monkeypatch):
     counting(fused_ops.FusedFP8Linears, "linears")
     counting(FusedFP8DecodeStack, "decode")
     fast = fp8_llm(smollm2, calibration, max_num_seqs=4)
-    assert all(m.backend.startswith("cpu-") for m in fast.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear))
+    assert all(isinstance(m.format, FP8Panels) for m in fast.engine.host.model.modules() if is_fp8(m))
     fast.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                   use_tqdm=False)
     assert calls["decode"] == 7 and calls["linears"] == 30 * 2      # 7 decode steps; the prefill's 30 layers
@@ -90,7 +92,7 @@ def test_kernel_and_reference_paths_agree(smollm2, calibration, monkeypatch):
     fast = fp8_llm(smollm2, calibration)
     monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     slow, perturbed = fp8_llm(smollm2, calibration), fp8_llm(smollm2, calibration)
-    assert {m.backend for m in slow.engine.model.modules() if isinstance(m, fp8_modules.FP8Linear)} == {"emulated-onednn"}
+    assert {m.format.backend for m in slow.engine.host.model.modules() if is_fp8(m)} == {"emulated-onednn"}
     perturb_embeddings(perturbed, 1e-6)
     windows = token_windows(slow.get_tokenizer(), read_text(None), 512)[:3]
     paths, floor = compare(slow.engine, fast.engine, windows), compare(slow.engine, perturbed.engine, windows)
@@ -108,18 +110,18 @@ def test_kernel_modules_equal_reference_modules_on_real_activations(smollm2, cal
     monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
     slow = fp8_llm(smollm2, calibration)
     seen = {}
-    for name, m in slow.engine.model.named_modules():
-        if isinstance(m, fp8_modules.FP8Linear):
+    for name, m in slow.engine.host.model.named_modules():
+        if is_fp8(m):
             m.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: (args[0], out)}))
     slow.engine.score(token_windows(slow.get_tokenizer(), read_text(None), 128)[0])
-    kernel_modules = dict(fast.engine.model.named_modules())
+    kernel_modules = dict(fast.engine.host.model.named_modules())
 
     def relative(got, want):
         return float((got - want).norm() / want.norm())
 
     worst = max((relative(kernel_modules[n](x), y), n) for n, (x, y) in seen.items())
     assert len(seen) == 210 and worst[0] < 1e-5, worst
-    fused = [(n, m.fused) for n, m in kernel_modules.items() if getattr(m, "fused", None) is not None]
+    fused = [(n, m.fused) for n, m in kernel_modules.items() if isinstance(m, ParallelLinear) and m.fused is not None]
     assert len(fused) == 2 * 30
     for name, group in fused:
         prefix = name.rsplit(".", 1)[0]

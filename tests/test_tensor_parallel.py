@@ -24,7 +24,7 @@ def test_tiny_tp2_equals_tp1(tiny_model):
     # A KV cache sized from free memory: both ranks run the profile step first.
     two = LLM(str(tiny_model), max_model_len=64, tensor_parallel_size=2, kv_cache_memory=0.01)
     try:
-        assert two.engine.model.model.layers[0].self_attn.q_proj.out_features == 32   # half the heads
+        assert two.engine.host.model.model.layers[0].self_attn.q_proj.out_features == 32   # half the heads
         assert two.engine.step_peak_bytes is not None
         a = one.generate(PROMPTS, GREEDY, use_tqdm=False)
         b = two.generate(PROMPTS, GREEDY, use_tqdm=False)

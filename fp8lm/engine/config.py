@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -17,6 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 KV_CACHE_DTYPES = ("auto", "fp8_inc")
 QUANTIZATIONS = ("inc",)
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
 
 def env_value(name: str, default: str | None = None) -> str | None:
@@ -76,27 +77,42 @@ def parse_memory(value: int | float | str | None, what: str) -> int | float | No
     return parse_memory(number if number <= 1 else int(number), what)
 
 
+def option(default, help: str, flag: bool = True):
+    """An engine option: one field with its default and its help, from which `LLM(**options)` and
+    the CLI's flags are derived (`flag=False`: not a command-line flag)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class EngineConfig:
+    """Every engine option, written once: `LLM(model, **options)` takes these fields, and the
+    `generate`, `serve`, `eval` and `report` commands have one flag per field (--max-model-len, ...)."""
     model: str
-    dtype: str | torch.dtype = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    kv_cache_memory: int | float | str | None = None
-    num_kv_blocks: int | None = None
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
-    quant_config: str | dict | None = None       # QUANT_CONFIG path or dict; None: the environment variable
-    tensor_parallel_size: int = 1
-    seed: int = 0
-    skip_warmup: bool | None = None
-    iteration_timeout_s: float | None = None
-    enforce_eager: bool = False                  # CUDA: no CUDA graphs for decode steps
+    dtype: str | torch.dtype = option("auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    max_model_len: int | None = option(None, "the longest sequence (default: the model's max_position_embeddings)")
+    block_size: int = option(16, "tokens per KV cache block")
+    max_num_seqs: int = option(64, "sequences per step")
+    max_num_batched_tokens: int | None = option(
+        None, f"tokens per step (default: {DEFAULT_CHUNKED_BATCHED_TOKENS} with chunked prefill, else "
+              f"max(max_model_len, {DEFAULT_CHUNKED_BATCHED_TOKENS}))")
+    enable_chunked_prefill: bool = option(True, "split long prompts across steps, mixed with running decodes")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes across requests")
+    kv_cache_memory: int | float | str | None = option(
+        None, f"bytes (e.g. 2GiB) or a fraction of free memory (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on "
+              "the CPU, 0.8 on CUDA)")
+    num_kv_blocks: int | None = option(None, "the KV cache's size in blocks (instead of --kv-cache-memory)")
+    kv_cache_dtype: str = option("auto", "auto (the model's dtype) or fp8_inc (FP8, scales from QUANT_CONFIG)")
+    quantization: str | None = option(None, "inc: FP8 with QUANT_CONFIG")
+    quant_config: str | dict | None = option(None, "the QUANT_CONFIG file (default: the QUANT_CONFIG environment variable)")
+    tensor_parallel_size: int = option(1, "ranks the model is sharded over (processes on this host, or torchrun's)")
+    seed: int = option(0, "seed of sampling without a request seed")
+    skip_warmup: bool | None = option(None, "skip the warm-up steps (default: FP8LM_SKIP_WARMUP)")
+    iteration_timeout_s: float | None = option(
+        None, "a step running longer fails the engine (default: FP8LM_ENGINE_ITERATION_TIMEOUT_S; offline none, "
+              "`fp8lm serve` 60)")
+    enforce_eager: bool = option(False, "CUDA: decode without CUDA graphs (default: graphs of batch sizes 1, 2, 4 and "
+                                        "multiples of 8 up to max-num-seqs)")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
@@ -142,3 +158,19 @@ class EngineConfig:
         if quant.mode == "MEASURE":
             check_stats_path_writable(quant)   # before the model loads, not after a long calibration
         return quant
+
+    def step_token_budget(self, max_model_len: int) -> int:
+        """max_num_batched_tokens, or its default for a model of `max_model_len` tokens."""
+        if self.max_num_batched_tokens:
+            budget = self.max_num_batched_tokens
+        elif self.enable_chunked_prefill:
+            budget = DEFAULT_CHUNKED_BATCHED_TOKENS
+        else:
+            budget = max(max_model_len, DEFAULT_CHUNKED_BATCHED_TOKENS)
+        if not self.enable_chunked_prefill and budget < max_model_len:
+            raise FP8LMError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_model_len}: without "
+                             "chunked prefill a full-length prompt could never be scheduled")
+        return budget
+
+
+ENGINE_OPTIONS = tuple(f.name for f in fields(EngineConfig) if f.name != "model")

@@ -13,7 +13,7 @@ import torch
 from fp8lm.engine.block_manager import BlockManager
 from fp8lm.engine.config import EngineConfig, resolve_device
 from fp8lm.engine.cuda_graphs import graph_buckets
-from fp8lm.engine.kv_sizing import KVCacheSizing
+from fp8lm.engine.kv_sizing import num_kv_blocks, step_peak_bytes
 from fp8lm.engine.model_host import ModelHost, run_worker
 from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
                                    spawn_local_workers, torchrun_info)
@@ -32,39 +32,37 @@ from fp8lm.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 WARMUP_PREFILL_TOKENS = (128, 256, 512)   # prompt-length buckets warmed (up to the step budget)
-DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
 
-class LLMEngine(KVCacheSizing, ModelHost):
+class LLMEngine:
+    """Rank 0's engine: its model host (the model, measured or quantized), the KV cache sized for it,
+    the scheduler, sampler and output processor, and the other ranks' workers."""
+
     def __init__(self, config: EngineConfig, step_thread: bool = True):
         """`step_thread`: with an iteration timeout, run steps on a thread of their own so that a hung
         step can be abandoned; the server passes False and times steps from outside (AsyncEngine)."""
+        self.config = config
         self.workers: list = []
         self._threads_before_tp = torch.get_num_threads()   # the gloo ranks share the cores; restored at shutdown
-        dist_info = self._join_tensor_parallel_group(config)
-        super().__init__(config, dist_info)
-        chunked = config.enable_chunked_prefill
-        self.max_num_batched_tokens = config.max_num_batched_tokens or (
-            DEFAULT_CHUNKED_BATCHED_TOKENS if chunked else max(self.max_model_len, DEFAULT_CHUNKED_BATCHED_TOKENS))
-        if not chunked and self.max_num_batched_tokens < self.max_model_len:
-            raise FP8LMError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
-                             f"max_model_len={self.max_model_len}: without chunked prefill a full-length prompt "
-                             "could never be scheduled")
-        self.tokenizer = Tokenizer.from_folder(self.model_path)
-        self.channel = StepChannel() if self.world_size > 1 else None
-        self.step_peak_bytes = self._profile_step() if self._kv_from_free_memory() else None
-        self.num_kv_blocks = self._num_kv_blocks()
+        self.host = ModelHost(config, self._join_tensor_parallel_group(config))
+        self.max_model_len = self.host.max_model_len
+        self.max_num_batched_tokens = config.step_token_budget(self.max_model_len)
+        self.tokenizer = Tokenizer.from_folder(self.host.model_path)
+        self.channel = StepChannel() if self.host.world_size > 1 else None
+        self.step_peak_bytes = step_peak_bytes(config, self.host, self.max_num_batched_tokens, self.channel)
+        self.num_kv_blocks = num_kv_blocks(config, self.host, self.max_num_batched_tokens, self.step_peak_bytes)
         if self.channel is not None:
             self.channel.send(("init", self.num_kv_blocks))
-        self.runner = self.make_runner(self.num_kv_blocks, self.channel,
-                                       graph_buckets(config.max_num_seqs) if self._wants_decode_graphs() else None)
-        if self.runner.graphs is not None and self.device.type == "cuda":
+        self.runner = self.host.make_runner(self.num_kv_blocks, self.channel,
+                                            graph_buckets(config.max_num_seqs) if self._wants_decode_graphs() else None)
+        if self.runner.graphs is not None and self.host.device.type == "cuda":
             self.runner.graphs.capture()
         # MEASURE observes every prompt token, as INC does: no prefix cache while calibrating.
-        caching = config.enable_prefix_caching and self.measurement is None
+        caching = config.enable_prefix_caching and self.host.measurement is None
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, chunked)
-        eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        eos = set(self.host.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler(self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -79,24 +77,24 @@ class LLMEngine(KVCacheSizing, ModelHost):
         self.dead_reason: str | None = None
         self.last_step_started: float | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
-        if config.skip_warmup or self.measurement is not None:
-            log.info("warm-up skipped (%s)", "measuring" if self.measurement else "FP8LM_SKIP_WARMUP")
+        if config.skip_warmup or self.host.measurement is not None:
+            log.info("warm-up skipped (%s)", "measuring" if self.host.measurement else "FP8LM_SKIP_WARMUP")
         else:
             self.warmup()
 
     def discard_measurement(self) -> None:
         """Stops measuring without writing anything (an interrupted calibration)."""
-        if self.measurement is not None and self.channel is not None:
+        if self.host.measurement is not None and self.channel is not None:
             self.channel.send(("discard",))
-        super().discard_measurement()
+        self.host.discard_measurement()
 
     def finalize_calibration(self) -> list[Path]:
         """Writes the measurement files (MEASURE mode; one per rank) and stops measuring."""
-        if self.measurement is None:
+        if self.host.measurement is None:
             raise FP8LMError("finalize_calibration() needs quantization='inc' with a MEASURE QUANT_CONFIG")
         if self.channel is not None:
             self.channel.send(("finalize",))
-        return self.write_measurement()
+        return self.host.write_measurement()
 
     # ---- tensor parallelism -------------------------------------------------------------------
     def _join_tensor_parallel_group(self, config: EngineConfig) -> DistInfo | None:
@@ -122,8 +120,8 @@ class LLMEngine(KVCacheSizing, ModelHost):
     def _wants_decode_graphs(self) -> bool:
         """CUDA graphs for decode steps: on CUDA unless enforce_eager, on one rank (the ranks' steps
         hold collectives), and not while measuring (a replayed graph runs no observer)."""
-        return (self.device.type == "cuda" and not self.config.enforce_eager and self.world_size == 1
-                and self.measurement is None)
+        return (self.host.device.type == "cuda" and not self.config.enforce_eager and self.host.world_size == 1
+                and self.host.measurement is None)
 
     def warmup_buckets(self) -> list[tuple[int, int]]:
         """(sequences, tokens each) of every warm-up step: one prompt per length bucket up to the
@@ -174,8 +172,8 @@ class LLMEngine(KVCacheSizing, ModelHost):
         self.requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
-        if self.measurement is not None:
-            self.measurement.num_samples += 1
+        if self.host.measurement is not None:
+            self.host.measurement.num_samples += 1
         return request
 
     def _grammars(self) -> GrammarBackend:
@@ -183,14 +181,14 @@ class LLMEngine(KVCacheSizing, ModelHost):
         if self._grammar_backend is None:
             if self.tokenizer is None:
                 raise SamplingParamsError("structured_outputs", "this model has no tokenizer to constrain")
-            self._grammar_backend = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size,
+            self._grammar_backend = GrammarBackend(self.tokenizer.hf, self.host.model_config.vocab_size,
                                                    list(self.eos_token_ids))
         return self._grammar_backend
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise FP8LMError(f"{self.model_path}: this model folder has no tokenizer; pass token ids")
+                raise FP8LMError(f"{self.host.model_path}: this model folder has no tokenizer; pass token ids")
             try:
                 return prompt, self.tokenizer.encode(prompt, add_special_tokens)
             except (UnicodeError, ValueError, TypeError) as e:
@@ -200,7 +198,7 @@ class LLMEngine(KVCacheSizing, ModelHost):
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise SamplingParamsError("prompt", "is empty")
-        vocab = self.model_config.vocab_size
+        vocab = self.host.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise SamplingParamsError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
@@ -310,8 +308,8 @@ class LLMEngine(KVCacheSizing, ModelHost):
                 self.scheduler.finish(seq)
             touched[request.request_id] = request
         self.stats["generation_tokens"] += len(sampling)
-        if self.measurement is not None:
-            self.measurement.num_tokens += sum(query_lens)
+        if self.host.measurement is not None:
+            self.host.measurement.num_tokens += sum(query_lens)
         results = [self.output_processor.request_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:

@@ -1,6 +1,6 @@
 """What every tensor-parallel rank holds: its shard of the model — measured or quantized as the
-QUANT_CONFIG says — and, once told how big, its KV cache. Rank 0 builds an LLMEngine on top of
-it; the other ranks a WorkerEngine that runs the steps rank 0 broadcasts."""
+QUANT_CONFIG says — and, once told how big, its KV cache. Rank 0's LLMEngine holds one; the other
+ranks' WorkerEngine holds one and runs the steps rank 0 broadcasts."""
 from __future__ import annotations
 
 import logging
@@ -108,12 +108,12 @@ class ModelHost:
             self.measurement = None
 
 
-class WorkerEngine(ModelHost):
-    """A rank > 0: loads its shard, then runs whatever rank 0 broadcasts until told to stop."""
+class WorkerEngine:
+    """A rank > 0: loads its shard (its model host), then runs whatever rank 0 broadcasts until told to stop."""
 
     def __init__(self, config: EngineConfig, dist_info: DistInfo, init_method: str):
         init_group(backend_for(resolve_device(config.device)), dist_info.rank, dist_info.world_size, init_method)
-        super().__init__(config, dist_info)
+        self.host = ModelHost(config, dist_info)
         self.channel = StepChannel()
         self.runner: ModelRunner | None = None
 
@@ -123,13 +123,13 @@ class WorkerEngine(ModelHost):
                 message = self.channel.receive()
                 kind = message[0]
                 if kind == "init":
-                    self.runner = self.make_runner(message[1])
+                    self.runner = self.host.make_runner(message[1])
                 elif kind == "step":
                     self.runner.execute(*message[1:])
                 elif kind == "finalize":
-                    self.write_measurement()
+                    self.host.write_measurement()
                 elif kind == "discard":
-                    self.discard_measurement()
+                    self.host.discard_measurement()
                 elif kind == "shutdown":
                     return
         finally:

@@ -183,7 +183,7 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
     llm = LLM(model, device=device, dtype=dtype, quantization="inc", quant_config=plain, kv_cache_dtype="fp8_inc",
               max_model_len=max(map(len, prompts)) + 1, max_num_seqs=batch_size, skip_warmup=True,
               enable_prefix_caching=False)
-    collector = StatisticsCollector(llm.engine.model, search_scales=quant_cfg["fp8lm"].get("searched_scales", False))
+    collector = StatisticsCollector(llm.engine.host.model, search_scales=quant_cfg["fp8lm"].get("searched_scales", False))
     try:
         llm.generate([{"prompt_token_ids": p} for p in prompts], PREFILL, use_tqdm=use_tqdm)
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -23,26 +24,19 @@ DEMO_STATISTICS_TOKENS = 4096
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model, and one flag per engine option (EngineConfig's fields, their help and defaults)."""
+    from fp8lm.engine.config import EngineConfig
+
     p.add_argument("model", help="alias (smollm2-135m-instruct), HF-style folder or .gguf file")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default: 2048 with chunked prefill, else max(max_model_len, 2048))")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="split long prompts across steps, mixed with running decodes (default: on)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of prompts' shared prefixes across requests (default: on)")
-    p.add_argument("--kv-cache-memory", default=None, help="bytes (e.g. 2GiB) or a fraction of free memory")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--quantization", default=None, help="inc: FP8 with QUANT_CONFIG")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_inc")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: decode without CUDA graphs (default: graphs of batch sizes 1, 2, 4 and multiples of 8 up to max-num-seqs)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model" or not f.metadata["flag"]:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        if kind.startswith("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            value_type = str if "str" in kind else int if kind.startswith("int") else float
+            p.add_argument(flag, type=value_type, default=f.default, help=f.metadata["help"])
 
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -52,13 +46,9 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-                enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
-                enforce_eager=args.enforce_eager)
+    from fp8lm.engine.config import ENGINE_OPTIONS
+
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
 
-from fp8lm.engine.config import EngineConfig
+from fp8lm.engine.config import ENGINE_OPTIONS, EngineConfig
 from fp8lm.engine.llm_engine import LLMEngine
 from fp8lm.engine.outputs import RequestOutput
 from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams
@@ -19,26 +19,15 @@ Prompt = str | list[int] | dict
 
 
 class LLM:
-    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 kv_cache_memory: int | float | str | None = None, num_kv_blocks: int | None = None,
-                 seed: int = 0, quantization: str | None = None, quant_config: str | dict | None = None,
-                 kv_cache_dtype: str = "auto",
-                 tensor_parallel_size: int = 1, skip_warmup: bool | None = None,
-                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 **unsupported):
+    def __init__(self, model: str, **options):
+        """`options`: the engine's, as EngineConfig defines them (dtype, max_model_len, quantization,
+        kv_cache_dtype, tensor_parallel_size, ...), as vLLM's LLM takes its engine arguments."""
+        unsupported = sorted(set(options) - set(ENGINE_OPTIONS))
         if unsupported:
-            raise TypeError(f"LLM() got unsupported options: {', '.join(sorted(unsupported))}")
-        self.engine = LLMEngine(EngineConfig(
-            model=model, dtype=dtype, device=device, max_model_len=max_model_len, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks, seed=seed, quantization=quantization,
-            quant_config=quant_config,
-            kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size, skip_warmup=skip_warmup,
-            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager))
+            raise TypeError(f"LLM() got unsupported options: {', '.join(unsupported)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **options))
         self._request_ids = itertools.count()
-        if self.engine.measurement is not None:
+        if self.engine.host.measurement is not None:
             # INC writes its measurements at interpreter exit too; so does fp8lm.
             atexit.register(_finalize_at_exit, weakref.ref(self))
 
@@ -94,7 +83,7 @@ class LLM:
 
 def _finalize_at_exit(ref) -> None:
     llm = ref()
-    if llm is not None and llm.engine.measurement is not None:
+    if llm is not None and llm.engine.host.measurement is not None:
         try:
             llm.finalize_calibration()
         except Exception as e:  # at exit there is no caller left to raise to

@@ -18,13 +18,13 @@ def quantize_to_folder(model: str, output: Path, quant_config: str | dict | None
     llm = LLM(model, quantization="inc", quant_config=quant_config, kv_cache_dtype=kv_cache_dtype, dtype=dtype,
               device="cpu", max_model_len=64, max_num_seqs=1, skip_warmup=True)
     engine = llm.engine
-    if engine.quantizer is None or engine.config.quant.mode != "QUANTIZE":
+    if engine.host.quantizer is None or engine.config.quant.mode != "QUANTIZE":
         raise FP8LMError("fp8lm quantize needs a QUANTIZE (or AUTO with measurements) QUANT_CONFIG")
-    q = engine.quantizer
+    q = engine.host.quantizer
     measurement = {}
     if q.measurement_path is not None:
         measurement = read_files(q.measurement_path).get(METADATA_KEY) or {}
     provenance = {"scale_method": engine.config.quant.scale_method.name, "device_profile": q.profile.name,
-                  "fp8_config": engine.config.quant.fp8_config, "compute_dtype": str(engine.dtype).replace("torch.", ""),
+                  "fp8_config": engine.config.quant.fp8_config, "compute_dtype": str(engine.host.dtype).replace("torch.", ""),
                   "measurement": measurement, "quant_config_source": engine.config.quant.source}
-    return save_quantized(engine.model, engine.model_path, output, provenance)
+    return save_quantized(engine.host.model, engine.host.model_path, output, provenance)

@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     tok = llm.engine.tokenizer
     prompts = make_prompts(tok, args.num_prompts)
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
-        llm.engine.model_path, dtype=torch.float32).eval()
+        llm.engine.host.model_path, dtype=torch.float32).eval()
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}; model {llm.engine.model_path.name}, float32, "
+          f"torch {torch.__version__}; model {llm.engine.host.model_path.name}, float32, "
           f"tensor_parallel_size {args.tensor_parallel_size}")
     rows = []
     for label, batch in ((f"{args.num_prompts} prompts x {args.max_tokens} tokens", prompts), ("batch-1 decode", prompts[:1])):
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((label, ours))
         print(line, flush=True)
     bw = read_bandwidth_gbs()
-    per_token = decode_bytes_per_token(llm.engine.model)
+    per_token = decode_bytes_per_token(llm.engine.host.model)
     roofline = bw * 1e9 / per_token
     print(f"roofline: {per_token / 1e6:.0f} MB of weights per decode step, read bandwidth {bw:.1f} GB/s "
           f"-> {roofline:.0f} tok/s; batch-1 reaches {rows[-1][1] / roofline:.0%} of it")

@@ -1,6 +1,7 @@
 """QUANT_CONFIG: the JSON file of the INC FP8 flow, loaded and validated before the model loads."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -48,7 +49,17 @@ class Fp8lmOptions:
 
     @property
     def uses_statistics(self) -> bool:
-        return self.rounded_weights or self.searched_scales or self.k_smoothing or self.per_head_attention_scales
+        return any(getattr(self, name) for name in STATISTICS_OPTIONS)
+
+    def without_statistics(self) -> Fp8lmOptions:
+        return dataclasses.replace(self, **{name: False for name in STATISTICS_OPTIONS})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The options that read the statistics file (`fp8lm calibrate`'s statistics pass computes it).
+STATISTICS_OPTIONS = ("rounded_weights", "searched_scales", "k_smoothing", "per_head_attention_scales")
 
 
 def _fp8lm_options(value, where: str) -> Fp8lmOptions:

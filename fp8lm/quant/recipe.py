@@ -14,6 +14,7 @@ import torch
 
 from fp8lm.fp8.gptq import gptq_round, output_error, round_to_nearest
 from fp8lm.model.loader import safetensors_files
+from fp8lm.quant.config import Fp8lmOptions
 from fp8lm.quant.statistics import StatisticsCollector
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,10 @@ _EXACT = {"rounding_method": "IDENTITY", "backoff": 1.0}
 # the fused attention kernel (one scale per tensor) for the modules' path.
 # exact_first_token is on: it took SmolLM2's mean KL 0.0345 -> 0.0302 (benchmarks/accuracy.py) and
 # turned bfloat16's France answer to Paris, for one K/V row per cache block in the model dtype.
-FP8LM_OPTIONS = {"rounded_weights": True, "searched_scales": False, "k_smoothing": True,
-                 "softmax_scale": "bound", "attention_scales_from_cache": True, "lm_head_bfloat16": True,
-                 "per_head_attention_scales": False, "exact_first_token": True}
-PLAIN_OPTIONS = {"rounded_weights": False, "searched_scales": False, "k_smoothing": False,
-                 "softmax_scale": "measured", "attention_scales_from_cache": False, "lm_head_bfloat16": False,
-                 "per_head_attention_scales": False, "exact_first_token": False}
+RECIPE_OPTIONS = Fp8lmOptions(rounded_weights=True, k_smoothing=True, softmax_scale="bound",
+                              attention_scales_from_cache=True, lm_head_bfloat16=True, exact_first_token=True)
+FP8LM_OPTIONS = RECIPE_OPTIONS.as_dict()
+PLAIN_OPTIONS = Fp8lmOptions().as_dict()
 
 
 def inc_recipe(prefix: Path) -> dict:
@@ -47,9 +46,7 @@ def inc_recipe(prefix: Path) -> dict:
 
 def fp8lm_recipe(prefix: Path, with_statistics: bool = True) -> dict:
     """Without statistics: the plain-scale model the statistics pass runs on."""
-    options = dict(FP8LM_OPTIONS)
-    if not with_statistics:
-        options.update(rounded_weights=False, searched_scales=False, k_smoothing=False)
+    options = (RECIPE_OPTIONS if with_statistics else RECIPE_OPTIONS.without_statistics()).as_dict()
     return {**inc_recipe(prefix),
             "scale_method": {"default": {"weight": dict(_EXACT), "activation": dict(_EXACT)}},
             "blocklist": {"types": [], "names": ["^lm_head$"]},
@@ -118,13 +115,13 @@ def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> di
         if stats.candidate_error is not None:
             tensors[f"{name}.input_scale_factor"] = torch.tensor([stats.best_activation_factor()])
         if name in weights:         # not e.g. a tied LM head: that keeps round-to-nearest
-            fmt, hessian = stats.module.fmt, stats.hessian
+            fmt, hessian = stats.module.format.fmt, stats.hessian
             h32 = float_hessians.setdefault(id(hessian), hessian.float())
             scale, q, err = nearest_choice(weights[name], h32, fmt.dtype, fmt.limit)
             nearest[name], problems[name] = (q, err), (weights[name], hessian, scale)
     gains = []
     if problems:
-        fmt = next(iter(collector.linears.values())).module.fmt
+        fmt = next(iter(collector.linears.values())).module.format.fmt
         for name, rounded in gptq_rounds(problems, fmt.dtype, fmt.limit).items():
             weight, hessian, scale = problems[name]
             err = output_error(weight, rounded * scale, float_hessians[id(hessian)])

@@ -83,7 +83,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         state.require_ready()
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": state.started, "owned_by": "fp8lm",
-            "root": str(engine.engine.model_path), "max_model_len": engine.engine.max_model_len}]}
+            "root": str(engine.engine.host.model_path), "max_model_len": engine.engine.max_model_len}]}
 
     streamable = {200: {"content": {"application/json": {}, "text/event-stream": {}},
                         "description": "A completion, or a stream of server-sent events when stream=true"}}

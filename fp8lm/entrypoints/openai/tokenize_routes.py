@@ -53,7 +53,7 @@ def add_tokenize_routes(app: FastAPI, state: ServingState) -> None:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         tok = tokenizer(body.model)
-        vocab = state.engine.engine.model_config.vocab_size
+        vocab = state.engine.engine.host.model_config.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
