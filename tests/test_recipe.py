@@ -82,7 +82,7 @@ def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, t
     assert stats["gate_proj"].hessian is stats["up_proj"].hessian
     assert stats["o_proj"].hessian is not stats["q_proj"].hessian
     q = attn.q_proj
-    xq = (fake_quant(seen[0], 1 / q.input_scale, q.fmt.dtype, q.fmt.limit) * q.input_scale).double()
+    xq = (fake_quant(seen[0], 1 / q.input_scale, q.format.fmt.dtype, q.format.fmt.limit) * q.input_scale).double()
     bound = (xq.shape[0] + 5) * 2.0**-24 * (xq.abs().T @ xq.abs())        # float32 sums in any order
     assert ((stats["q_proj"].hessian - xq.T @ xq).abs() <= bound).all()
 

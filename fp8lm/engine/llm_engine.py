@@ -60,12 +60,12 @@ class LLMEngine:
         # MEASURE observes every prompt token, as INC does: no prefix cache while calibrating.
         caching = config.enable_prefix_caching and self.host.measurement is None
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
         eos = set(self.host.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(sorted(eos))
         self.sampler = Sampler(self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.enable_chunked_prefill, self.output_processor.discard_prompt_logits)
         self._grammar_backend: GrammarBackend | None = None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -163,11 +163,10 @@ class LLMEngine:
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
-        for seq in seqs:
-            self.output_processor.start(seq)
-        if params.structured_outputs is not None:
-            for seq, matcher in zip(seqs, self._grammars().matchers(params.structured_outputs, params.n)):
-                seq.grammar = matcher
+        grammars = [None] * len(seqs) if params.structured_outputs is None else \
+            self._grammars().matchers(params.structured_outputs, params.n)
+        for seq, grammar in zip(seqs, grammars):
+            self.output_processor.start(seq, grammar)
         request = Request(request_id, text, token_ids, params, seqs, arrival_time=time.monotonic())
         self.requests[request_id] = request
         for seq in seqs:
@@ -227,13 +226,19 @@ class LLMEngine:
         return torch.Generator().manual_seed(seed)
 
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
+        request = self._forget(request_id)
         if request is None:
             return
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish("abort")
                 self.scheduler.finish(seq)
+
+    def _forget(self, request_id: str) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.output_processor.release(request)
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -292,17 +297,17 @@ class LLMEngine:
             seq.num_computed_tokens += q
             self.block_manager.mark_computed(seq, seq.num_computed_tokens - q)
             if seq.seq_id in out.prompt_logits:
-                seq.prompt_logit_rows.append(out.prompt_logits[seq.seq_id])
+                self.output_processor.add_prompt_logits(seq, out.prompt_logits[seq.seq_id])
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(row)
-        tokens = self.sampler(out.logits[sampling], [seqs[i] for i in sampling])
+        sampled = [seqs[i] for i in sampling]
+        tokens = self.sampler(out.logits[sampling], sampled, self.output_processor.grammars(sampled))
         touched: dict[str, Request] = {}
         for row, token in zip(sampling, tokens):
             seq = seqs[row]
             request = self.requests[seq.request_id]
-            if seq.prompt_logit_rows:
-                rows = torch.cat(seq.prompt_logit_rows)[:seq.num_prompt_tokens - 1]
-                seq.prompt_logit_rows = []
+            rows = self.output_processor.take_prompt_logits(seq)
+            if rows is not None:
                 request.prompt_logprobs = self.output_processor.prompt_logprobs(request, rows)
             if self.output_processor.append_token(seq, token, out.logits[row]):
                 self.scheduler.finish(seq)
@@ -313,7 +318,7 @@ class LLMEngine:
         results = [self.output_processor.request_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
-                self.requests.pop(r.request_id, None)
+                self._forget(r.request_id)
         return [r for r in results if r is not None]
 
     def _run(self, seqs: list[Sequence], query_lens: list[int], want_prompt: set[int]):

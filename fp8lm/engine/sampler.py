@@ -13,14 +13,15 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [B, V] float32, one row per sequence; not modified."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], grammars: list | None = None) -> list[int]:
+        """logits: [B, V] float32, one row per sequence; not modified. `grammars`: each sequence's
+        grammar matcher or None (structured outputs)."""
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_logit_bias(logits, seqs)
         logits = self._mask_stops_before_min_tokens(logits, seqs)
-        grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        grammar_rows = [i for i, g in enumerate(grammars or []) if g is not None]
         if grammar_rows:
-            logits = mask_disallowed(logits, grammar_rows, [seqs[i].grammar for i in grammar_rows])
+            logits = mask_disallowed(logits, grammar_rows, [grammars[i] for i in grammar_rows])
         greedy = [s.params.greedy for s in seqs]
         tokens = [0] * len(seqs)
         if any(greedy):

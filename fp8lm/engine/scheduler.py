@@ -10,6 +10,7 @@ from its tokens, so no request is ever dropped."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from fp8lm.engine.block_manager import BlockManager
 from fp8lm.engine.sequence import Sequence, SequenceStatus
@@ -17,8 +18,10 @@ from fp8lm.engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, on_preempt: Callable[[Sequence], None] | None = None):
+        """`on_preempt`: told of each preempted sequence (what was computed of it is recomputed)."""
         self.block_manager = block_manager
+        self.on_preempt = on_preempt
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.chunked = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
@@ -83,8 +86,9 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        seq.prompt_logit_rows = []
         self.block_manager.free(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:

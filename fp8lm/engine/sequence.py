@@ -1,4 +1,6 @@
-"""A sequence being generated: plain Python state, no tensors beyond its RNG."""
+"""A sequence being generated, as the scheduler and the model runner see it: its tokens, its
+blocks and how far they are computed. What its outputs need (text, logprobs, grammar) lives in
+the output processor (engine/output_processor.py)."""
 from __future__ import annotations
 
 import enum
@@ -35,16 +37,8 @@ class Sequence:
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_cached_tokens = 0             # of those, found in the prefix cache at admission
         self.block_keys: list[bytes] = []      # prefix-cache keys of its first full blocks (BlockManager._keys)
-        self.prompt_logit_rows: list = []      # prompt logits gathered chunk by chunk (prompt_logprobs)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.text = ""                         # the output's text so far (cut at a stop string)
-        self.detokenizer = None                # its IncrementalDetokenizer (a model with a tokenizer)
-        self.num_sent_tokens = 0               # DELTA outputs: the tokens and text earlier outputs held
-        self.num_sent_chars = 0
-        self.grammar = None                    # its grammar matcher (structured outputs), fed every new token
         self.num_preemptions = 0
 
     @property
