@@ -34,7 +34,7 @@ def test_kv_cache_sized_from_free_memory_leaves_the_profiled_step_room(tiny_mode
     llm = LLM(str(tiny_model), max_model_len=256, max_num_batched_tokens=1024, kv_cache_memory=0.5,
               max_num_seqs=1000, skip_warmup=True)
     e = llm.engine
-    per_block = sum(2 * 16 * a.num_kv_heads * a.head_dim * 4 for a in e.model.attention_layers())
+    per_block = sum(2 * 16 * a.num_kv_heads * a.head_dim * 4 for a in e.host.model.attention_layers())
     # the step's activations, at least: q/k/v/o and the MLP's three projections of 255 tokens (float32)
     assert e.step_peak_bytes >= 255 * (4 * 64 + 3 * 128) * 4
     assert e.num_kv_blocks == (free // 2 - e.step_peak_bytes) // per_block

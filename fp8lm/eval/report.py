@@ -35,11 +35,11 @@ def fp8_twins(quantized: nn.Module) -> dict[str, nn.Module]:
 
 def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError]:
     """Runs the reference model; at every quantized module, its FP8 twin sees the same input."""
-    twins = fp8_twins(quantized_engine.model)
+    twins = fp8_twins(quantized_engine.host.model)
     errors = {name: ModuleError(name) for name in twins}
     handles = []
     for name, twin in twins.items():
-        module = reference_engine.model.get_submodule(name)
+        module = reference_engine.host.model.get_submodule(name)
 
         def hook(mod, args, out, twin=twin, err=errors[name]):
             with torch.no_grad():
@@ -53,7 +53,7 @@ def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError
         handles.append(module.register_forward_hook(hook))
     # The reference takes the quantized model's key offsets (exact for it), so that its caches and
     # q·k hand the twins the smoothed keys they were scaled for.
-    pairs = list(zip(reference_engine.model.attention_layers(), quantized_engine.model.attention_layers()))
+    pairs = list(zip(reference_engine.host.model.attention_layers(), quantized_engine.host.model.attention_layers()))
     for ref_attn, q_attn in pairs:
         ref_attn.key_offset = q_attn.key_offset
     try:
@@ -200,14 +200,14 @@ def sensitivity(reference_engine, quantized_engine, windows, max_increase_pct: f
     on the same tokens, the units chosen are those that happened to help on them, and the estimate
     is biased towards the budget."""
     ranking, checking = (range(0, len(windows), 2), range(1, len(windows), 2)) if len(windows) > 1 else ([0], [0])
-    model = quantized_engine.model
+    model = quantized_engine.host.model
     linears, attention = linear_units(model), (attention_units(model) if max_attention_share > 0 else {})
     sizes = {u: sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
              for u, names in linears.items()}
     decoder = sum(v for u, v in sizes.items() if u != "lm_head")
     share = {**{u: v / decoder for u, v in sizes.items()}, **{u: 1 / len(model.model.layers) for u in attention}}
     cap = {u: max_attention_share if is_attention_unit(u) else max_weight_share for u in share}
-    swapper = HighPrecisionSwapper(model, reference_engine.model, {**linears, **attention})
+    swapper = HighPrecisionSwapper(model, reference_engine.host.model, {**linears, **attention})
     reference = list(reference_logprobs(reference_engine, windows))
 
     def measure(kept, on) -> Comparison:
