@@ -21,7 +21,7 @@ from fp8lm.model.linear import pack_linears_for_cpu
 from fp8lm.model.llama import TensorParallel
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
-from fp8lm.quant.checkpoint import CheckpointQuantization
+from fp8lm.quant.checkpoint_formats import checkpoint_quantization
 from fp8lm.quant.measure import Measurement
 from fp8lm.quant.quantize import Quantizer
 
@@ -62,14 +62,15 @@ class ModelHost:
                              f"({self.model_path}/config.json)")
         return value
 
-    def _make_quantizer(self) -> Quantizer | CheckpointQuantization | None:
+    def _make_quantizer(self):
+        """A Quantizer (QUANT_CONFIG), a quantized checkpoint's reader, or None."""
         quant = self.config.quant
         saved = self.model_config.raw.get("quantization_config")
         if saved is not None:
             if quant is not None:
                 raise FP8LMError(f"{self.model_path} is already quantized ({saved.get('quant_method')}); run it "
                                  "without --quantization / QUANT_CONFIG")
-            return CheckpointQuantization(self.model_path, saved, self.device, self.dtype)
+            return checkpoint_quantization(self.model_path, saved, self.device, self.dtype)
         if quant is None or quant.mode == "MEASURE":
             return None
         if quant.mode == "LOAD":

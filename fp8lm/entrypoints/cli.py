@@ -201,8 +201,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from fp8lm.entrypoints.quantize import quantize_to_folder
+    from fp8lm.model.registry import resolve_model
+    from fp8lm.quant.block_fp8 import save_block_fp8
 
-    folder = quantize_to_folder(args.model, Path(args.output), args.quant_config, args.kv_cache_dtype, args.dtype)
+    if args.format == "block-fp8":
+        folder = save_block_fp8(resolve_model(args.model), Path(args.output), tuple(args.weight_block_size))
+    else:
+        folder = quantize_to_folder(args.model, Path(args.output), args.quant_config, args.kv_cache_dtype, args.dtype)
     print(f"wrote {folder}\nrun it with: fp8lm generate {folder} --prompt 'Hello'")
     return 0
 
@@ -307,9 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, default=1.0, help="target for the suggested blocklist (%%)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("quantize", help="write an FP8 checkpoint (compressed-tensors) using QUANT_CONFIG")
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint: compressed-tensors (QUANT_CONFIG) or block-FP8")
     p.add_argument("model")
     p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=("compressed-tensors", "block-fp8"), default="compressed-tensors",
+                   help="compressed-tensors: the calibrated FP8 model of QUANT_CONFIG; block-fp8: weights per "
+                        "block (no calibration; inputs scaled per token and group at run time), as Qwen3-FP8")
+    p.add_argument("--weight-block-size", type=int, nargs=2, default=[128, 128], metavar=("N", "K"),
+                   help="block-fp8: the block of weights one scale covers")
     p.add_argument("--quant-config", default=None, help="QUANT_CONFIG file (default: the environment variable)")
     p.add_argument("--kv-cache-dtype", default="fp8_inc", help="fp8_inc (FP8 KV scales in the folder) or auto")
     p.add_argument("--dtype", default="auto")

@@ -172,27 +172,35 @@ def _fused(tensors: dict[str, torch.Tensor], fused: str, members: list[str]) -> 
 
 
 def save_quantized(model: nn.Module, source_folder: Path, output: Path, provenance: dict) -> Path:
-    """Writes the folder next to its destination and renames it into place."""
+    tensors, attention = checkpoint_tensors(model)
+    if model.config.family.fused_checkpoint:
+        tensors = fuse_projections(tensors)
+    config = json.loads((Path(source_folder) / "config.json").read_text())
+    if "lm_head.weight" in tensors and tensors["lm_head.weight"].dtype != tensors["model.embed_tokens.weight"].dtype:
+        config["tie_word_embeddings"] = False       # an FP8 LM head is its own tensor
+    elif config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    config["quantization_config"] = quantization_config(model, tensors)
+    rounded = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and m.format.bfloat16_values]
+    sidecar = {"attention_scales": attention, "bfloat16_values": rounded, "provenance": provenance}
+    return write_folder(source_folder, output, tensors, config, {SIDECAR: sidecar})
+
+
+def write_folder(source_folder: Path, output: Path, tensors: dict[str, torch.Tensor], config: dict,
+                 json_files: dict[str, dict]) -> Path:
+    """A model folder (one safetensors file, config.json, `json_files`, the source's tokenizer files),
+    written next to its destination and renamed into place: a failure leaves nothing behind."""
     output = Path(output).expanduser().resolve()
     if output.exists() and any(output.iterdir()):
         raise FP8LMError(f"--output {output}: exists and is not empty")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        tensors, attention = checkpoint_tensors(model)
-        if model.config.family.fused_checkpoint:
-            tensors = fuse_projections(tensors)
-        config = json.loads((Path(source_folder) / "config.json").read_text())
-        if "lm_head.weight" in tensors and tensors["lm_head.weight"].dtype != tensors["model.embed_tokens.weight"].dtype:
-            config["tie_word_embeddings"] = False       # an FP8 LM head is its own tensor
-        elif config.get("tie_word_embeddings"):
-            tensors.pop("lm_head.weight", None)
-        config["quantization_config"] = quantization_config(model, tensors)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o644)
-        rounded = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and m.format.bfloat16_values]
-        (tmp / SIDECAR).write_text(json.dumps({"attention_scales": attention, "bfloat16_values": rounded,
-                                               "provenance": provenance}, indent=2))
+        for name, data in json_files.items():
+            (tmp / name).write_text(json.dumps(data, indent=2))
         for name in os.listdir(source_folder):
             if name.startswith("tokenizer") or name in ("generation_config.json", "chat_template.jinja",
                                                          "special_tokens_map.json"):
@@ -216,9 +224,6 @@ class CheckpointQuantization:
                  profile: DeviceProfile = CPU):
         self.folder, self.qconfig, self.profile = Path(folder), qconfig, profile
         self.device, self.dtype = device, dtype
-        if qconfig.get("quant_method") != "compressed-tensors":
-            raise ModelLoadError(f"{folder}/config.json: quant_method {qconfig.get('quant_method')!r} is not supported; "
-                                 "fp8lm reads compressed-tensors FP8 checkpoints")
         fmt = qconfig.get("format")
         if fmt not in ("float-quantized", "naive-quantized"):
             raise ModelLoadError(f"{folder}/config.json: format {fmt!r} is not supported; fp8lm reads "

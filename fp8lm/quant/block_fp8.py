@@ -1,0 +1,160 @@
+"""Block-FP8, the format model makers publish (Qwen3-FP8, DeepSeek-V3): each Linear's weight in
+float8_e4m3fn with one scale per [block_n, block_k] block (`weight_scale_inv`, w ≈ fp8 * scale,
+float32 or UE8M0 powers of two), its input quantized at run time per token in groups of block_k
+(dynamic 1 x block_k scales). Blocks at a matrix's edge may be partial (576 = 4.5 blocks of 128).
+
+With tensor parallelism each rank keeps its rows or columns of W and the whole (small) scale grid,
+with each row's and column's block index: a shard need not start or end on a block boundary.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.fp8.numerics import fake_quant
+from fp8lm.model.linear import LinearFormat, ParallelLinear, copy_exact
+from fp8lm.quant.fp8_modules import FP8Format
+from fp8lm.quant.post_load import PostLoad, finish_quantized_model
+
+E4M3 = FP8Format(torch.float8_e4m3fn, 448.0)
+
+
+class BlockFP8Linear(LinearFormat):
+    def __init__(self, block: tuple[int, int], fmt: FP8Format = E4M3):
+        super().__init__()
+        self.block_n, self.block_k = block
+        self.fmt = fmt
+
+    def load(self, layer: ParallelLinear, name: str, full: torch.Tensor) -> None:
+        if name == "weight":
+            if full.dtype != self.fmt.dtype:
+                raise ValueError(f"block-FP8 weight of dtype {full.dtype}; expected {self.fmt.dtype}")
+            copy_exact(layer.weight, layer.shard(full, layer.shard_dim), full.shape)
+            self._index_blocks(layer, full.shape)
+        elif name == "weight_scale_inv":
+            copy_exact(layer.weight_scale_inv, full.float(), full.shape)   # UE8M0: exact powers of two
+        else:
+            raise ValueError(f"block-FP8 {type(layer).__name__} has no parameter {name!r}")
+
+    def _index_blocks(self, layer: ParallelLinear, full_shape) -> None:
+        """Each of this rank's rows and columns -> its block row / column in the full scale grid."""
+        start = layer.tp_rank * (full_shape[layer.shard_dim] // layer.tp_size)
+        rows, cols = torch.arange(layer.out_features), torch.arange(layer.in_features)
+        if layer.shard_dim == 0:
+            rows = rows + start
+        else:
+            cols = cols + start
+        layer.register_buffer("block_rows", rows // self.block_n, persistent=False)
+        layer.register_buffer("block_cols", cols // self.block_k, persistent=False)
+
+    def apply(self, layer, x, bias):
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1]).float()
+        groups = layer.block_cols
+        # Per token, the largest magnitude of each group of block_k input features.
+        maxabs = torch.zeros(x.shape[0], int(groups[-1]) + 1, device=x.device).scatter_reduce_(
+            1, groups.expand(x.shape[0], -1), x.abs(), "amax")
+        scale = (maxabs / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)[:, groups]
+        xq = fake_quant(x, 1 / scale, self.fmt.dtype, self.fmt.limit) * scale
+        y = F.linear(xq, self.dense_weight(layer)).to(dtype).reshape(*shape[:-1], layer.out_features)
+        return y if bias is None else y + bias
+
+    def dense_weight(self, layer):
+        scales = layer.weight_scale_inv[layer.block_rows][:, layer.block_cols]
+        return layer.weight.float() * scales
+
+    def describe(self) -> str:
+        return f"block-FP8 {self.block_n}x{self.block_k}, dynamic 1x{self.block_k} inputs"
+
+
+def make_block_fp8(layer: ParallelLinear, block: tuple[int, int]) -> None:
+    """Makes a (not yet loaded) Linear block-FP8: its weight FP8, its full scale grid a buffer."""
+    grid = (-(-layer.out_features * (layer.tp_size if layer.shard_dim == 0 else 1) // block[0]),
+            -(-layer.in_features * (layer.tp_size if layer.shard_dim == 1 else 1) // block[1]))
+    layer.replace_weight(torch.empty(layer.weight.shape, dtype=torch.float8_e4m3fn, device=layer.weight.device))
+    layer.register_buffer("weight_scale_inv", torch.empty(grid, device=layer.weight.device))
+    layer.format = BlockFP8Linear(block)
+
+
+class BlockFP8Checkpoint:
+    """A folder with quantization_config {"quant_method": "fp8", "weight_block_size": [bn, bk],
+    "activation_scheme": "dynamic"}: every Linear but those in `modules_to_not_convert` is block-FP8."""
+
+    def __init__(self, folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        block, scheme = qconfig.get("weight_block_size"), qconfig.get("activation_scheme", "dynamic")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ModelLoadError(f"{folder}/config.json: weight_block_size {block!r}: expected [block_n, block_k]")
+        if scheme != "dynamic" or qconfig.get("fmt", "e4m3") != "e4m3":
+            raise ModelLoadError(f"{folder}/config.json: fp8 {qconfig.get('fmt', 'e4m3')} with {scheme} activations is "
+                                 "not supported; fp8lm reads e4m3 weights with dynamic activation scales")
+        self.block = tuple(block)
+        self.keep = [str(m) for m in qconfig.get("modules_to_not_convert") or []]
+
+    def patch(self, model: nn.Module) -> None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ParallelLinear) and not self._kept(name):
+                make_block_fp8(module, self.block)
+
+    def _kept(self, name: str) -> bool:
+        return any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in self.keep)
+
+    def rename(self, name: str) -> str:
+        return name
+
+    def finish(self, model: nn.Module) -> None:
+        finish_quantized_model(model, PostLoad(), self.device, self.dtype)
+
+
+def quantize_blocks(weight: torch.Tensor, block: tuple[int, int], fmt: FP8Format = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, its [ceil(n / bn), ceil(k / bk)] float32 block scales): each block's largest
+    magnitude maps onto the format's full scale."""
+    n, k = weight.shape
+    bn, bk = block
+    w = weight.float()
+    padded = F.pad(w.abs(), (0, -k % bk, 0, -n % bn))
+    maxabs = padded.view(-(-n // bn), bn, -(-k // bk), bk).amax(dim=(1, 3))
+    scales = (maxabs / fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)
+    expanded = scales.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return (w / expanded).clamp(-fmt.limit, fmt.limit).to(fmt.dtype), scales
+
+
+def save_block_fp8(source_folder: Path, output: Path, block: tuple[int, int] = (128, 128),
+                   keep: tuple[str, ...] = ("lm_head",)) -> Path:
+    """Writes `source_folder` (an unquantized model) as a block-FP8 folder: every Linear's weight but
+    those of `keep` (modules_to_not_convert) quantized per block. No calibration: inputs are scaled
+    at run time."""
+    from fp8lm.model.config import ModelConfig
+    from fp8lm.model.llama import LlamaForCausalLM
+    from fp8lm.model.loader import iter_checkpoint
+    from fp8lm.quant.checkpoint import write_folder
+
+    if len(block) != 2 or min(block) < 1:
+        raise FP8LMError(f"--weight-block-size {' '.join(map(str, block))}: two positive sizes, N and K")
+    config = ModelConfig.from_folder(source_folder)
+    if config.family.fused_checkpoint:
+        raise FP8LMError(f"{source_folder}: --format block-fp8 needs a checkpoint with separate q/k/v and gate/up "
+                         f"projections ({config.family.name} fuses them)")
+    if config.raw.get("quantization_config"):
+        raise FP8LMError(f"{source_folder} is already quantized")
+    with torch.device("meta"):
+        linears = {f"{n}.weight" for n, m in LlamaForCausalLM(config).named_modules()
+                   if isinstance(m, ParallelLinear) and n not in keep}
+    tensors = {}
+    for name, tensor in iter_checkpoint(Path(source_folder)):
+        if name in linears:
+            tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_blocks(tensor, block)
+        else:
+            tensors[name] = tensor
+    raw = dict(config.raw)
+    if raw.get("tie_word_embeddings") and "lm_head" not in keep:
+        raw["tie_word_embeddings"] = False
+        tensors["lm_head.weight"], tensors["lm_head.weight_scale_inv"] = quantize_blocks(
+            tensors["model.embed_tokens.weight"], block)
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block), "modules_to_not_convert": list(keep)}
+    return write_folder(source_folder, output, tensors, raw, {})

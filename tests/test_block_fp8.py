@@ -1,0 +1,109 @@
+"""Block-FP8 folders (quant_method "fp8", weight_block_size): written by fp8lm, read by fp8lm, against
+a reference built here from the folder's own tensors with torch's float8 casts in transformers."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from fp8lm import LLM
+from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.quant.block_fp8 import BlockFP8Linear, quantize_blocks, save_block_fp8
+
+BLOCK = (48, 48)          # the tiny model's 64 and 128 are 1.33 and 2.67 blocks: partial blocks on both axes
+TOKENS = [1] + [int(t) for t in torch.randint(3, 90, (40,), generator=torch.Generator().manual_seed(5))]
+
+
+def expand(scales: torch.Tensor, shape, block) -> torch.Tensor:
+    return scales.repeat_interleave(block[0], 0)[:shape[0]].repeat_interleave(block[1], 1)[:, :shape[1]]
+
+
+def test_block_scales_map_each_blocks_maximum_onto_the_full_range():
+    w = torch.randn(100, 70, generator=torch.Generator().manual_seed(0))
+    w[99, 69] = 50.0                                           # the last, partial block's maximum
+    q, s = quantize_blocks(w, BLOCK)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            block = w[i * 48:(i + 1) * 48, j * 48:(j + 1) * 48]
+            assert float(s[i, j]) == pytest.approx(float(block.abs().max()) / 448, rel=1e-6)
+    assert float(q[99, 69].float()) == 448.0
+    expected = (w / expand(s, w.shape, BLOCK)).to(torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    src = make_tiny_llama(tmp_path_factory.mktemp("src") / "llama")
+    return src, save_block_fp8(src, tmp_path_factory.mktemp("out") / "block", BLOCK)
+
+
+def test_the_folder_holds_fp8_blocks_and_the_config_vllm_reads(folders):
+    _, folder = folders
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                      "weight_block_size": list(BLOCK), "modules_to_not_convert": ["lm_head"]}
+    tensors = load_file(folder / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (2, 3)        # 64 x 128
+    assert tensors["lm_head.weight"].dtype == torch.float32
+
+
+def reference_logits(src, folder, tokens) -> torch.Tensor:
+    """transformers' model with each Linear's weight dequantized from the folder's blocks and its input
+    cast per token in groups of block_k with torch's float8 (independent of fp8lm's code)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tensors = load_file(folder / "model.safetensors")
+    bk = BLOCK[1]
+
+    def quantize_input(module, args):
+        x = args[0]
+        groups = x.split(bk, dim=-1)
+        scales = [g.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 448 for g in groups]
+        return torch.cat([(g / s).to(torch.float8_e4m3fn).float() * s for g, s in zip(groups, scales)], dim=-1)
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            q, s = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"]
+            module.weight.data = q.float() * expand(s, q.shape, BLOCK)
+            module.register_forward_pre_hook(quantize_input)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, :-1].float()
+
+
+def test_block_fp8_folder_runs_as_the_reference_computes_it(folders):
+    src, folder = folders
+    llm = LLM(str(folder), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20)
+    q = llm.engine.host.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.format, BlockFP8Linear) and q.weight.dtype == torch.float8_e4m3fn   # 1 byte at rest
+    ours, ref = llm.engine.score(TOKENS), reference_logits(src, folder, TOKENS)
+    plain = LLM(str(src), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.score(TOKENS)
+    # The same FP8 values: only float32 summation order separates the two (measured 1.4e-6 of
+    # logits up to 3.8; a flipped FP8 rounding would move a logit by ~1e-2).
+    assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert (plain - ref).abs().max() > 10 * (ours - ref).abs().max()      # FP8 itself is visible
+
+
+def test_what_a_block_fp8_folder_cannot_be_is_refused(folders, tmp_path):
+    src, folder = folders
+    with pytest.raises(FP8LMError, match="already quantized"):
+        save_block_fp8(folder, tmp_path / "again")
+    with pytest.raises(FP8LMError, match="two positive sizes"):
+        save_block_fp8(src, tmp_path / "zero", (0, 4))
+    assert not (tmp_path / "zero").exists()
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [128]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"weight_block_size \[128\]"):
+        LLM(str(bad), max_model_len=64, skip_warmup=True)
+    config["quantization_config"]["quant_method"] = "awq"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="quant_method 'awq' is not supported; fp8lm reads compressed-tensors, fp8"):
+        LLM(str(bad), max_model_len=64, skip_warmup=True)
