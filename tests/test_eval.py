@@ -114,7 +114,7 @@ def test_sensitivity_ranks_on_other_windows_than_it_checks(engines):
     result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=0.0, max_weight_share=0.5)
     assert result.all_fp8_pct == pytest.approx(compare(ref, fp8, WINDOWS[1::2]).ppl_change_pct, abs=1e-9)
     unit = "model.layers.1.mlp"
-    swapper = HighPrecisionSwapper(fp8.model, ref.model, linear_units(fp8.model))
+    swapper = HighPrecisionSwapper(fp8.host.model, ref.host.model, linear_units(fp8.host.model))
     everything = compare(ref, fp8, WINDOWS[0::2]).mean_kl
     try:
         swapper.keep({unit})
@@ -130,16 +130,16 @@ def test_a_kept_attention_unit_is_the_reference_attention_over_a_high_precision_
     from fp8lm.eval.report import HighPrecisionSwapper, attention_units, linear_units, unit_pattern
 
     ref, fp8 = engines
-    units = {**linear_units(fp8.model), **attention_units(fp8.model)}
+    units = {**linear_units(fp8.host.model), **attention_units(fp8.host.model)}
     assert units["model.layers.1.self_attn.attn"] == [f"model.layers.1.self_attn.attn.{n}" for n in (
         "matmul_qk", "softmax", "matmul_av", "k_cache", "v_cache")]
     assert unit_pattern("model.layers.1.self_attn.attn") == r"model\.layers\.1\.self_attn\.attn\."
-    attn = fp8.model.get_submodule("model.layers.1.self_attn.attn")
+    attn = fp8.host.model.get_submodule("model.layers.1.self_attn.attn")
     fp8_cache = attn.k_cache_tensor
-    swapper = HighPrecisionSwapper(fp8.model, ref.model, units)
+    swapper = HighPrecisionSwapper(fp8.host.model, ref.host.model, units)
     try:
         swapper.keep({"model.layers.1.self_attn.attn"})
-        assert attn.k_cache_tensor.dtype == torch.float32 and attn.k_cache is ref.model.get_submodule(
+        assert attn.k_cache_tensor.dtype == torch.float32 and attn.k_cache is ref.host.model.get_submodule(
             "model.layers.1.self_attn.attn.k_cache")
         swapper.keep(set(units))
         assert torch.equal(fp8.score(WINDOWS[0]), ref.score(WINDOWS[0]))

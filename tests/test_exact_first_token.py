@@ -4,7 +4,7 @@ import torch
 
 from fp8lm.fp8 import cpu_kernels as ck
 from fp8lm.fp8.numerics import fake_quant
-from fp8lm.model.attention import AttentionMetadata, PagedAttention, build_attn_bias
+from fp8lm.model.attention import AttentionMetadata, CacheAdjustment, PagedAttention, build_attn_bias
 from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul, FP8Softmax
 
 E4M3 = torch.float8_e4m3fn
@@ -22,7 +22,7 @@ def fp8_attention(exact_first_token: bool, scales) -> PagedAttention:
     attn = PagedAttention(HEADS, KV_HEADS, D)
     attn.matmul_qk, attn.matmul_av = FP8Matmul(FMT, sq, sk), FP8Matmul(FMT, 1 / 448, sv)
     attn.softmax, attn.k_cache, attn.v_cache = FP8Softmax(FMT, 1 / 448), FP8KVCache(FMT, sk), FP8KVCache(FMT, sv)
-    attn.exact_first_token = exact_first_token
+    attn.adjustment = CacheAdjustment(exact_first_token=exact_first_token)
     shape = (KV_HEADS, 3, BLOCK, D)
     first = torch.zeros(2, KV_HEADS, 4, D) if exact_first_token else None
     attn.bind_cache(torch.zeros(shape, dtype=E4M3), torch.zeros(shape, dtype=E4M3), first)

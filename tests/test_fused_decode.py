@@ -1,6 +1,8 @@
 """The whole-decoder decode step in one kernel call (quant/fused_decode.py) against the
 layer-by-layer path it replaces: the same FP8 kernels, the glue (RMSNorm, rotary, residuals,
 SiLU·up) in C++. Decode steps are teacher-forced over fixed tokens, so both paths see the same inputs."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,7 +88,8 @@ def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
     assert all(a.key_offset is None for a in attn)
     tokens = [t for p in PROMPTS for t in p][:60]
     for a in attn:
-        a.key_offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
+        offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
+        a.adjustment = dataclasses.replace(a.adjustment, key_offset=offset)
     llm.engine.host.model.model.fused_decode = FusedFP8DecodeStack.build(llm.engine.host.model, attn[0].fused_attention.kernels)
     fused = decode_logits(llm, tokens)
     llm.engine.host.model.model.fused_decode = None

@@ -1,4 +1,5 @@
 """fp8lm's accuracy-first recipe, technique by technique, against hand-computed references."""
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from fp8lm import LLM
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.gptq import gptq_round, output_error, round_to_nearest
 from fp8lm.fp8.numerics import fake_quant, round_to_fp8_grid
+from fp8lm.model.attention import CacheAdjustment
 from fp8lm.quant.config import parse_quant_config
 
 E4M3 = torch.float8_e4m3fn
@@ -95,7 +97,7 @@ def test_key_offset_leaves_attention_unchanged(tiny_model):
     before = llm.engine.score(tokens)
     g = torch.Generator().manual_seed(0)
     for attn in llm.engine.host.model.attention_layers():
-        attn.key_offset = 3 * torch.randn(attn.num_kv_heads, attn.head_dim, generator=g)
+        attn.adjustment = CacheAdjustment(key_offset=3 * torch.randn(attn.num_kv_heads, attn.head_dim, generator=g))
     after = llm.engine.score(tokens)
     assert (after - before).abs().max() < 1e-5
 
@@ -201,7 +203,8 @@ def test_recipe_folder_round_trips_and_other_loaders_never_clip_keys(recipe_cali
     def keep(module, args):
         keys["k"] = args[0]
     hook = in_memory.engine.host.model.model.layers[0].self_attn.attn.k_cache.register_forward_pre_hook(keep)
-    in_memory.engine.host.model.model.layers[0].self_attn.attn.key_offset = None      # K itself, as other loaders cache it
+    attn0 = in_memory.engine.host.model.model.layers[0].self_attn.attn
+    attn0.adjustment = dataclasses.replace(attn0.adjustment, key_offset=None)      # K itself, as other loaders cache it
     in_memory.engine.score(prompts[1])
     hook.remove()
     assert float(keys["k"].abs().max()) <= float(tensors["model.layers.0.self_attn.k_scale"]) * 448 * (1 + 1e-6)

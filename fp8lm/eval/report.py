@@ -11,6 +11,7 @@ from torch import nn
 
 from fp8lm.eval.perplexity import Comparison, compare, reference_logprobs
 from fp8lm.fp8.numerics import fake_quant
+from fp8lm.model.attention import CacheAdjustment
 from fp8lm.quant.fp8_linear import is_fp8
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
 from fp8lm.quant.modules import replace_module
@@ -55,7 +56,7 @@ def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError
     # q·k hand the twins the smoothed keys they were scaled for.
     pairs = list(zip(reference_engine.host.model.attention_layers(), quantized_engine.host.model.attention_layers()))
     for ref_attn, q_attn in pairs:
-        ref_attn.key_offset = q_attn.key_offset
+        ref_attn.adjustment = CacheAdjustment(key_offset=q_attn.key_offset)
     try:
         for w in windows:
             reference_engine.score(w)
@@ -63,7 +64,7 @@ def module_sqnr(reference_engine, quantized_engine, windows) -> list[ModuleError
         for h in handles:
             h.remove()
         for ref_attn, _ in pairs:
-            ref_attn.key_offset = None
+            ref_attn.adjustment = CacheAdjustment()
     return list(errors.values())
 
 

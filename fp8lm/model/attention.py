@@ -66,6 +66,19 @@ def build_attn_bias(query_positions: torch.Tensor, context_lens: torch.Tensor, m
     return bias[None, :, None]
 
 
+@dataclass(frozen=True)
+class CacheAdjustment:
+    """Exact changes to how an attention layer caches K/V, which a quantizer makes where the cache
+    rounds (quant/post_load.py builds them; a plain layer has none)."""
+    # [kv_heads, head_dim] subtracted from every key before it is cached: each score of a query's
+    # row shifts by the same q·offset, which softmax cancels.
+    key_offset: torch.Tensor | None = None
+    # Each sequence's first token keeps its K/V in the model dtype beside the cache (the layer's
+    # `first_kv`: [2, kv_heads, blocks + 1, head_dim], one row per block for the token in its first
+    # slot; the last row takes every other token), and its q·k and p·v terms use them.
+    exact_first_token: bool = False
+
+
 class AttentionKernel:
     """What a quantizer may set as `PagedAttention.fused_attention`: the layer's cache writes,
     matmuls and softmax in one call, the same numbers as its modules'. Declared here, built in quant/."""
@@ -93,16 +106,16 @@ class PagedAttention(nn.Module):
         self.v_cache = KVCache()
         self.k_cache_tensor: torch.Tensor | None = None
         self.v_cache_tensor: torch.Tensor | None = None
-        # [kv_heads, head_dim] subtracted from every key before it is cached. Exact: each score of a
-        # query's row shifts by the same q·offset, which softmax cancels; a calibrated offset centres
-        # K's channels so that an FP8 cache and q·k lose less to K's channel outliers.
-        self.key_offset: torch.Tensor | None = None
-        # fp8lm option exact_first_token: every sequence's first token (where attention sinks) keeps
-        # its K/V in the model dtype beside the FP8 cache ([2, kv_heads, blocks + 1, head_dim], one
-        # row per block for the token in its first slot; the last row takes every other token), and
-        # its q·k and p·v terms are computed from them in high precision.
-        self.exact_first_token = False
-        self.first_kv: torch.Tensor | None = None
+        self.adjustment = CacheAdjustment()
+        self.first_kv: torch.Tensor | None = None       # bound with the caches where exact_first_token
+
+    @property
+    def key_offset(self) -> torch.Tensor | None:
+        return self.adjustment.key_offset
+
+    @property
+    def exact_first_token(self) -> bool:
+        return self.adjustment.exact_first_token
 
     def cache_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
         """What this layer's K/V cache stores: FP8 once its KVCache modules are quantized."""

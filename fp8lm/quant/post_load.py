@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fp8lm.fp8.cpu_kernels import kernels_for
+from fp8lm.model.attention import CacheAdjustment
 from fp8lm.model.llama import LlamaForCausalLM
 from fp8lm.model.linear import ParallelLinear
 from fp8lm.quant.bfloat16_format import keep_bfloat16_values
@@ -24,10 +25,10 @@ class PostLoad:
 
 
 def finish_quantized_model(model: LlamaForCausalLM, plan: PostLoad, device: torch.device, dtype: torch.dtype) -> None:
-    for name, offset in plan.key_offsets.items():
-        model.get_submodule(name).key_offset = offset.to(device, dtype)
-    for name in plan.exact_first_token:
-        model.get_submodule(name).exact_first_token = True
+    for name in set(plan.key_offsets) | plan.exact_first_token:
+        offset = plan.key_offsets.get(name)
+        model.get_submodule(name).adjustment = CacheAdjustment(None if offset is None else offset.to(device, dtype),
+                                                               name in plan.exact_first_token)
     prepare_formats(model, device, dtype)
     kernels = kernels_for(device)
     for name in plan.bfloat16_values:
