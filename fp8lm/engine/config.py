@@ -77,10 +77,10 @@ def parse_memory(value: int | float | str | None, what: str) -> int | float | No
     return parse_memory(number if number <= 1 else int(number), what)
 
 
-def option(default, help: str, flag: bool = True):
+def option(default, help: str):
     """An engine option: one field with its default and its help, from which `LLM(**options)` and
-    the CLI's flags are derived (`flag=False`: not a command-line flag)."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+    the CLI's flags are derived."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass

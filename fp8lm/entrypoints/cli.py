@@ -29,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="alias (smollm2-135m-instruct), HF-style folder or .gguf file")
     for f in dataclasses.fields(EngineConfig):
-        if f.name == "model" or not f.metadata["flag"]:
+        if f.name == "model":
             continue
         flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
         if kind.startswith("bool"):
