@@ -251,7 +251,7 @@ def chunked_prompt_logits(llm, prompts, chunk: int) -> list[torch.Tensor]:
             lens = [min(chunk, s.num_prompt_tokens - s.num_computed_tokens) for s in active]
             out = engine.runner.run(active, lens, {s.seq_id for s in active})
             for s, q in zip(active, lens):
-                rows[s.seq_id].append(out.prompt_logits[s.seq_id])
+                rows[s.seq_id] += [logits for _, logits in engine.runner.prompt_logit_blocks(out.prompt_hidden[s.seq_id])]
                 s.num_computed_tokens += q
     finally:
         for s in seqs:

@@ -51,7 +51,7 @@ def test_the_mask_allows_exactly_the_grammar_s_next_characters(llm):
     """The char tokenizer (conftest) has one id per printable character: ' ' is 3, so c is ord(c) - 29."""
     hf = llm.get_tokenizer()
     backend = GrammarBackend(hf, llm.engine.host.model_config.vocab_size, [hf.eos_token_id])
-    matchers = backend.matchers(StructuredOutputsParams(choice=["ab", "ba", "bb"]), 1)
+    matchers = backend.matchers(backend.compile(StructuredOutputsParams(choice=["ab", "ba", "bb"])), 1)
     logits = torch.zeros(2, llm.engine.host.model_config.vocab_size)
     masked = mask_disallowed(logits, [1], matchers)
     assert torch.equal(masked[0], logits[0])                           # the unconstrained row

@@ -20,7 +20,7 @@ from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_div
 from fp8lm.engine.output_processor import OutputProcessor
 from fp8lm.engine.outputs import RequestOutput
 from fp8lm.engine.sampler import Sampler
-from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError
+from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from fp8lm.engine.scheduler import Scheduler
 from fp8lm.engine.sequence import Request, Sequence
 from fp8lm.engine.step_worker import StepWorker
@@ -66,7 +66,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.output_processor.discard_prompt_logits)
-        self._grammar_backend: GrammarBackend | None = None
+        self._grammar_backend = None if self.tokenizer is None else GrammarBackend(
+            self.tokenizer.hf, self.host.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -152,9 +153,11 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_text: str | None = None, add_special_tokens: bool = True) -> Request:
+                    prompt_text: str | None = None, add_special_tokens: bool = True, grammar=None) -> Request:
         """prompt: text to tokenize, or token ids (then `prompt_text` is what outputs show as the prompt).
-        A rendered chat template already holds its special tokens: add_special_tokens=False."""
+        A rendered chat template already holds its special tokens: add_special_tokens=False.
+        `grammar`: the structured output constraint compiled already (`compile_grammar`, off this
+        thread); else it is compiled here."""
         self._check_alive()
         if request_id in self.requests:
             raise FP8LMError(f"request id {request_id!r} is already in use")
@@ -163,8 +166,9 @@ class LLMEngine:
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
-        grammars = [None] * len(seqs) if params.structured_outputs is None else \
-            self._grammars().matchers(params.structured_outputs, params.n)
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.compile_grammar(params.structured_outputs)
+        grammars = [None] * len(seqs) if grammar is None else GrammarBackend.matchers(grammar, params.n)
         for seq, grammar in zip(seqs, grammars):
             self.output_processor.start(seq, grammar)
         request = Request(request_id, text, token_ids, params, seqs, arrival_time=time.monotonic())
@@ -175,14 +179,11 @@ class LLMEngine:
             self.host.measurement.num_samples += 1
         return request
 
-    def _grammars(self) -> GrammarBackend:
-        """Built on the first constrained request (converting the vocabulary takes a fraction of a second)."""
+    def compile_grammar(self, constraint: StructuredOutputsParams):
+        """A request's output constraint, compiled (thread safe: the server calls it off the engine thread)."""
         if self._grammar_backend is None:
-            if self.tokenizer is None:
-                raise SamplingParamsError("structured_outputs", "this model has no tokenizer to constrain")
-            self._grammar_backend = GrammarBackend(self.tokenizer.hf, self.host.model_config.vocab_size,
-                                                   list(self.eos_token_ids))
-        return self._grammar_backend
+            raise SamplingParamsError("structured_outputs", "this model has no tokenizer to constrain")
+        return self._grammar_backend.compile(constraint)
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -296,8 +297,9 @@ class LLMEngine:
                                                - seq.num_computed_tokens)
             seq.num_computed_tokens += q
             self.block_manager.mark_computed(seq, seq.num_computed_tokens - q)
-            if seq.seq_id in out.prompt_logits:
-                self.output_processor.add_prompt_logits(seq, out.prompt_logits[seq.seq_id])
+            if seq.seq_id in out.prompt_hidden:
+                for first, logits in self.runner.prompt_logit_blocks(out.prompt_hidden[seq.seq_id]):
+                    self.output_processor.add_prompt_logprobs(seq, logits, seq.num_computed_tokens - q + first)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(row)
         sampled = [seqs[i] for i in sampling]
@@ -306,9 +308,8 @@ class LLMEngine:
         for row, token in zip(sampling, tokens):
             seq = seqs[row]
             request = self.requests[seq.request_id]
-            rows = self.output_processor.take_prompt_logits(seq)
-            if rows is not None:
-                request.prompt_logprobs = self.output_processor.prompt_logprobs(request, rows)
+            if seq.index == 0 and seq.params.prompt_logprobs is not None and request.prompt_logprobs is None:
+                request.prompt_logprobs = self.output_processor.prompt_logprobs(seq)
             if self.output_processor.append_token(seq, token, out.logits[row]):
                 self.scheduler.finish(seq)
             touched[request.request_id] = request
@@ -361,7 +362,7 @@ class LLMEngine:
             out = self.runner.run([seq], [seq.num_tokens], {seq.seq_id})
         finally:
             self.block_manager.free(seq)
-        return out.prompt_logits[seq.seq_id][:-1]
+        return torch.cat([logits for _, logits in self.runner.prompt_logit_blocks(out.prompt_hidden[seq.seq_id])])[:-1]
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""

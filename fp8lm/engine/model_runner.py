@@ -13,10 +13,15 @@ from fp8lm.model.llama import LlamaForCausalLM
 from fp8lm.quant.fused_ops import HookWatch
 
 
+# Prompt logits (prompt_logprobs, scoring) are computed this many rows at a time: a chunk's are
+# [rows, vocabulary] float32 at most, never [chunk, vocabulary].
+PROMPT_LOGIT_ROWS = 128
+
+
 @dataclass
 class StepOutput:
     logits: torch.Tensor                      # [B, V] float32: logits after each sequence's last new token
-    prompt_logits: dict[int, torch.Tensor]    # seq_id -> [q, V]: after each of its new tokens (prompt_logprobs)
+    prompt_hidden: dict[int, torch.Tensor]    # seq_id -> [q, H]: after each of its new tokens (prompt_logprobs)
 
 
 class ModelRunner:
@@ -133,12 +138,16 @@ class ModelRunner:
         hidden = self.execute(input_ids, positions, meta)
         ends = torch.tensor(query_lens).cumsum(0)
         logits = self.model.compute_logits(hidden[(ends - 1).to(self.device)])
-        prompt_logits = {}
-        for seq, end, q in zip(seqs, ends.tolist(), query_lens):
-            if seq.seq_id in want_prompt_logits:
-                # Row i predicts token num_computed + i + 1 (the last row: past this chunk).
-                prompt_logits[seq.seq_id] = self.model.compute_logits(hidden[end - q:end])
-        return StepOutput(logits, prompt_logits)
+        # Row i predicts token num_computed + i + 1 (the last row: past this chunk).
+        prompt_hidden = {seq.seq_id: hidden[end - q:end] for seq, end, q in zip(seqs, ends.tolist(), query_lens)
+                         if seq.seq_id in want_prompt_logits}
+        return StepOutput(logits, prompt_hidden)
+
+    @torch.inference_mode()
+    def prompt_logit_blocks(self, hidden: torch.Tensor):
+        """(first row, float32 logits of up to PROMPT_LOGIT_ROWS rows) over a sequence's prompt hidden states."""
+        for start in range(0, hidden.shape[0], PROMPT_LOGIT_ROWS):
+            yield start, self.model.compute_logits(hidden[start:start + PROMPT_LOGIT_ROWS])
 
 
 def _to_device(meta: AttentionMetadata | StepMetadata, device: torch.device) -> AttentionMetadata | StepMetadata:

@@ -28,7 +28,7 @@ class SequenceOutput:
     grammar: object | None = None                   # its grammar matcher (structured outputs), fed every new token
     num_sent_tokens: int = 0                        # DELTA outputs: the tokens and text earlier outputs held
     num_sent_chars: int = 0
-    prompt_logit_rows: list[torch.Tensor] = field(default_factory=list)   # prompt_logprobs, chunk by chunk
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)   # of prompt tokens 1.., chunk by chunk
 
 
 class OutputProcessor:
@@ -50,21 +50,25 @@ class OutputProcessor:
         """Each sequence's grammar matcher, or None."""
         return [self.states[s.seq_id].grammar for s in seqs]
 
-    def add_prompt_logits(self, seq: Sequence, rows: torch.Tensor) -> None:
-        self.states[seq.seq_id].prompt_logit_rows.append(rows)
+    def add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, first: int) -> None:
+        """Logits after prompt tokens first, first + 1, ..., reduced at once to the requested top-k
+        logprobs of the prompt tokens they predict: no vocabulary-wide row is kept."""
+        targets = seq.token_ids[first + 1:min(first + 1 + logits.shape[0], seq.num_prompt_tokens)]
+        lps = torch.log_softmax(logits[:len(targets)], dim=-1)
+        entries = self.states[seq.seq_id].prompt_logprobs
+        for row, token in enumerate(targets):
+            entry = top_logprobs(lps[row], token, seq.params.prompt_logprobs)
+            self._decode_logprob_tokens(entry)
+            entries.append(entry)
 
     def discard_prompt_logits(self, seq: Sequence) -> None:
         """A preempted sequence's prompt is computed again from the start."""
         if seq.seq_id in self.states:
-            self.states[seq.seq_id].prompt_logit_rows = []
+            self.states[seq.seq_id].prompt_logprobs = []
 
-    def take_prompt_logits(self, seq: Sequence) -> torch.Tensor | None:
-        """The prompt's logit rows gathered so far (one per prompt token after the first), once."""
-        state = self.states[seq.seq_id]
-        if not state.prompt_logit_rows:
-            return None
-        rows, state.prompt_logit_rows = torch.cat(state.prompt_logit_rows)[:seq.num_prompt_tokens - 1], []
-        return rows
+    def prompt_logprobs(self, seq: Sequence) -> list[dict[int, Logprob] | None]:
+        """The prompt's logprobs once all are computed (the first token has none)."""
+        return [None] + self.states[seq.seq_id].prompt_logprobs
 
     def append_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Adds a sampled token; True when it finished the sequence."""
@@ -134,16 +138,6 @@ class OutputProcessor:
         if self.tokenizer is not None:
             for token, lp in entry.items():
                 lp.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def prompt_logprobs(self, request: Request, logits: torch.Tensor) -> list[dict[int, Logprob] | None]:
-        lps = torch.log_softmax(logits, dim=-1)
-        k = request.params.prompt_logprobs
-        result: list[dict[int, Logprob] | None] = [None]
-        for row, token in enumerate(request.prompt_token_ids[1:]):
-            entry = top_logprobs(lps[row], token, k)
-            self._decode_logprob_tokens(entry)
-            result.append(entry)
-        return result
 
     def request_output(self, request: Request) -> RequestOutput | None:
         """The request's output after a step that advanced it; None when its kind has nothing to say

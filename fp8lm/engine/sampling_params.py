@@ -24,6 +24,27 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+# What one request may ask for: beyond these bounds it is refused (a 400 naming the bound), so that no
+# request can stall the server compiling a constraint or grow it without bound.
+MAX_CONSTRAINT_CHARS = 32_768   # a JSON schema's text, a regex, a grammar, the choices together
+MAX_CHOICES = 1024
+MAX_SCHEMA_DEPTH = 32
+MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 64, 1024
+MAX_LOGIT_BIAS = 1024           # tokens
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def _json_depth(value) -> int:
+    """How deeply lists and objects nest in a JSON value (iteratively: no recursion limit to hit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, depth)
+            todo.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 @dataclass
 class StructuredOutputsParams:
     """Exactly one constraint, by vLLM's field names: a JSON schema (`json`, a dict or its text),
@@ -42,13 +63,33 @@ class StructuredOutputsParams:
                                                             f"json_object; got {given or 'none'}")
         if self.choice is not None and not (self.choice and all(isinstance(c, str) for c in self.choice)):
             raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of strings")
+        if self.choice is not None and len(self.choice) > MAX_CHOICES:
+            raise SamplingParamsError("structured_outputs", f"{len(self.choice)} choices; at most {MAX_CHOICES}")
         if isinstance(self.json, str):
+            if len(self.json) > MAX_CONSTRAINT_CHARS:
+                raise SamplingParamsError("structured_outputs", self._too_long(len(self.json)))
             try:
                 self.json = json.loads(self.json)
+            except RecursionError:
+                raise SamplingParamsError("structured_outputs", f"the JSON schema nests deeper than "
+                                                                f"{MAX_SCHEMA_DEPTH} levels") from None
             except ValueError as e:
                 raise SamplingParamsError("structured_outputs", f"the JSON schema is not JSON: {e}") from None
         if self.json is not None and not isinstance(self.json, dict):
             raise SamplingParamsError("structured_outputs", "a JSON schema must be an object")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if self.json is not None and _json_depth(self.json) > MAX_SCHEMA_DEPTH:
+            raise SamplingParamsError("structured_outputs", f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        text = json.dumps(self.json) if self.json is not None else self.regex or self.grammar or ""
+        size = len(text) + sum(len(c) for c in self.choice or [])
+        if size > MAX_CONSTRAINT_CHARS:
+            raise SamplingParamsError("structured_outputs", self._too_long(size))
+
+    @staticmethod
+    def _too_long(size: int) -> str:
+        return f"the constraint has {size} characters; at most {MAX_CONSTRAINT_CHARS}"
 
 
 @dataclass
@@ -100,13 +141,19 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be non-negative"),
             ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
+            ("stop", len(self.stop_strings) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
+            ("stop", all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings),
+             f"each at most {MAX_STOP_STRING_CHARS} characters"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} ids"),
             ("logit_bias", all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()),
              "values must be in [-100, 100]"),
+            ("logit_bias", len(self.logit_bias or {}) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} tokens"),
             ("output_kind", isinstance(self.output_kind, RequestOutputKind), "must be a RequestOutputKind"),
         ]
         for name, ok, message in checks:
             if not ok:
-                raise SamplingParamsError(name, f"{message}, got {getattr(self, name)!r}")
+                got = repr(getattr(self, name))
+                raise SamplingParamsError(name, f"{message}, got {got if len(got) <= 80 else got[:77] + '...'}")
 
     @property
     def greedy(self) -> bool:

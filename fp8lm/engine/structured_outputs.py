@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import threading
 
 import numpy as np
 import torch
@@ -15,28 +16,43 @@ import torch
 from fp8lm.engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 
 
+# Compiled grammars xgrammar keeps for reuse (least recently used evicted beyond this).
+GRAMMAR_CACHE_BYTES = 128 << 20
+
+
 class GrammarBackend:
-    """Compiles constraints against one tokenizer and vocabulary (the model's logits width)."""
+    """Compiles constraints against one tokenizer and vocabulary (the model's logits width). Built on
+    the first constrained request (converting the vocabulary takes a fraction of a second); thread
+    safe, so that a server compiles off its engine thread (xgrammar releases the GIL meanwhile)."""
 
     def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: list[int]):
+        self._args = (hf_tokenizer, vocab_size, list(eos_token_ids))
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    @property
+    def compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                from tokenizers import Tokenizer
+                from transformers import PreTrainedTokenizerFast
+
+                hf_tokenizer, vocab_size, eos = self._args
+                byte_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(byte_level_spec(hf_tokenizer)))
+                info = xgr.TokenizerInfo.from_huggingface(byte_level, vocab_size=vocab_size, stop_token_ids=eos)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+            return self._compiler
+
+    @staticmethod
+    def matchers(compiled, n: int) -> list:
+        """n independent matchers of one compiled grammar, for one request's sequences."""
         import xgrammar as xgr
-        from tokenizers import Tokenizer
-        from transformers import PreTrainedTokenizerFast
 
-        byte_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(byte_level_spec(hf_tokenizer)))
-        info = xgr.TokenizerInfo.from_huggingface(byte_level, vocab_size=vocab_size,
-                                                  stop_token_ids=list(eos_token_ids))
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
-
-    def matchers(self, params: StructuredOutputsParams, n: int) -> list:
-        """n independent matchers for one request's sequences; a constraint xgrammar rejects is a
-        SamplingParamsError naming it."""
-        import xgrammar as xgr
-
-        compiled = self._compile(params)
         return [xgr.GrammarMatcher(compiled) for _ in range(n)]
 
-    def _compile(self, params: StructuredOutputsParams):
+    def compile(self, params: StructuredOutputsParams):
+        """The compiled grammar; a constraint xgrammar rejects is a SamplingParamsError naming it."""
         c = self.compiler
         try:
             if params.json is not None or params.json_object:

@@ -3,6 +3,7 @@ request's newest output comes back to its own `Sink` (one pending output at most
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -11,10 +12,13 @@ from collections.abc import AsyncIterator, Callable
 
 from fp8lm.engine.llm_engine import LLMEngine
 from fp8lm.engine.outputs import RequestOutput
-from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams
+from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 from fp8lm.errors import EngineDeadError, FP8LMError
 
 log = logging.getLogger(__name__)
+# A constraint whose grammar takes longer to compile is refused (the compile goes on in its worker;
+# the size bounds of StructuredOutputsParams keep that rare).
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
 
 
 class RequestTimeout(FP8LMError):
@@ -77,6 +81,8 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._stopping = threading.Event()
+        # Grammars compile here, never on the engine thread: a request joins once its grammar is ready.
+        self._compiles = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8lm-grammar")
         self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_steps, name="fp8lm-step-watchdog", daemon=True)
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None
@@ -100,6 +106,7 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        self._compiles.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.shutdown()
 
@@ -186,11 +193,22 @@ class AsyncEngine:
         self._sinks.clear()
 
     # ---- the asyncio side -------------------------------------------------------------------
+    async def _compile(self, params: SamplingParams):
+        future = asyncio.get_running_loop().run_in_executor(self._compiles, self.engine.compile_grammar,
+                                                            params.structured_outputs)
+        try:
+            return await asyncio.wait_for(future, GRAMMAR_COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise SamplingParamsError("structured_outputs", f"its grammar took longer than "
+                                      f"{GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile; simplify it") from None
+
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        **kwargs) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
         if self.error:
             raise EngineDeadError(self.error)
+        if params.structured_outputs is not None:
+            kwargs = {**kwargs, "grammar": await self._compile(params)}
         sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)
         self._commands.put(("add", request_id, prompt, params, kwargs, sink))
         finished = False
