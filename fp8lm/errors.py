@@ -10,4 +10,9 @@ class ModelLoadError(FP8LMError):
 
 
 class EngineDeadError(FP8LMError):
-    """The engine stopped (a step hung or failed) and cannot serve further requests."""
+    """The engine stopped (a step hung or failed) and cannot serve further requests. `public`: what
+    a server may tell its clients (no exception text); the message itself goes to the log."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message

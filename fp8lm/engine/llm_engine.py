@@ -75,7 +75,7 @@ class LLMEngine:
         # pool and fp8lm's kernels) throttles its spin-waiting once two threads own thread teams on a
         # machine with few cores, which costs ~40 us per parallel op here (see docs/BENCHMARKS.md).
         self._worker = StepWorker() if config.iteration_timeout_s and step_thread else None
-        self.dead_reason: str | None = None
+        self.dead: EngineDeadError | None = None       # why the engine stopped, once it has
         self.last_step_started: float | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         if config.skip_warmup or self.host.measurement is not None:
@@ -161,8 +161,8 @@ class LLMEngine:
         self._check_alive()
         if request_id in self.requests:
             raise FP8LMError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt, add_special_tokens)
-        text = prompt_text if text is None else text
+        text, token_ids = (prompt, self.tokenize(prompt, add_special_tokens)) if isinstance(prompt, str) else \
+            (prompt_text, [int(t) for t in prompt])
         self._validate_prompt(token_ids, params)
         seqs = [Sequence(next(self._seq_ids), request_id, i, token_ids, params, self._generator(params, i))
                 for i in range(params.n)]
@@ -185,15 +185,18 @@ class LLMEngine:
             raise SamplingParamsError("structured_outputs", "this model has no tokenizer to constrain")
         return self._grammar_backend.compile(constraint)
 
-    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise FP8LMError(f"{self.host.model_path}: this model folder has no tokenizer; pass token ids")
-            try:
-                return prompt, self.tokenizer.encode(prompt, add_special_tokens)
-            except (UnicodeError, ValueError, TypeError) as e:
-                raise SamplingParamsError("prompt", f"cannot be tokenized ({type(e).__name__})") from None
-        return None, [int(t) for t in prompt]
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's token ids (thread safe: the server tokenizes off the engine thread). A text
+        too long for max_model_len tokens whatever its tokens is refused before it is tokenized."""
+        if self.tokenizer is None:
+            raise FP8LMError("this model has no tokenizer; pass token ids")
+        if len(prompt) > self.max_model_len * self.tokenizer.max_token_chars:
+            raise SamplingParamsError("prompt", f"{len(prompt)} characters cannot fit in max_model_len="
+                                                f"{self.max_model_len} tokens")
+        try:
+            return self.tokenizer.encode(prompt, add_special_tokens)
+        except (UnicodeError, ValueError, TypeError) as e:
+            raise SamplingParamsError("prompt", f"cannot be tokenized ({type(e).__name__})") from None
 
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -262,8 +265,8 @@ class LLMEngine:
 
     # ---- stepping ---------------------------------------------------------------------------
     def _check_alive(self) -> None:
-        if self.dead_reason:
-            raise EngineDeadError(self.dead_reason)
+        if self.dead is not None:
+            raise self.dead
 
     def step(self) -> list[RequestOutput]:
         """One model step; returns the current output of every request it advanced."""
@@ -286,7 +289,7 @@ class LLMEngine:
             raise
         except Exception as e:  # a bug here would otherwise leave requests waiting forever
             log.exception("sampling failed")
-            self._die(f"sampling or output processing failed: {type(e).__name__}: {e}")
+            self._die(f"sampling or output processing failed: {type(e).__name__}: {e}", "sampling failed")
 
     def _postprocess(self, seqs: list[Sequence], query_lens: list[int], out) -> list[RequestOutput]:
         """Advances every sequence by its new tokens; those whose tokens are all computed now (a
@@ -333,18 +336,18 @@ class LLMEngine:
             self._die(f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
                       f"stopped (raise the timeout for slow first steps)")
         except Exception as e:
-            self._die(f"a model step failed: {type(e).__name__}: {e}")
+            self._die(f"a model step failed: {type(e).__name__}: {e}", "a model step failed")
         finally:
             self.last_step_started = None
 
-    def _die(self, reason: str):
-        self.dead_reason = reason
+    def _die(self, reason: str, public: str | None = None):
+        self.dead = EngineDeadError(reason, public)
         for request in list(self.requests.values()):
             for seq in request.seqs:
                 if not seq.is_finished:
                     seq.finish("abort")
         log.error(reason)
-        raise EngineDeadError(reason)
+        raise self.dead
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [n - 1, vocab] predicting tokens 1..n-1 of one sequence (perplexity, KL, reports).
@@ -369,7 +372,7 @@ class LLMEngine:
         if getattr(self, "_worker", None) is not None:       # None too when __init__ failed before it
             self._worker.stop()
         everyone_alive = all(p.is_alive() for p in self.workers)
-        if getattr(self, "channel", None) is not None and not self.dead_reason and everyone_alive:
+        if getattr(self, "channel", None) is not None and self.dead is None and everyone_alive:
             try:
                 self.channel.send(("shutdown",))
             except Exception:  # a rank already gone: the others are stopped below

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from fp8lm.entrypoints.openai.limits import ServerLimits
 from fp8lm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from fp8lm.errors import FP8LMError
 
@@ -215,6 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from fp8lm.engine.config import EngineConfig, env_value
     from fp8lm.entrypoints.openai.chat_routes import ToolSettings
+    from fp8lm.entrypoints.openai.guards import Access, default_allowed_hosts
     from fp8lm.entrypoints.openai.launch import rpc_timeout_seconds, run_server
     from fp8lm.model.config import ModelConfig
     from fp8lm.model.registry import resolve_model
@@ -226,9 +228,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model=str(folder), **engine_kwargs(args))
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise FP8LMError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
-    api_key = args.api_key or env_value("API_KEY")
-    run_server(config, args.host, args.port, api_key, args.served_model_name or args.model,
-               args.max_waiting_requests, ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser))
+    open_paths = {"/health", "/metrics"} if args.metrics_without_key else {"/health"}
+    hosts = frozenset(h.strip().lower() for h in args.allowed_hosts.split(",")) if args.allowed_hosts else \
+        default_allowed_hosts(args.host)
+    access = Access(args.api_key or env_value("API_KEY"), None if hosts and "*" in hosts else hosts, frozenset(open_paths))
+    waiting = args.max_waiting_requests if args.max_waiting_requests is not None else 16 * config.max_num_seqs
+    limits = ServerLimits(max_body_bytes=args.max_request_body_bytes, max_waiting_sequences=waiting or None,
+                          chat_special_tokens=args.chat_special_tokens)
+    run_server(config, args.host, args.port, args.served_model_name or args.model, access, limits,
+               ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser))
     return 0
 
 
@@ -330,11 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: FP8LM_API_KEY or VLLM_API_KEY, "
-                        "which keep the key out of `ps`)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: FP8LM_API_KEY or "
+                        "VLLM_API_KEY, which keep the key out of `ps`)")
+    p.add_argument("--metrics-without-key", action="store_true", help="let /metrics answer without the API key")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values the server answers to, '*' for any (default: the "
+                        "--host address and localhost; any Host when bound to 0.0.0.0 or ::)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: MODEL)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="beyond this many waiting requests, answer 503 with Retry-After (default: unbounded)")
+                   help="beyond this many waiting sequences (n per request), answer 503 with Retry-After "
+                        "(default: 16 x max-num-seqs; 0: unbounded)")
+    p.add_argument("--max-request-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                   help="answer 413 to a bigger request body")
+    p.add_argument("--chat-special-tokens", action="store_true",
+                   help="treat special-token strings inside chat messages as special tokens (default: as text, so "
+                        "that no message can forge another turn)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="let the model decide when to call the request's tools (tool_choice 'auto')")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,

@@ -64,9 +64,8 @@ class LLM:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        prompts = [{"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt),
-                                                         add_special_tokens=False),
-                    "prompt": tokenizer.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        rendered = [tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
+        prompts = [{"prompt_token_ids": ids, "prompt": text} for text, ids in rendered]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -1,14 +1,26 @@
 """The model folder's tokenizer and chat template (transformers' fast tokenizer underneath)."""
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 from fp8lm.errors import FP8LMError
 
 
+# Stand-ins for message contents while a chat template renders (private-use characters no template
+# touches), so that what the client wrote is tokenized apart from what the template adds.
+_CONTENT = re.compile("\ue000(\\d+)\ue001")
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """No token decodes to more characters (a vocabulary entry's length bounds its text's)."""
+        return max(map(len, self.hf.get_vocab()))
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer | None:
@@ -38,6 +50,33 @@ class Tokenizer:
         _check_messages(messages)
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            tools=[{"type": "function", "function": t} for t in tools] if tools else None)
+
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    special_tokens_in_content: bool = False) -> tuple[str, list[int]]:
+        """The rendered conversation and its token ids. Special-token strings typed inside message
+        contents (`<|im_start|>`, ...) are tokenized as the text they are, so that no message can
+        forge another turn, unless `special_tokens_in_content`; the template's own are special."""
+        if special_tokens_in_content:
+            text = self.apply_chat_template(messages, add_generation_prompt, tools)
+            return text, self.encode(text, add_special_tokens=False)
+        contents, stand_ins = [], []
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                contents.append(m["content"])
+                m = {**m, "content": f"\ue000{len(contents) - 1}\ue001"}
+            stand_ins.append(m)
+        rendered = self.apply_chat_template(stand_ins, add_generation_prompt, tools)
+        pieces = _CONTENT.split(rendered)      # template text, content index, template text, ...
+        ids, text = [], []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                piece = contents[int(piece)]
+                ids += self.hf(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+            text.append(piece)
+        return "".join(text), ids
 
 
 def _check_messages(messages) -> None:

@@ -77,12 +77,16 @@ class AsyncEngine:
         self._make_engine = make_engine
         self.rpc_timeout_s = rpc_timeout_s
         self.engine: LLMEngine | None = None
-        self.error: str | None = None
+        self.error: str | None = None          # why the engine stopped, for the log
+        self.public_error: str | None = None   # what clients may be told of it (no internal text)
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._stopping = threading.Event()
-        # Grammars compile here, never on the engine thread: a request joins once its grammar is ready.
-        self._compiles = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8lm-grammar")
+        # Prompts tokenize and grammars compile here, never on the engine thread or the event loop: a
+        # request joins the engine once both are done.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8lm-prepare")
+        self._queued_seqs = 0       # sequences of requests put in the queue, not yet taken by the engine thread
+        self._queued_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_steps, name="fp8lm-step-watchdog", daemon=True)
         self.on_step: Callable[[list[RequestOutput], float], None] | None = None
@@ -93,9 +97,9 @@ class AsyncEngine:
         self._watchdog.start()
 
     def num_waiting(self) -> int:
-        """Requests not yet running: queued for the engine thread, or waiting in its scheduler."""
+        """Sequences (n per request) not yet running: queued for the engine thread, or waiting in its scheduler."""
         engine = self.engine
-        return self._commands.qsize() + (engine.num_waiting if engine is not None else 0)
+        return self._queued_seqs + (len(engine.scheduler.waiting) if engine is not None else 0)
 
     @property
     def ready(self) -> bool:
@@ -106,7 +110,7 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
-        self._compiles.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.shutdown()
 
@@ -114,7 +118,7 @@ class AsyncEngine:
         try:
             self.engine = self._make_engine()
         except Exception as e:  # reported by /health and every request; the process stays up to say so
-            self.error = f"engine failed to start: {e}"
+            self.error, self.public_error = f"engine failed to start: {e}", "the engine failed to start"
             log.error(self.error)
             return
         while not self._stopping.is_set():
@@ -127,7 +131,10 @@ class AsyncEngine:
                 if self.error:          # the watchdog gave up on this step while it ran
                     break
             except Exception as e:   # EngineDeadError, or anything unforeseen: clearly dead, never hung
-                self.error = str(e) if isinstance(e, EngineDeadError) else f"engine failed: {type(e).__name__}: {e}"
+                dead = isinstance(e, EngineDeadError)
+                self.error = str(e) if dead else f"engine failed: {type(e).__name__}: {e}"
+                self.public_error = e.public if dead else "the engine failed"
+                log.error(self.error)
                 break
             if self.on_step is not None:
                 self.on_step(outputs, time.monotonic() - start)
@@ -139,7 +146,7 @@ class AsyncEngine:
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
             Sink.deliver(deliveries)
-        self._fail_all(EngineDeadError(self.error or "the server is shutting down"))
+        self._fail_all(EngineDeadError(self.public_error or "the server is shutting down"))
 
     def _watch_steps(self) -> None:
         """Fails every request once a step outlives FP8LM_ENGINE_ITERATION_TIMEOUT_S. The engine
@@ -151,13 +158,13 @@ class AsyncEngine:
             started = engine.last_step_started if engine is not None else None
             if self.error or not timeout or started is None or time.monotonic() - started <= timeout:
                 continue
-            self.error = (f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; the engine is "
-                          f"stopped (raise the timeout for slow first steps)")
+            self.error = self.public_error = (f"a model step exceeded FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout:g} s; "
+                                              f"the engine is stopped (raise the timeout for slow first steps)")
             log.error(self.error)
             # The engine thread is inside the step, so it does not touch the sinks meanwhile; each
             # request is failed once here and not again when (if) the step returns.
             for request_id in list(self._sinks):
-                self._sinks.pop(request_id).put(EngineDeadError(self.error))
+                self._sinks.pop(request_id).put(EngineDeadError(self.public_error))
             return
 
     def _drain(self, block: bool) -> None:
@@ -175,6 +182,7 @@ class AsyncEngine:
     def _execute(self, command: tuple) -> None:
         if command[0] == "add":
             _, request_id, prompt, params, kwargs, sink = command
+            self._count_queued(-params.n)
             try:
                 self.engine.add_request(request_id, prompt, params, **kwargs)
             except Exception as e:   # invalid request: the client gets a 400
@@ -185,6 +193,10 @@ class AsyncEngine:
             self._sinks.pop(command[1], None)
             self.engine.abort_request(command[1])
 
+    def _count_queued(self, seqs: int) -> None:
+        with self._queued_lock:         # the event loop adds, the engine thread takes away
+            self._queued_seqs += seqs
+
     def _fail_all(self, error: Exception) -> None:
         for request_id, sink in list(self._sinks.items()):
             sink.put(error)
@@ -193,11 +205,13 @@ class AsyncEngine:
         self._sinks.clear()
 
     # ---- the asyncio side -------------------------------------------------------------------
+    def _off_loop(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
     async def _compile(self, params: SamplingParams):
-        future = asyncio.get_running_loop().run_in_executor(self._compiles, self.engine.compile_grammar,
-                                                            params.structured_outputs)
         try:
-            return await asyncio.wait_for(future, GRAMMAR_COMPILE_TIMEOUT_S)
+            return await asyncio.wait_for(self._off_loop(self.engine.compile_grammar, params.structured_outputs),
+                                          GRAMMAR_COMPILE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise SamplingParamsError("structured_outputs", f"its grammar took longer than "
                                       f"{GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile; simplify it") from None
@@ -206,10 +220,14 @@ class AsyncEngine:
                        **kwargs) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
         if self.error:
-            raise EngineDeadError(self.error)
+            raise EngineDeadError(self.public_error)
+        if isinstance(prompt, str):
+            add_special = kwargs.pop("add_special_tokens", True)
+            prompt, kwargs = await self._off_loop(self.engine.tokenize, prompt, add_special), {**kwargs, "prompt_text": prompt}
         if params.structured_outputs is not None:
             kwargs = {**kwargs, "grammar": await self._compile(params)}
         sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)
+        self._count_queued(params.n)
         self._commands.put(("add", request_id, prompt, params, kwargs, sink))
         finished = False
         try:

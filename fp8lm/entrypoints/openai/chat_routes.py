@@ -1,6 +1,8 @@
 """/v1/chat/completions: the chat template, tool calling (parsed or grammar-forced), streaming."""
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,9 @@ from fp8lm.entrypoints.openai.serving import (APIError, ServingState, Usage, chu
                                               unless_disconnected, usage)
 from fp8lm.entrypoints.openai.tool_parsers import (TOOL_PARSERS, Extraction, forced_named, forced_required,
                                                    required_schema)
+
+
+MAX_TOOLS_CHARS = 65_536
 
 
 @dataclass
@@ -32,17 +37,16 @@ async def chat(state: ServingState, tools_cfg: ToolSettings, body: ChatCompletio
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    if tools and len(json.dumps(tools)) > MAX_TOOLS_CHARS:
+        raise APIError(400, f"tools: their definitions hold more than {MAX_TOOLS_CHARS} characters", param="tools")
     parser, constraint = _tool_mode(body, tools, tools_cfg, state.constraint(body))
-    try:
-        prompt = tok.apply_chat_template([m.for_template() for m in body.messages], body.add_generation_prompt,
-                                         tools=tools)
-    except Exception as e:  # jinja errors (e.g. roles that must alternate) are the client's
-        raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+    text, ids = await render_chat(state, tok, [m.for_template() for m in body.messages], body.add_generation_prompt,
+                                  tools)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = state.sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
                                    body.prompt_logprobs, constraint)
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
-    started = await unless_disconnected(request, state.start([prompt], params, base_id, add_special_tokens=False))
+    started = await unless_disconnected(request, state.start([ids], params, base_id, prompt_text=text))
     if body.stream:
         return sse(_stream(state, started, body, base_id, tok, parser))
     out = (await state.finish(started, request))[0]
@@ -63,6 +67,18 @@ async def chat(state: ServingState, tools_cfg: ToolSettings, body: ChatCompletio
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs)
     return response
+
+
+async def render_chat(state: ServingState, tok, messages: list[dict], add_generation_prompt: bool,
+                      tools: list[dict] | None = None) -> tuple[str, list[int]]:
+    """The conversation through the chat template, and its token ids, off the event loop."""
+    try:
+        return await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt, tools,
+                                       state.limits.chat_special_tokens)
+    except (UnicodeError, ValueError, TypeError) as e:
+        raise APIError(400, f"messages: cannot be tokenized ({type(e).__name__})", param="messages") from None
+    except Exception as e:  # jinja errors (e.g. roles that must alternate) are the client's
+        raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
 
 
 def _tool_mode(body: ChatCompletionRequest, tools: list[dict] | None, cfg: ToolSettings,

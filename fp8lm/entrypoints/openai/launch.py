@@ -7,7 +7,9 @@ import threading
 import time
 
 from fp8lm.entrypoints.openai.async_engine import AsyncEngine
+from fp8lm.entrypoints.openai.guards import Access, protocol_with_header_deadline
 from fp8lm.entrypoints.openai.server import build_app
+from fp8lm.entrypoints.openai.limits import ServerLimits
 from fp8lm.errors import FP8LMError
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,8 @@ def rpc_timeout_seconds() -> float:
     return value / 1000
 
 
-def run_server(engine_config, host: str, port: int, api_key: str | None, model_name: str,
-               max_waiting_requests: int | None = None, tools=None) -> None:
+def run_server(engine_config, host: str, port: int, model_name: str, access: Access, limits: ServerLimits,
+               tools=None) -> None:
     """Serves until SIGINT/SIGTERM. The model loads on the engine thread; meanwhile /health and
     /v1/* answer 503, so clients can poll."""
     import uvicorn
@@ -38,9 +40,10 @@ def run_server(engine_config, host: str, port: int, api_key: str | None, model_n
     if engine_config.iteration_timeout_s is None:
         engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
     engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
-    app = build_app(engine, model_name, api_key, max_waiting_requests, tools)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=3))
+    app = build_app(engine, model_name, access, limits, tools)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3,
+                                           http=protocol_with_header_deadline(limits.header_timeout_s),
+                                           limit_concurrency=limits.max_connections, timeout_keep_alive=5))
 
     failure: list[str] = []
 

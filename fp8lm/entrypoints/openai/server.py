@@ -1,8 +1,6 @@
 """The OpenAI-compatible HTTP server: `fp8lm serve MODEL ...`."""
 from __future__ import annotations
 
-import hmac
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
@@ -13,39 +11,24 @@ from fp8lm.entrypoints.openai import chat_routes, completion_routes
 from fp8lm.entrypoints.openai.chat_routes import ToolSettings
 from fp8lm.entrypoints.openai.metrics import ServerMetrics
 from fp8lm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from fp8lm.entrypoints.openai.guards import Access, GuardMiddleware
+from fp8lm.entrypoints.openai.limits import ServerLimits
 from fp8lm.entrypoints.openai.serving import APIError, ServingState, error_body
 from fp8lm.entrypoints.openai.tokenize_routes import add_tokenize_routes
 from fp8lm.version import __version__
 
 
-class ApiKeyMiddleware:
-    """'Authorization: Bearer KEY' on /v1/*, compared in constant time. Plain ASGI (not
-    BaseHTTPMiddleware, which hides a client's disconnect from the handlers)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = error_body(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              max_waiting_requests: int | None = None, tools: ToolSettings | None = None) -> FastAPI:
-    """`max_waiting_requests`: beyond this many requests waiting for the engine, new ones get a 503
-    with Retry-After (None: unbounded). `tools`: automatic tool choice and its parser."""
+def build_app(engine: AsyncEngine, model_name: str, access: Access | None = None, limits: ServerLimits | None = None,
+              tools: ToolSettings | None = None) -> FastAPI:
+    """`access`: the API key and Host allow-list; `limits`: what one client may ask; `tools`:
+    automatic tool choice and its parser."""
     app = FastAPI(title="fp8lm OpenAI-compatible server", version=__version__)
     metrics = ServerMetrics(model_name)
-    state = ServingState(engine, model_name, metrics, max_waiting_requests)
+    limits = limits or ServerLimits()
+    state = ServingState(engine, model_name, metrics, limits)
     tools = tools or ToolSettings()
     engine.on_step = state.record_step
-
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(GuardMiddleware, access=access or Access(), max_body_bytes=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -83,7 +66,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         state.require_ready()
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": state.started, "owned_by": "fp8lm",
-            "root": str(engine.engine.host.model_path), "max_model_len": engine.engine.max_model_len}]}
+            "root": model_name, "max_model_len": engine.engine.max_model_len}]}
 
     streamable = {200: {"content": {"application/json": {}, "text/event-stream": {}},
                         "description": "A completion, or a stream of server-sent events when stream=true"}}

@@ -15,11 +15,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fp8lm.engine.outputs import RequestOutput
 from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 from fp8lm.entrypoints.openai.async_engine import AsyncEngine, RequestTimeout
+from fp8lm.entrypoints.openai.limits import ServerLimits
 from fp8lm.entrypoints.openai.metrics import ServerMetrics
 from fp8lm.entrypoints.openai.protocol import SamplingFields, UnsupportedField
 from fp8lm.errors import EngineDeadError, FP8LMError
 
 DISCONNECT_POLL_S = 0.25
+def engine_stopped(engine: AsyncEngine) -> str:
+    return f"{engine.public_error or 'the engine has stopped'}; the server log says why"
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,9 @@ def error_body(status: int, message: str, type_: str, param=None, code=None, hea
 
 
 class ServingState:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, max_waiting: int | None):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, limits: ServerLimits):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
-        self.max_waiting = max_waiting
+        self.limits = limits
         self.started = int(time.time())
         self.submitted: dict[str, float] = {}        # request id -> when it was handed to the engine
         self.last_token_time: dict[str, float] = {}
@@ -48,7 +51,7 @@ class ServingState:
     # ---- health ---------------------------------------------------------------------------------
     def health(self):
         if self.engine.error:
-            return JSONResponse({"status": "error", "detail": self.engine.error}, status_code=503)
+            return JSONResponse({"status": "error", "detail": engine_stopped(self.engine)}, status_code=503)
         if not self.engine.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         e = self.engine.engine
@@ -61,7 +64,7 @@ class ServingState:
 
     def require_ready(self) -> None:
         if self.engine.error:
-            raise APIError(503, self.engine.error, "service_unavailable")
+            raise APIError(503, engine_stopped(self.engine), "service_unavailable")
         if not self.engine.ready:
             raise APIError(503, "the model is still loading / warming up", "service_unavailable")
 
@@ -127,10 +130,14 @@ class ServingState:
     async def start(self, prompts: list, params: SamplingParams, base_id: str, **kwargs):
         """Submits every prompt (their outputs come as deltas) and waits for each one's first output,
         so that a rejected request is a 400 before any streaming starts. Returns [(generator, first output)]."""
-        waiting = self.engine.num_waiting()
-        if self.max_waiting is not None and waiting + len(prompts) > self.max_waiting:
-            raise APIError(503, f"{waiting} requests are waiting, the server takes at most --max-waiting-requests="
-                                f"{self.max_waiting}; retry later", "service_unavailable", headers={"Retry-After": "1"})
+        asked, bound = len(prompts) * params.n, self.limits.max_sequences_per_request
+        if asked > bound:
+            raise APIError(400, f"{len(prompts)} prompts x n={params.n} is {asked} sequences; a request may ask for "
+                                f"at most {bound}", param="prompt")
+        waiting, most = self.engine.num_waiting(), self.limits.max_waiting_sequences
+        if most is not None and waiting + asked > most:
+            raise APIError(503, f"{waiting} sequences are waiting, the server takes at most --max-waiting-requests="
+                                f"{most}; retry later", "service_unavailable", headers={"Retry-After": "1"})
         params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
         gens = []
         for i, prompt in enumerate(prompts):
@@ -174,7 +181,7 @@ def as_api_error(e: BaseException) -> BaseException:
     if isinstance(e, RequestTimeout):
         return APIError(504, str(e), "timeout")
     if isinstance(e, EngineDeadError):
-        return APIError(503, str(e), "service_unavailable")
+        return APIError(503, str(e), "service_unavailable")      # AsyncEngine's public reason
     if isinstance(e, FP8LMError):
         return APIError(400, str(e))
     return e

@@ -1,9 +1,13 @@
 """vLLM's /tokenize and /detokenize: the server's own tokenizer (and chat template) on demand."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
+from fp8lm.engine.sampling_params import SamplingParamsError
+from fp8lm.entrypoints.openai.chat_routes import render_chat
 from fp8lm.entrypoints.openai.protocol import ChatMessage
 from fp8lm.entrypoints.openai.serving import APIError, ServingState
 
@@ -35,18 +39,17 @@ def add_tokenize_routes(app: FastAPI, state: ServingState) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        tok = tokenizer(body.model)
+        tokenizer(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            try:
-                text = tok.apply_chat_template([m.for_template() for m in body.messages],
-                                               add_generation_prompt=body.add_generation_prompt)
-            except Exception as e:  # no template, or jinja errors (roles that must alternate): the client's
-                raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
-            ids = tok.encode(text, add_special_tokens=False)      # the template holds its special tokens
+            _, ids = await render_chat(state, state.engine.engine.tokenizer, [m.for_template() for m in body.messages],
+                                       body.add_generation_prompt)
         else:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            try:
+                ids = await asyncio.to_thread(state.engine.engine.tokenize, body.prompt, body.add_special_tokens)
+            except SamplingParamsError as e:
+                raise APIError(400, str(e), param="prompt") from None
         return {"count": len(ids), "max_model_len": state.engine.engine.max_model_len, "tokens": ids,
                 "token_strs": None}
 
