@@ -233,8 +233,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_allowed_hosts(args.host)
     access = Access(args.api_key or env_value("API_KEY"), None if hosts and "*" in hosts else hosts, frozenset(open_paths))
     waiting = args.max_waiting_requests if args.max_waiting_requests is not None else 16 * config.max_num_seqs
+    if args.max_request_body_bytes < 1 or not args.header_timeout_s > 0:
+        raise FP8LMError("--max-request-body-bytes and --header-timeout-s must be positive")
     limits = ServerLimits(max_body_bytes=args.max_request_body_bytes, max_waiting_sequences=waiting or None,
-                          chat_special_tokens=args.chat_special_tokens)
+                          header_timeout_s=args.header_timeout_s, chat_special_tokens=args.chat_special_tokens)
     run_server(config, args.host, args.port, args.served_model_name or args.model, access, limits,
                ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser))
     return 0
@@ -350,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 16 x max-num-seqs; 0: unbounded)")
     p.add_argument("--max-request-body-bytes", type=int, default=ServerLimits.max_body_bytes,
                    help="answer 413 to a bigger request body")
+    p.add_argument("--header-timeout-s", type=float, default=ServerLimits.header_timeout_s,
+                   help="close a connection that has not sent a request's headers within this many seconds")
     p.add_argument("--chat-special-tokens", action="store_true",
                    help="treat special-token strings inside chat messages as special tokens (default: as text, so "
                         "that no message can forge another turn)")
