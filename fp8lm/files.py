@@ -1,4 +1,5 @@
-"""Reading the JSON files users hand us, with one clear error naming the file and the problem."""
+"""Files: reading the JSON users hand us (one clear error naming the file and the problem), the
+cache fp8lm keeps (trusted only if it is the user's own), and writes that survive a crash."""
 from __future__ import annotations
 
 import json
@@ -22,3 +23,34 @@ def read_json(path: Path, label: str, error: type[FP8LMError] = FP8LMError):
 def cache_dir() -> Path:
     """Where fp8lm keeps what it builds or downloads once per machine (FP8LM_CACHE, default ~/.cache/fp8lm)."""
     return Path(os.environ.get("FP8LM_CACHE") or Path.home() / ".cache" / "fp8lm")
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuses to use `path` (a cached model folder, built code) unless this user owns it and nobody
+    else may write to it: fp8lm would otherwise load code or weights that another user planted."""
+    st = Path(path).stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise FP8LMError(f"{what} {path}: owned by uid {st.st_uid} with mode {oct(st.st_mode & 0o777)}; fp8lm "
+                         f"uses only a cache of its own user that others cannot write (fix its owner and mode, or "
+                         f"set FP8LM_CACHE to another folder)")
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file's contents (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(moves: list[tuple[Path, Path]]) -> None:
+    """Moves each written temporary file over its target: the contents reach the disk before any
+    name changes, the names after; a crash leaves the old files or the new ones. The last move is
+    the commit point (put the file readers look at last)."""
+    for temp, _ in moves:
+        fsync(temp)
+    for temp, target in moves:
+        os.replace(temp, target)
+    for folder in {target.parent for _, target in moves}:
+        fsync(folder)

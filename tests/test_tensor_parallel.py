@@ -39,6 +39,48 @@ def test_tiny_tp2_equals_tp1(tiny_model):
         two.engine.shutdown()
 
 
+def listening_addresses(pid: int) -> set[str]:
+    """The local addresses of the TCP sockets process `pid` listens on (from /proc: no tools needed)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:      # LISTEN
+                found.add(fields[1].split(":")[0])
+    return found
+
+
+def test_tensor_parallel_ranks_listen_on_loopback_only(tiny_model, monkeypatch):
+    """Ranks fp8lm starts itself meet at a store listening on 127.0.0.1 only (on a port held from
+    the start) and talk over gloo sockets on loopback, even where gloo was told another interface."""
+    import socket
+
+    from fp8lm.engine.parallel import LocalRendezvous
+
+    rendezvous = LocalRendezvous(2)
+    assert rendezvous.listener.getsockname()[0] == "127.0.0.1"
+    rendezvous.listener.close()
+    others = [name for _, name in socket.if_nameindex() if not name.startswith("lo")]
+    if others:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", others[0])       # inherited by the spawned rank too
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    two = LLM(str(tiny_model), max_model_len=64, tensor_parallel_size=2, skip_warmup=True, kv_cache_memory=1 << 20)
+    try:
+        pids = [os.getpid()] + [p.pid for p in two.engine.workers]
+        addresses = {pid: listening_addresses(pid) for pid in pids}
+        assert addresses[os.getpid()] and all(a <= loopback for a in addresses.values()), addresses
+    finally:
+        two.engine.shutdown()
+
+
 def test_indivisible_sizes_are_refused(tiny_model):
     with pytest.raises(FP8LMError, match="tensor_parallel_size=3 does not divide num_attention_heads=4"):
         LLM(str(tiny_model), tensor_parallel_size=3)

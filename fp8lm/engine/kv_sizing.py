@@ -8,7 +8,7 @@ import time
 
 from fp8lm.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from fp8lm.engine.model_host import ModelHost
-from fp8lm.engine.parallel import StepChannel
+from fp8lm.engine.step_channel import StepChannel
 from fp8lm.engine.memory import PeakMemory, available_memory
 from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.engine.sequence import Sequence

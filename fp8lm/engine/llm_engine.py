@@ -15,10 +15,11 @@ from fp8lm.engine.config import EngineConfig, resolve_device
 from fp8lm.engine.cuda_graphs import graph_buckets
 from fp8lm.engine.kv_sizing import num_kv_blocks, step_peak_bytes
 from fp8lm.engine.model_host import ModelHost, run_worker
-from fp8lm.engine.parallel import (DistInfo, StepChannel, backend_for, check_divisible, free_tcp_address, init_group,
+from fp8lm.engine.parallel import (DistInfo, LocalRendezvous, backend_for, check_divisible, init_group,
                                    spawn_local_workers, torchrun_info)
 from fp8lm.engine.output_processor import OutputProcessor
 from fp8lm.engine.outputs import RequestOutput
+from fp8lm.engine.step_channel import StepChannel
 from fp8lm.engine.sampler import Sampler
 from fp8lm.engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from fp8lm.engine.scheduler import Scheduler
@@ -111,9 +112,9 @@ class LLMEngine:
             atexit.register(self.shutdown)
             return launched
         check_divisible(ModelConfig.from_folder(resolve_model(config.model)), world)
-        address = free_tcp_address()
-        self.workers = spawn_local_workers(run_worker, config, world, address)
-        init_group(backend_for(resolve_device(config.device)), 0, world, address)
+        rendezvous = LocalRendezvous(world)
+        self.workers = spawn_local_workers(run_worker, config, world, rendezvous.port)
+        rendezvous.join(backend_for(resolve_device(config.device)))
         atexit.register(self.shutdown)
         return DistInfo(0, world, 0)
 

@@ -12,7 +12,8 @@ import torch
 from fp8lm.engine.config import EngineConfig, resolve_device, resolve_dtype
 from fp8lm.engine.memory import keep_freed_memory_for_reuse
 from fp8lm.engine.model_runner import ModelRunner
-from fp8lm.engine.parallel import DistInfo, StepChannel, check_divisible, init_group, rank_device, backend_for
+from fp8lm.engine.step_channel import StepChannel
+from fp8lm.engine.parallel import DistInfo, check_divisible, init_group, rank_device, backend_for
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.formats import device_tag
 from fp8lm.model.config import ModelConfig
@@ -112,8 +113,9 @@ class ModelHost:
 class WorkerEngine:
     """A rank > 0: loads its shard (its model host), then runs whatever rank 0 broadcasts until told to stop."""
 
-    def __init__(self, config: EngineConfig, dist_info: DistInfo, init_method: str):
-        init_group(backend_for(resolve_device(config.device)), dist_info.rank, dist_info.world_size, init_method)
+    def __init__(self, config: EngineConfig, dist_info: DistInfo, rendezvous: str | int):
+        """`rendezvous`: "env://" or the port of rank 0's store on this host (see init_group)."""
+        init_group(backend_for(resolve_device(config.device)), dist_info.rank, dist_info.world_size, rendezvous)
         self.host = ModelHost(config, dist_info)
         self.channel = StepChannel()
         self.runner: ModelRunner | None = None
@@ -137,6 +139,6 @@ class WorkerEngine:
             torch.distributed.destroy_process_group()
 
 
-def run_worker(config: EngineConfig, dist_info: DistInfo, init_method: str) -> None:
+def run_worker(config: EngineConfig, dist_info: DistInfo, port: int) -> None:
     """Entry point of a rank > 0 started by fp8lm itself (engine/parallel.py spawns it)."""
-    WorkerEngine(config, dist_info, init_method).serve()
+    WorkerEngine(config, dist_info, port).serve()

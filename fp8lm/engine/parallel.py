@@ -29,6 +29,7 @@ COLLECTIVE_TIMEOUT_ENV = "FP8LM_TP_COLLECTIVE_TIMEOUT_S"    # overrides it (seco
 # own collectives (COLLECTIVE_TIMEOUT_S).
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 PARENT_POLL_S = 1.0
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -54,12 +55,45 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
-def init_group(backend: str, rank: int, world_size: int, init_method: str) -> None:
+def init_group(backend: str, rank: int, world_size: int, rendezvous: str | int, listener_fd: int | None = None) -> None:
+    """`rendezvous`: "env://" (a launcher's, across hosts), or the port of rank 0's store on this host
+    (`LocalRendezvous`, whose listening socket rank 0 passes as `listener_fd`): then every listener
+    of the group is on the loopback interface."""
     if backend == "gloo":
         # Ranks on one host share its cores: more threads than cores would spin against each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=collective_timeout_s()))
+    timeout = datetime.timedelta(seconds=collective_timeout_s())
+    if rendezvous == "env://":
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()     # gloo's pair sockets on loopback too
+    store = dist.TCPStore(LOOPBACK, rendezvous, world_size, is_master=listener_fd is not None, timeout=timeout,
+                          master_listen_fd=listener_fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+class LocalRendezvous:
+    """Rank 0's store for ranks it starts on this host: listening on 127.0.0.1 only, on a port it
+    holds from the start (bound and listening before any rank is told it, so none can take it)."""
+
+    def __init__(self, world_size: int):
+        self.listener = socket.socket()
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(world_size)
+        self.port = self.listener.getsockname()[1]
+        self.world_size = world_size
+
+    def join(self, backend: str) -> None:
+        """Rank 0 joins (the others join with `init_group(..., self.port)`)."""
+        init_group(backend, 0, self.world_size, self.port, self.listener.fileno())
+
+
+def loopback_interface() -> str:
+    """The name of the interface that holds 127.0.0.1 (Linux: lo)."""
+    for _, name in socket.if_nameindex():
+        if name == "lo" or name.startswith("lo"):
+            return name
+    raise FP8LMError("no loopback network interface found for the tensor-parallel ranks")
 
 
 def collective_timeout_s() -> float:
@@ -75,31 +109,25 @@ def collective_timeout_s() -> float:
     return value
 
 
-def free_tcp_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def spawn_local_workers(target, engine_config, world_size: int, init_method: str) -> list:
+def spawn_local_workers(target, engine_config, world_size: int, port: int) -> list:
     """Starts ranks 1..N-1 on this host (fresh interpreters: no inherited threads or state), each
-    running target(engine_config, DistInfo(rank, world_size, rank), init_method)."""
+    running target(engine_config, DistInfo(rank, world_size, rank), port of rank 0's store)."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for rank in range(1, world_size):
-        p = ctx.Process(target=_run_worker, args=(target, engine_config, DistInfo(rank, world_size, rank), init_method),
+        p = ctx.Process(target=_run_worker, args=(target, engine_config, DistInfo(rank, world_size, rank), port),
                         name=f"fp8lm-tp-rank{rank}", daemon=True)
         p.start()
         procs.append(p)
     return procs
 
 
-def _run_worker(target, engine_config, dist_info: DistInfo, init_method: str) -> None:
+def _run_worker(target, engine_config, dist_info: DistInfo, port: int) -> None:
     rank = dist_info.rank
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
     exit_with_parent()
     try:
-        target(engine_config, dist_info, init_method)
+        target(engine_config, dist_info, port)
     except Exception as e:
         log.error("rank %d stopped: %s", rank, e)
         raise SystemExit(1) from None
@@ -117,22 +145,6 @@ def exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="fp8lm-parent-watch", daemon=True).start()
-
-
-class StepChannel:
-    """Rank 0 -> all ranks: one pickled message per call (commands and step inputs), over a gloo
-    group of its own whose timeout is IDLE_TIMEOUT (created collectively: every rank builds one)."""
-
-    def __init__(self):
-        self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-
-    def send(self, message) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.group)
-
-    def receive(self):
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
 
 
 def check_divisible(config, world_size: int) -> None:

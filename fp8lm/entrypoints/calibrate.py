@@ -11,6 +11,7 @@ from pathlib import Path
 from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
+from fp8lm.files import replace_durably
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
@@ -42,7 +43,7 @@ def write_json_atomic(path: Path, data) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=4)
     os.chmod(tmp, 0o644)   # mkstemp makes it private
-    os.replace(tmp, path)
+    replace_durably([(Path(tmp), path)])
 
 
 def check_writable(folder: Path) -> None:

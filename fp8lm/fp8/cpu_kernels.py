@@ -176,6 +176,8 @@ def _requested_isa() -> str:
 def _build(cache: Path):
     from torch.utils import cpp_extension
 
+    from fp8lm.files import check_private
+
     if shutil.which("ninja") is None:
         # cpp_extension runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this
         # interpreter, which is not on PATH when a venv's python runs without activation.
@@ -201,6 +203,8 @@ def _build(cache: Path):
             os.replace(tmp, sources / s)
     start = time.perf_counter()
     # -fopenmp makes at::parallel_for use torch's thread pool (the libgomp torch has loaded).
+    for trusted in (cache, build_dir, *build_dir.glob("*.so")):
+        check_private(trusted, "the CPU kernels' build folder" if trusted.is_dir() else "the CPU kernels' module")
     module = cpp_extension.load(name, [str(sources / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"], extra_include_paths=[str(sources)],
                                 build_directory=str(build_dir), verbose=False)

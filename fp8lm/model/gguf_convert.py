@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp8lm.errors import ModelLoadError
+from fp8lm.files import check_private
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -145,6 +146,7 @@ def convert_gguf(path: Path, dest: Path) -> Path:
     """Writes dest/{config.json, model.safetensors, tokenizer files}; returns dest. Idempotent."""
     path, dest = Path(path), Path(dest)
     if (dest / "config.json").is_file():
+        check_private(dest, "the converted model folder")
         return dest
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fp8lm.errors import ModelLoadError
-from fp8lm.files import cache_dir
+from fp8lm.files import cache_dir, check_private
 from fp8lm.model.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def pull(alias: str) -> Path:
         raise ModelLoadError(f"unknown model alias {alias!r}; known: {', '.join(KNOWN_MODELS)}")
     dest = cache_dir() / alias
     if (dest / "config.json").is_file():
+        check_private(dest, "the cached model folder")
         return dest
     gguf_path = gguf_file(alias)
     log.info("converting %s into %s (once)", gguf_path.name, dest)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.files import fsync
 from fp8lm.fp8.formats import CPU, DeviceProfile
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.attention import PagedAttention
@@ -206,10 +207,14 @@ def write_folder(source_folder: Path, output: Path, tensors: dict[str, torch.Ten
                                                          "special_tokens_map.json"):
                 shutil.copy(Path(source_folder) / name, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for written in tmp.iterdir():
+            fsync(written)
+        fsync(tmp)
         os.chmod(tmp, 0o755)
         if output.exists():
             output.rmdir()
         os.rename(tmp, output)
+        fsync(output.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fp8lm.errors import FP8LMError
-from fp8lm.files import read_json
+from fp8lm.files import read_json, replace_durably
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "Fp8lmMetadata"
@@ -114,8 +114,8 @@ def write_files(base: Path, payload: dict, backup: bool = True) -> list[Path]:
                     backup = target.with_name(f"backup_{stamp}_{target.name}")
                     os.replace(target, backup)
                     log.info("moved existing %s to %s", target.name, backup.name)
-            for temp, target in zip(temps, targets):
-                os.replace(temp, target)
+            # base.json, which fp8lm reads, goes last: it names a complete set.
+            replace_durably([(temps[1], targets[1]), (temps[2], targets[2]), (temps[0], targets[0])])
     except OSError as e:
         raise FP8LMError(f"cannot write measurement files at {base}: {e.strerror or e}") from None
     finally:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fp8lm.errors import FP8LMError
+from fp8lm.files import replace_durably
 from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.model.attention import PagedAttention
@@ -170,7 +171,7 @@ def save_statistics(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    replace_durably([(tmp, path)])
 
 
 def load_statistics(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
