@@ -116,3 +116,18 @@ def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, smollm2_fp8):
     print(f"stack vs layer-by-layer KL {paths:.4f}, floor {floor:.4f}")
     assert floor > 0.005
     assert paths < 1.25 * floor, (paths, floor)
+
+
+def test_the_engine_says_why_decode_steps_are_not_fused(tiny_model, measured, caplog):
+    """FP8 weights over a high-precision KV cache run decode layer by layer: the log says so and why."""
+    import logging
+
+    config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(measured)}
+    with caplog.at_level(logging.INFO, logger="fp8lm.quant.post_load"):
+        llm = LLM(str(tiny_model), quantization="inc", quant_config=config, max_model_len=128, skip_warmup=True)
+    assert llm.engine.host.model.model.fused_decode is None
+    assert "layer 0: its attention is not fully FP8" in caplog.text and "kv_cache_dtype fp8_inc" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fp8lm.quant.post_load"):
+        fused = fp8_tiny(tiny_model, measured)
+    assert fused.engine.host.model.model.fused_decode is not None and "layer by layer" not in caplog.text

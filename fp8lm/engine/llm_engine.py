@@ -191,7 +191,7 @@ class LLMEngine:
         too long for max_model_len tokens whatever its tokens is refused before it is tokenized."""
         if self.tokenizer is None:
             raise FP8LMError("this model has no tokenizer; pass token ids")
-        if len(prompt) > self.max_model_len * self.tokenizer.max_token_chars:
+        if len(prompt) > self.max_model_len and len(prompt) > self.max_model_len * self.tokenizer.max_token_chars:
             raise SamplingParamsError("prompt", f"{len(prompt)} characters cannot fit in max_model_len="
                                                 f"{self.max_model_len} tokens")
         try:
@@ -366,7 +366,8 @@ class LLMEngine:
             out = self.runner.run([seq], [seq.num_tokens], {seq.seq_id})
         finally:
             self.block_manager.free(seq)
-        return torch.cat([logits for _, logits in self.runner.prompt_logit_blocks(out.prompt_hidden[seq.seq_id])])[:-1]
+        hidden = out.prompt_hidden[seq.seq_id]
+        return next(self.runner.prompt_logit_blocks(hidden, rows=hidden.shape[0]))[1][:-1]     # all of them, as asked
 
     def shutdown(self) -> None:
         """Stops the step thread and, with tensor parallelism, every other rank."""

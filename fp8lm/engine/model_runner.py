@@ -13,9 +13,10 @@ from fp8lm.model.llama import LlamaForCausalLM
 from fp8lm.quant.fused_ops import HookWatch
 
 
-# Prompt logits (prompt_logprobs, scoring) are computed this many rows at a time: a chunk's are
-# [rows, vocabulary] float32 at most, never [chunk, vocabulary].
-PROMPT_LOGIT_ROWS = 128
+# Prompt logits (prompt_logprobs) are computed in blocks of rows of at most this many bytes of float32
+# logits (at least 128 rows): a 2,048-token chunk's are never [chunk, vocabulary] at once, and blocks
+# stay large enough that the LM head's weights are not re-read for a few rows at a time.
+PROMPT_LOGIT_BYTES = 256 << 20
 
 
 @dataclass
@@ -144,10 +145,12 @@ class ModelRunner:
         return StepOutput(logits, prompt_hidden)
 
     @torch.inference_mode()
-    def prompt_logit_blocks(self, hidden: torch.Tensor):
-        """(first row, float32 logits of up to PROMPT_LOGIT_ROWS rows) over a sequence's prompt hidden states."""
-        for start in range(0, hidden.shape[0], PROMPT_LOGIT_ROWS):
-            yield start, self.model.compute_logits(hidden[start:start + PROMPT_LOGIT_ROWS])
+    def prompt_logit_blocks(self, hidden: torch.Tensor, rows: int | None = None):
+        """(first row, float32 logits of a block of `rows` rows) over a sequence's prompt hidden states
+        (None: as many rows as PROMPT_LOGIT_BYTES of logits hold)."""
+        rows = rows or max(128, PROMPT_LOGIT_BYTES // (4 * self.model.config.vocab_size))
+        for start in range(0, hidden.shape[0], rows):
+            yield start, self.model.compute_logits(hidden[start:start + rows])
 
 
 def _to_device(meta: AttentionMetadata | StepMetadata, device: torch.device) -> AttentionMetadata | StepMetadata:

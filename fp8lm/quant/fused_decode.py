@@ -47,13 +47,8 @@ class FusedFP8DecodeStack(DecodeKernel):
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, kernels: CpuKernels) -> FusedFP8DecodeStack | None:
-        """The stack, or None where some layer cannot run in it."""
-        layers = model.model.layers
-        o_proj = layers[0].self_attn.o_proj
-        if model.tp.size != 1 or not isinstance(o_proj.format, FP8Panels):
-            return None
-        fmt, eps = o_proj.format.fmt, layers[0].input_layernorm.eps
-        return cls(model, kernels) if all(_fusable(layer, fmt, eps) for layer in layers) else None
+        """The stack, or None where some layer cannot run in it (`unfused_reason` says why)."""
+        return cls(model, kernels) if unfused_reason(model) is None else None
 
     def applies(self, x: torch.Tensor, meta) -> bool:
         first = self.attentions[0]      # the runner binds every layer's caches alike
@@ -74,18 +69,44 @@ class FusedFP8DecodeStack(DecodeKernel):
                                   meta.attn_bias.reshape(meta.batch_size, -1))
 
 
-def _fusable(layer: nn.Module, fmt, eps: float) -> bool:
-    """The stack's assumptions hold for this layer; `fmt` and `eps` are the stack's, one for all layers."""
+def unfused_reason(model: LlamaForCausalLM) -> str | None:
+    """Why decode steps cannot run as one call of the whole decoder, or None where they can."""
+    layers = model.model.layers
+    o_proj = layers[0].self_attn.o_proj
+    if model.tp.size != 1:
+        return "tensor parallelism (the fused step runs on one rank)"
+    if not isinstance(o_proj.format, FP8Panels):
+        return "the Linears do not run FP8 on the CPU kernels"
+    fmt, eps = o_proj.format.fmt, layers[0].input_layernorm.eps
+    for i, layer in enumerate(layers):
+        reason = _layer_reason(layer, fmt, eps)
+        if reason is not None:
+            return f"layer {i}: {reason}"
+    return None
+
+
+def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
+    """The first of the stack's assumptions this layer breaks; `fmt` and `eps` are the stack's."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
-    return (type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
-            and attn.q_norm is None and attn.attn.sliding_window is None
-            and isinstance(attn.attn.fused_attention, FusedFP8Attention)
-            and isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj)
-            and isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj)
-            and all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj))
-            and all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj.format, mlp.down_proj.format, attn.attn.k_cache))
-            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps)
+    checks = [   # each tested only once the ones before it hold
+        (lambda: type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm,
+         "a norm other than RMSNorm"),
+        (lambda: attn.q_norm is None, "q/k norms"),
+        (lambda: attn.attn.sliding_window is None, "a sliding window"),
+        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention),
+         "its attention is not fully FP8 with per-tensor scales over an FP8 KV cache (kv_cache_dtype fp8_inc)"),
+        (lambda: isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj),
+         "q/k/v are not FP8 with one static input scale"),
+        (lambda: isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj),
+         "gate/up are not FP8 with one static input scale"),
+        (lambda: all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj)),
+         "o_proj or down_proj is not FP8 with a static input scale"),
+        (lambda: all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj.format, mlp.down_proj.format,
+                                             attn.attn.k_cache)), "its FP8 formats differ from the first layer's"),
+        (lambda: layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps, "its norms' eps differ"),
+    ]
+    return next((reason for holds, reason in checks if not holds()), None)
 
 
 def _static_kernel_linear(m: ParallelLinear) -> bool:
