@@ -97,6 +97,42 @@ def test_every_route_but_health_needs_the_key(server, path):
     assert httpx.get(f"{base}/health").status_code == 200
 
 
+def test_duplicated_keys_are_refused(server):
+    """Two Authorization headers (one right, one wrong) are ambiguous: refused whichever comes last."""
+    for pair in ([("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer wrong")],
+                 [("Authorization", "Bearer wrong"), ("Authorization", f"Bearer {KEY}")]):
+        r = httpx.get(f"{server.base_url}/v1/models", headers=httpx.Headers(pair))
+        assert r.status_code == 400 and "one Authorization" in r.text
+
+
+def test_clients_that_never_read_their_streams_stall_nobody(server):
+    """50 streams whose clients send the request and never read a byte: the others are served, and
+    the process does not grow (each stream holds one pending output, not a backlog)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 100, "stream": True, "ignore_eos": True})
+    before = rss(server)
+    sockets = []
+    for _ in range(50):
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        sockets.append(s)
+    # The ones beyond --max-waiting-requests were answered 503; the others generate into one pending
+    # output each, unread, and finish: then the server serves others at full speed.
+    deadline = time.monotonic() + 30
+    while httpx.post(f"{server.base_url}/v1/completions", headers=AUTH, timeout=10,
+                     json={"model": "tiny", "prompt": "hi", "max_tokens": 1}).status_code == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    responsive(server.base_url)
+    assert rss(server) - before < 200 << 20
+    for s in sockets:
+        s.close()
+    time.sleep(1)
+    responsive(server.base_url)
+
+
 def test_a_foreign_host_header_is_refused(server):
     """DNS rebinding: a page served from evil.example resolving to 127.0.0.1 sends its own Host."""
     r = httpx.get(f"{server.base_url}/health", headers={"Host": "evil.example"})

@@ -52,6 +52,10 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        names = [name for name, _ in scope["headers"]]
+        if names.count(b"host") > 1 or names.count(b"authorization") > 1:
+            return await error_body(400, "a request may carry one Host and one Authorization header",
+                                    "invalid_request_error")(scope, receive, send)
         headers = dict(scope["headers"])
         refusal = self._refusal(scope["path"], headers)
         if refusal is None and int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
