@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
           "float": torch.float32}
-KV_CACHE_DTYPES = ("auto", "fp8_inc")
-QUANTIZATIONS = ("inc",)
+KV_CACHE_DTYPES = ("auto", "fp8_inc", "fp8", "fp8_e4m3")   # fp8 / fp8_e4m3: vLLM's names for an FP8 cache
+QUANTIZATIONS = ("inc", "fp8")
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 DEFAULT_CHUNKED_BATCHED_TOKENS = 2048     # tokens per step (vLLM's default budget with chunked prefill)
 
@@ -102,8 +102,10 @@ class EngineConfig:
         None, f"bytes (e.g. 2GiB) or a fraction of free memory (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on "
               "the CPU, 0.8 on CUDA)")
     num_kv_blocks: int | None = option(None, "the KV cache's size in blocks (instead of --kv-cache-memory)")
-    kv_cache_dtype: str = option("auto", "auto (the model's dtype) or fp8_inc (FP8, scales from QUANT_CONFIG)")
-    quantization: str | None = option(None, "inc: FP8 with QUANT_CONFIG")
+    kv_cache_dtype: str = option("auto", "auto (the model's dtype), or an FP8 cache: fp8_inc (scales from QUANT_CONFIG), "
+                                         "fp8 / fp8_e4m3 (the same with inc; scale 1.0 with --quantization fp8)")
+    quantization: str | None = option(None, "inc: FP8 with QUANT_CONFIG (calibrated); fp8: FP8 weights per tensor and "
+                                            "inputs per token, computed at load and run time (no calibration)")
     quant_config: str | dict | None = option(None, "the QUANT_CONFIG file (default: the QUANT_CONFIG environment variable)")
     tensor_parallel_size: int = option(1, "ranks the model is sharded over (processes on this host, or torchrun's)")
     seed: int = option(0, "seed of sampling without a request seed")
@@ -136,15 +138,19 @@ class EngineConfig:
                 raise FP8LMError(f"FP8LM_ENGINE_ITERATION_TIMEOUT_S={timeout!r}: expected a number of seconds") from None
         self.quant = self._load_quant_config()
 
+    @property
+    def kv_cache_fp8(self) -> bool:
+        return self.kv_cache_dtype != "auto"
+
     def _load_quant_config(self):
-        if self.quantization is None:
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise FP8LMError(f"quantization={self.quantization!r}: allowed values are {', '.join(QUANTIZATIONS)}")
+        if self.quantization != "inc":
             if os.environ.get("QUANT_CONFIG"):
-                log.warning("QUANT_CONFIG is set but quantization is not 'inc': running unquantized")
+                log.warning("QUANT_CONFIG is set but quantization is not 'inc': it is not read")
             if self.kv_cache_dtype == "fp8_inc":
                 raise FP8LMError("kv_cache_dtype='fp8_inc' needs quantization='inc' and a QUANT_CONFIG")
             return None
-        if self.quantization not in QUANTIZATIONS:
-            raise FP8LMError(f"quantization={self.quantization!r}: allowed values are {', '.join(QUANTIZATIONS)}")
         from fp8lm.quant.config import check_stats_path_writable, load_quant_config
 
         quant = load_quant_config(self.quant_config)

@@ -23,6 +23,7 @@ from fp8lm.model.llama import TensorParallel
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.quant.checkpoint_formats import checkpoint_quantization
+from fp8lm.quant.online_fp8 import OnlineFP8
 from fp8lm.quant.measure import Measurement
 from fp8lm.quant.quantize import Quantizer
 
@@ -65,20 +66,25 @@ class ModelHost:
 
     def _make_quantizer(self):
         """A Quantizer (QUANT_CONFIG), a quantized checkpoint's reader, or None."""
-        quant = self.config.quant
+        quant, kv_fp8 = self.config.quant, self.config.kv_cache_fp8
         saved = self.model_config.raw.get("quantization_config")
         if saved is not None:
-            if quant is not None:
+            if self.config.quantization is not None:
                 raise FP8LMError(f"{self.model_path} is already quantized ({saved.get('quant_method')}); run it "
                                  "without --quantization / QUANT_CONFIG")
-            return checkpoint_quantization(self.model_path, saved, self.device, self.dtype)
+            return checkpoint_quantization(self.model_path, saved, self.device, self.dtype, kv_fp8)
+        if self.config.quantization == "fp8":
+            return OnlineFP8(self.device, self.dtype, kv_fp8)
+        if quant is None and kv_fp8:
+            raise FP8LMError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} needs quantization 'fp8' or 'inc', or an "
+                             "FP8 checkpoint")
         if quant is None or quant.mode == "MEASURE":
             return None
         if quant.mode == "LOAD":
             raise FP8LMError(f"{quant.source}: mode LOAD reloads a checkpoint written by `fp8lm quantize`: pass its "
                              f"folder as the model (no QUANT_CONFIG needed)")
         return Quantizer(quant, self.device, self.dtype, model_fingerprint(self.model_path),
-                         kv_cache_fp8=self.config.kv_cache_dtype == "fp8_inc", rank=self.rank,
+                         kv_cache_fp8=kv_fp8, rank=self.rank,
                          world_size=self.world_size)
 
     def _start_measurement(self) -> Measurement | None:

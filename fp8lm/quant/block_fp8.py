@@ -16,8 +16,11 @@ from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.fp8.numerics import fake_quant
+from fp8lm.model.layers import KVCache
 from fp8lm.model.linear import LinearFormat, ParallelLinear, copy_exact
 from fp8lm.quant.fp8_modules import FP8Format
+from fp8lm.quant.modules import replace_module
+from fp8lm.quant.online_fp8 import unit_kv_cache
 from fp8lm.quant.post_load import PostLoad, finish_quantized_model
 
 E4M3 = FP8Format(torch.float8_e4m3fn, 448.0)
@@ -84,8 +87,9 @@ class BlockFP8Checkpoint:
     """A folder with quantization_config {"quant_method": "fp8", "weight_block_size": [bn, bk],
     "activation_scheme": "dynamic"}: every Linear but those in `modules_to_not_convert` is block-FP8."""
 
-    def __init__(self, folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype,
+                 kv_cache_fp8: bool = False):
+        self.device, self.dtype, self.kv_cache_fp8 = device, dtype, kv_cache_fp8
         block, scheme = qconfig.get("weight_block_size"), qconfig.get("activation_scheme", "dynamic")
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise ModelLoadError(f"{folder}/config.json: weight_block_size {block!r}: expected [block_n, block_k]")
@@ -99,6 +103,8 @@ class BlockFP8Checkpoint:
         for name, module in list(model.named_modules()):
             if isinstance(module, ParallelLinear) and not self._kept(name):
                 make_block_fp8(module, self.block)
+            elif isinstance(module, KVCache) and self.kv_cache_fp8:
+                replace_module(model, name, unit_kv_cache())
 
     def _kept(self, name: str) -> bool:
         return any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in self.keep)

@@ -32,6 +32,7 @@ from fp8lm.quant.fp8_linear import is_fp8, quantize_linear
 from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache, FP8Matmul, FP8Softmax, set_scale
 from fp8lm.quant.post_load import PostLoad, finish_quantized_model
 from fp8lm.quant.modules import KV_CACHE, LINEAR, MATMUL, SOFTMAX, quantizable_modules, replace_module
+from fp8lm.quant.online_fp8 import unit_kv_cache
 
 SIDECAR = "fp8lm_quant.json"
 _KV_RE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.attn\.([kv])_cache$")
@@ -226,7 +227,7 @@ class CheckpointQuantization:
     """Builds the FP8 modules a compressed-tensors folder describes; scales arrive with the weights."""
 
     def __init__(self, folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype,
-                 profile: DeviceProfile = CPU):
+                 kv_cache_fp8: bool = False, profile: DeviceProfile = CPU):
         self.folder, self.qconfig, self.profile = Path(folder), qconfig, profile
         self.device, self.dtype = device, dtype
         fmt = qconfig.get("format")
@@ -238,6 +239,7 @@ class CheckpointQuantization:
         self.kv_fp8 = qconfig.get("kv_cache_scheme") is not None
         if self.kv_fp8:
             _check_kv_scheme(folder, qconfig["kv_cache_scheme"])
+        self.unit_kv_scales = kv_cache_fp8 and not self.kv_fp8
         sidecar = json.loads((self.folder / SIDECAR).read_text()) if (self.folder / SIDECAR).is_file() else {}
         self.attention = sidecar.get("attention_scales", {})
         self.bfloat16_values = sidecar.get("bfloat16_values", [])   # linears fp8lm ran with bfloat16 values
@@ -261,6 +263,8 @@ class CheckpointQuantization:
                     self._quantize_linear(name, module, group)
             elif kind is KV_CACHE and self.kv_fp8:
                 replace_module(model, name, FP8KVCache(self.fmt, torch.empty((), device="meta")))
+            elif kind is KV_CACHE and self.unit_kv_scales:
+                replace_module(model, name, unit_kv_cache())
             elif kind is MATMUL and name in self.attention:
                 s = self.attention[name]
                 replace_module(model, name, FP8Matmul(self.fmt, s["scale_a"], s["scale_b"]))

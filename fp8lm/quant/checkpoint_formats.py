@@ -16,10 +16,12 @@ READERS = {
 }
 
 
-def checkpoint_quantization(folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype):
-    """The reader of a quantized folder's format."""
+def checkpoint_quantization(folder: Path, qconfig: dict, device: torch.device, dtype: torch.dtype,
+                            kv_cache_fp8: bool = False):
+    """The reader of a quantized folder's format. `kv_cache_fp8`: an FP8 KV cache is asked for (a
+    folder without KV scales then gets scale 1.0, as vLLM gives it)."""
     reader = READERS.get(qconfig.get("quant_method"))
     if reader is None:
         raise ModelLoadError(f"{folder}/config.json: quant_method {qconfig.get('quant_method')!r} is not supported; "
                              f"fp8lm reads {', '.join(READERS)}")
-    return reader(folder, qconfig, device, dtype)
+    return reader(folder, qconfig, device, dtype, kv_cache_fp8)
