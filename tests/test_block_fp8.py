@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
-from fp8lm import LLM
+from fp8lm import LLM, SamplingParams
 from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.quant.block_fp8 import BlockFP8Linear, quantize_blocks, save_block_fp8
 
@@ -74,17 +74,59 @@ def reference_logits(src, folder, tokens) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0, :-1].float()
 
 
-def test_block_fp8_folder_runs_as_the_reference_computes_it(folders):
+def load(folder, **kw):
+    return LLM(str(folder), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20, **kw)
+
+
+def test_block_fp8_folder_runs_as_the_reference_computes_it(folders, monkeypatch):
+    """The reference path (no CPU kernels) against transformers with the folder's dequantized blocks
+    and torch's float8 casts of each input group: the same FP8 values, only float32 summation order
+    separates them (measured 1.4e-6 of logits up to 3.8; a flipped FP8 rounding moves a logit ~1e-2)."""
+    from fp8lm.fp8 import cpu_kernels as ck
+
     src, folder = folders
-    llm = LLM(str(folder), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20)
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
+    llm = load(folder)
     q = llm.engine.host.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q.format, BlockFP8Linear) and q.weight.dtype == torch.float8_e4m3fn   # 1 byte at rest
+    assert type(q.format) is BlockFP8Linear and q.weight.dtype == torch.float8_e4m3fn   # 1 byte at rest
     ours, ref = llm.engine.score(TOKENS), reference_logits(src, folder, TOKENS)
-    plain = LLM(str(src), max_model_len=64, skip_warmup=True, kv_cache_memory=1 << 20).engine.score(TOKENS)
-    # The same FP8 values: only float32 summation order separates the two (measured 1.4e-6 of
-    # logits up to 3.8; a flipped FP8 rounding would move a logit by ~1e-2).
+    plain = load(src).engine.score(TOKENS)
     assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
     assert (plain - ref).abs().max() > 10 * (ours - ref).abs().max()      # FP8 itself is visible
+
+
+@pytest.mark.skipif(__import__("fp8lm.fp8.cpu_kernels", fromlist=["x"]).cpu_kernels() is None,
+                    reason="the CPU kernels' block path")
+def test_the_kernels_block_path_equals_the_reference_linear_by_linear(folders, monkeypatch):
+    """Each Linear on the CPU kernels (one W8A8 call per block column, 1 byte per weight) against the
+    reference format on the same inputs: the same FP8 casts of the same values, so float32 summation
+    order is all that differs. End to end the two paths then part only where such a difference puts
+    an activation on the other side of an FP8 rounding boundary: the same greedy tokens."""
+    from fp8lm.fp8 import cpu_kernels as ck
+    from fp8lm.quant.block_fp8 import BlockFP8Panels
+
+    _, folder = folders
+    fast = load(folder)
+    kernels = ck.cpu_kernels
+    monkeypatch.setattr(ck, "cpu_kernels", lambda: None)
+    slow = load(folder)
+    monkeypatch.setattr(ck, "cpu_kernels", kernels)
+    fast_modules = dict(fast.engine.host.model.named_modules())
+    g = torch.Generator().manual_seed(1)
+    compared = 0
+    for name, m in slow.engine.host.model.named_modules():
+        if isinstance(getattr(m, "format", None), BlockFP8Linear):
+            k = fast_modules[name]
+            assert isinstance(k.format, BlockFP8Panels) and k.weight.is_meta
+            x = torch.randn(7, m.in_features, generator=g) * torch.logspace(-2, 2, 7)[:, None]
+            want, got = m(x), k(x)
+            assert float((got - want).norm() / want.norm()) < 1e-6, name
+            compared += 1
+    assert compared == 2 * 7
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [TOKENS[:9], TOKENS[5:30]]
+    assert [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in slow.generate(prompts, params, use_tqdm=False)]
 
 
 def test_what_a_block_fp8_folder_cannot_be_is_refused(folders, tmp_path):

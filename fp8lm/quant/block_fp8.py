@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
+from fp8lm.fp8.cpu_kernels import CpuKernels, kernel_col_scale, kernels_for, pack_panels, unpack_panels
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.model.layers import KVCache
 from fp8lm.model.linear import LinearFormat, ParallelLinear, copy_exact
@@ -66,12 +67,66 @@ class BlockFP8Linear(LinearFormat):
         y = F.linear(xq, self.dense_weight(layer)).to(dtype).reshape(*shape[:-1], layer.out_features)
         return y if bias is None else y + bias
 
+    def prepare(self, layer, device, dtype):
+        """On the CPU kernels: `BlockFP8Panels`; elsewhere this reference path."""
+        kernels = kernels_for(device)
+        if kernels is None:
+            return self
+        groups = _runs(layer.block_cols.tolist())
+        panels = [pack_panels(layer.weight.detach()[:, start:end]) for start, end, _ in groups]
+        cols = [kernel_col_scale(layer.weight_scale_inv[layer.block_rows, g], layer.out_features, self.fmt.dtype)
+                for _, _, g in groups]
+        layer.release_weight()
+        return BlockFP8Panels((self.block_n, self.block_k), kernels, [(s, e) for s, e, _ in groups], panels, cols)
+
+    def fp8_weight(self, layer) -> torch.Tensor:
+        return layer.weight.detach()
+
     def dense_weight(self, layer):
         scales = layer.weight_scale_inv[layer.block_rows][:, layer.block_cols]
-        return layer.weight.float() * scales
+        return self.fp8_weight(layer).float() * scales
 
     def describe(self) -> str:
         return f"block-FP8 {self.block_n}x{self.block_k}, dynamic 1x{self.block_k} inputs"
+
+
+class BlockFP8Panels(BlockFP8Linear):
+    """The CPU kernels, one W8A8 call per block column of W (its FP8 panels, each output row's block
+    scale, each token's group scale), the calls' float32 results summed: 1 byte per weight."""
+
+    def __init__(self, block: tuple[int, int], kernels: CpuKernels, groups: list[tuple[int, int]],
+                 panels: list[torch.Tensor], col_scales: list[torch.Tensor]):
+        super().__init__(block)
+        self.kernels, self.groups, self.panels, self.col_scales = kernels, groups, panels, col_scales
+
+    def apply(self, layer, x, bias):
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1]).float()
+        y = None
+        for (start, end), packed, col in zip(self.groups, self.panels, self.col_scales):
+            group = x[:, start:end].contiguous()
+            scale = (group.abs().amax(dim=1) / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)
+            part = self.kernels.linear(group, packed, layer.out_features, self.fmt.dtype, col, scale, 1 / scale,
+                                       self.fmt.limit)
+            y = part if y is None else y + part
+        y = y.to(dtype).reshape(*shape[:-1], layer.out_features)
+        return y if bias is None else y + bias
+
+    def fp8_weight(self, layer) -> torch.Tensor:
+        return torch.cat([unpack_panels(p, layer.out_features, self.fmt.dtype) for p in self.panels], dim=1)
+
+    def describe(self) -> str:
+        return super().describe() + f", cpu-{self.kernels.isa}"
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, value) of each run of equal consecutive values."""
+    runs, start = [], 0
+    for i in range(1, len(indices) + 1):
+        if i == len(indices) or indices[i] != indices[start]:
+            runs.append((start, i, indices[start]))
+            start = i
+    return runs
 
 
 def make_block_fp8(layer: ParallelLinear, block: tuple[int, int]) -> None:
