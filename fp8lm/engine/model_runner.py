@@ -16,7 +16,7 @@ from fp8lm.quant.fused_ops import HookWatch
 # Prompt logits (prompt_logprobs) are computed in blocks of rows of at most this many bytes of float32
 # logits (at least 128 rows): a 2,048-token chunk's are never [chunk, vocabulary] at once, and blocks
 # stay large enough that the LM head's weights are not re-read for a few rows at a time.
-PROMPT_LOGIT_BYTES = 256 << 20
+PROMPT_LOGIT_BYTES = 64 << 20
 
 
 @dataclass
