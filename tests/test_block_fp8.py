@@ -149,3 +149,20 @@ def test_what_a_block_fp8_folder_cannot_be_is_refused(folders, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="quant_method 'awq' is not supported; fp8lm reads compressed-tensors, fp8"):
         LLM(str(bad), max_model_len=64, skip_warmup=True)
+
+
+def test_transformers_reads_a_block_fp8_folder_fp8lm_wrote(tmp_path):
+    """transformers' own loader (which dequantizes block-FP8 on a CPU) reads the folder, and its
+    weights are the folder's blocks times their scales (to bfloat16 rounding where it dequantizes
+    through bfloat16: 2^-8 relative)."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llama(tmp_path / "src", hidden_size=128, intermediate_size=256)
+    folder = save_block_fp8(src, tmp_path / "block", (128, 128))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tensors = load_file(folder / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        q, s = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"]
+        ours = q.float() * expand(s, q.shape, (128, 128))
+        theirs = model.get_submodule(name).weight.float()
+        assert ((theirs - ours).abs() <= 2.0 ** -8 * ours.abs()).all(), name
