@@ -25,6 +25,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FP8LM_CACHE") or Path.home() / ".cache" / "fp8lm")
 
 
+def make_dirs(path: Path) -> None:
+    """mkdir -p, the folders it creates readable by all and writable by this user only (whatever the
+    umask: `check_private` trusts nothing others can write)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in missing:
+        os.chmod(folder, 0o755)
+
+
 def check_private(path: Path, what: str) -> None:
     """Refuses to use `path` (a cached model folder, built code) unless this user owns it and nobody
     else may write to it: fp8lm would otherwise load code or weights that another user planted."""

@@ -176,7 +176,7 @@ def _requested_isa() -> str:
 def _build(cache: Path):
     from torch.utils import cpp_extension
 
-    from fp8lm.files import check_private
+    from fp8lm.files import check_private, make_dirs
 
     if shutil.which("ninja") is None:
         # cpp_extension runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this
@@ -191,15 +191,16 @@ def _build(cache: Path):
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
         log.info("compiling the CPU FP8 kernels into %s (once, about 30 s)", build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(build_dir)
     # Compiled from a copy inside the build folder: ninja rebuilds when a source's path changes, and
     # a checkout and an installed wheel (the same sources elsewhere) would rebuild each other's .so.
     sources = build_dir / "src"
-    sources.mkdir(exist_ok=True)
+    make_dirs(sources)
     for s in _SOURCES:
         if not (sources / s).is_file():
             tmp = sources / f".{s}.{os.getpid()}"
             shutil.copyfile(_CSRC / s, tmp)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, sources / s)
     start = time.perf_counter()
     # -fopenmp makes at::parallel_for use torch's thread pool (the libgomp torch has loaded).
@@ -208,6 +209,8 @@ def _build(cache: Path):
     module = cpp_extension.load(name, [str(sources / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
                                 extra_ldflags=["-fopenmp"], extra_include_paths=[str(sources)],
                                 build_directory=str(build_dir), verbose=False)
+    for built in build_dir.glob("*.so"):
+        os.chmod(built, 0o755)          # as the umask left it, a group could write it: checked next time
     return module, (time.perf_counter() - start if fresh else None)
 
 

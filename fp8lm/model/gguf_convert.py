@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp8lm.errors import ModelLoadError
-from fp8lm.files import check_private
+from fp8lm.files import check_private, make_dirs
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -152,7 +152,7 @@ def convert_gguf(path: Path, dest: Path) -> Path:
         raise ModelLoadError(f"{path}: no such GGUF file")
     reader = open_gguf(path)
     cfg = gguf_config(reader, path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         save_file(gguf_tensors(reader, cfg, path), str(tmp / "model.safetensors"), metadata={"format": "pt"})
