@@ -169,9 +169,9 @@ class LLMEngine:
                 for i in range(params.n)]
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params.structured_outputs)
-        grammars = [None] * len(seqs) if grammar is None else GrammarBackend.matchers(grammar, params.n)
-        for seq, grammar in zip(seqs, grammars):
-            self.output_processor.start(seq, grammar)
+        matchers = [None] * len(seqs) if grammar is None else GrammarBackend.matchers(grammar, params.n)
+        for seq, matcher in zip(seqs, matchers):
+            self.output_processor.start(seq, matcher)
         request = Request(request_id, text, token_ids, params, seqs, arrival_time=time.monotonic())
         self.requests[request_id] = request
         for seq in seqs:

@@ -19,13 +19,10 @@ from fp8lm.fp8.cpu_kernels import CpuKernels, kernel_col_scale, kernels_for, pac
 from fp8lm.fp8.numerics import fake_quant
 from fp8lm.model.layers import KVCache
 from fp8lm.model.linear import LinearFormat, ParallelLinear, copy_exact
-from fp8lm.quant.fp8_modules import FP8Format
+from fp8lm.quant.fp8_modules import E4M3, FP8Format
 from fp8lm.quant.modules import replace_module
 from fp8lm.quant.online_fp8 import unit_kv_cache
 from fp8lm.quant.post_load import PostLoad, finish_quantized_model
-
-E4M3 = FP8Format(torch.float8_e4m3fn, 448.0)
-
 
 class BlockFP8Linear(LinearFormat):
     def __init__(self, block: tuple[int, int], fmt: FP8Format = E4M3):
@@ -62,10 +59,14 @@ class BlockFP8Linear(LinearFormat):
         # Per token, the largest magnitude of each group of block_k input features.
         maxabs = torch.zeros(x.shape[0], int(groups[-1]) + 1, device=x.device).scatter_reduce_(
             1, groups.expand(x.shape[0], -1), x.abs(), "amax")
-        scale = (maxabs / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)[:, groups]
+        scale = self.group_scale(maxabs)[:, groups]
         xq = fake_quant(x, 1 / scale, self.fmt.dtype, self.fmt.limit) * scale
         y = F.linear(xq, self.dense_weight(layer)).to(dtype).reshape(*shape[:-1], layer.out_features)
         return y if bias is None else y + bias
+
+    def group_scale(self, maxabs: torch.Tensor) -> torch.Tensor:
+        """An input group's scale from its largest magnitude (onto the format's full range)."""
+        return (maxabs / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)
 
     def prepare(self, layer, device, dtype):
         """On the CPU kernels: `BlockFP8Panels`; elsewhere this reference path."""
@@ -105,7 +106,7 @@ class BlockFP8Panels(BlockFP8Linear):
         y = None
         for (start, end), packed, col in zip(self.groups, self.panels, self.col_scales):
             group = x[:, start:end].contiguous()
-            scale = (group.abs().amax(dim=1) / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)
+            scale = self.group_scale(group.abs().amax(dim=1))
             part = self.kernels.linear(group, packed, layer.out_features, self.fmt.dtype, col, scale, 1 / scale,
                                        self.fmt.limit)
             y = part if y is None else y + part

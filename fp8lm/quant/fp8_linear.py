@@ -92,7 +92,7 @@ class FP8Linear(LinearFormat):
                                None if layer.input_scale is None else kernel_input_scales(layer.input_scale))
             layer.release_weight()
             return panels
-        w = layer.weight.float() * torch.as_tensor(layer.weight_scale, dtype=torch.float32, device=layer.weight.device)
+        w = self._compute_weight(layer)
         onednn = device.type == "cpu" and torch.backends.mkldnn.is_available()
         return FP8Emulated(self._scheme(), torch.ops.mkldnn._reorder_linear_weight(w, 32) if onednn else w, onednn)
 
@@ -111,7 +111,11 @@ class FP8Linear(LinearFormat):
 
     def _matmul(self, layer: ParallelLinear, x: torch.Tensor, s_in) -> torch.Tensor:
         xq = fake_quant(x, inverse(s_in), self.fmt.dtype, self.fmt.limit)
-        return (F.linear(xq, self._compute_weight(layer)) * s_in).to(x.dtype)
+        return (self._product(layer, xq) * s_in).to(x.dtype)
+
+    def _product(self, layer: ParallelLinear, xq: torch.Tensor) -> torch.Tensor:
+        """The FP8 values of x (float32) times the dequantized W."""
+        return F.linear(xq, self._compute_weight(layer))
 
     def _compute_weight(self, layer: ParallelLinear) -> torch.Tensor:
         return layer.weight.float() * torch.as_tensor(layer.weight_scale, dtype=torch.float32, device=layer.weight.device)
@@ -147,13 +151,10 @@ class FP8Emulated(FP8Linear):
         self.compute_weight, self.onednn = compute_weight, onednn
         self.backend = "emulated-onednn" if onednn else "emulated"
 
-    def _matmul(self, layer, x, s_in):
-        xq = fake_quant(x, inverse(s_in), self.fmt.dtype, self.fmt.limit)
+    def _product(self, layer, xq):
         if self.onednn:
-            y = torch.ops.mkldnn._linear_pointwise(xq, self.compute_weight, None, "none", [], "")
-        else:
-            y = F.linear(xq, self.compute_weight)
-        return (y * s_in).to(x.dtype)
+            return torch.ops.mkldnn._linear_pointwise(xq, self.compute_weight, None, "none", [], "")
+        return F.linear(xq, self.compute_weight)
 
 
 class FP8Panels(FP8Linear):

@@ -25,6 +25,9 @@ class FP8Format:
     scale_format: str = "SCALAR"
 
 
+E4M3 = FP8Format(torch.float8_e4m3fn, 448.0)     # OCP E4M3 at its full range (vLLM's FP8, block-FP8)
+
+
 def set_scale(module: nn.Module, name: str, value, fmt: FP8Format) -> None:
     t = torch.as_tensor(value, dtype=torch.float32)
     if name in module._buffers:

@@ -15,12 +15,11 @@ from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.model.layers import KVCache
 from fp8lm.model.linear import LMHead, ParallelLinear
 from fp8lm.quant.fp8_linear import quantize_linear
-from fp8lm.quant.fp8_modules import FP8Format, FP8KVCache
+from fp8lm.quant.fp8_modules import E4M3, FP8KVCache
 from fp8lm.quant.modules import replace_module
 from fp8lm.quant.post_load import PostLoad, finish_quantized_model
 
 log = logging.getLogger(__name__)
-E4M3 = FP8Format(torch.float8_e4m3fn, 448.0)
 PER_TENSOR = ScaleSpec()                                      # amax / 448, exact
 PER_TOKEN = ScaleSpec(granularity="PCS", rounding="IDENTITY", dynamic=True)
 KV_SCALE = 1.0

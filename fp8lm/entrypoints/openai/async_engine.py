@@ -205,12 +205,13 @@ class AsyncEngine:
         self._sinks.clear()
 
     # ---- the asyncio side -------------------------------------------------------------------
-    def _off_loop(self, fn, *args) -> asyncio.Future:
+    def off_loop(self, fn, *args) -> asyncio.Future:
+        """fn(*args) on the server's workers (tokenizing, rendering chats, compiling grammars)."""
         return asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
 
     async def _compile(self, params: SamplingParams):
         try:
-            return await asyncio.wait_for(self._off_loop(self.engine.compile_grammar, params.structured_outputs),
+            return await asyncio.wait_for(self.off_loop(self.engine.compile_grammar, params.structured_outputs),
                                           GRAMMAR_COMPILE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise SamplingParamsError("structured_outputs", f"its grammar took longer than "
@@ -223,7 +224,7 @@ class AsyncEngine:
             raise EngineDeadError(self.public_error)
         if isinstance(prompt, str):
             add_special = kwargs.pop("add_special_tokens", True)
-            prompt, kwargs = await self._off_loop(self.engine.tokenize, prompt, add_special), {**kwargs, "prompt_text": prompt}
+            prompt, kwargs = await self.off_loop(self.engine.tokenize, prompt, add_special), {**kwargs, "prompt_text": prompt}
         if params.structured_outputs is not None:
             kwargs = {**kwargs, "grammar": await self._compile(params)}
         sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)

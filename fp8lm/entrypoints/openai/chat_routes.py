@@ -1,7 +1,6 @@
 """/v1/chat/completions: the chat template, tool calling (parsed or grammar-forced), streaming."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -73,8 +72,8 @@ async def render_chat(state: ServingState, tok, messages: list[dict], add_genera
                       tools: list[dict] | None = None) -> tuple[str, list[int]]:
     """The conversation through the chat template, and its token ids, off the event loop."""
     try:
-        return await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt, tools,
-                                       state.limits.chat_special_tokens)
+        return await state.engine.off_loop(tok.encode_chat, messages, add_generation_prompt, tools,
+                                           state.limits.chat_special_tokens)
     except (UnicodeError, ValueError, TypeError) as e:
         raise APIError(400, f"messages: cannot be tokenized ({type(e).__name__})", param="messages") from None
     except Exception as e:  # jinja errors (e.g. roles that must alternate) are the client's

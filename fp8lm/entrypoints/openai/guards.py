@@ -65,7 +65,8 @@ class GuardMiddleware:
         body, more = await self._read_body(receive)
         if body is None:
             return await self._too_large()(scope, receive, send)
-        return await self.app(scope, _replay(body, receive) if more is None else more, send)
+        whole = {"type": "http.request", "body": body, "more_body": False}
+        return await self.app(scope, _replay_then(whole, receive) if more is None else more, send)
 
     def _refusal(self, path: str, headers: dict):
         allowed = self.access.allowed_hosts
@@ -96,20 +97,8 @@ class GuardMiddleware:
                 return b"".join(chunks), None
 
 
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def again():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-    return again
-
-
 def _replay_then(message: dict, receive):
-    """A receive that gives `message` (a disconnect before the body ended) first."""
+    """A receive that gives `message` first (the whole body, or a disconnect before it ended)."""
     pending = [message]
 
     async def again():

@@ -1,8 +1,6 @@
 """vLLM's /tokenize and /detokenize: the server's own tokenizer (and chat template) on demand."""
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,7 +45,7 @@ def add_tokenize_routes(app: FastAPI, state: ServingState) -> None:
                                        body.add_generation_prompt)
         else:
             try:
-                ids = await asyncio.to_thread(state.engine.engine.tokenize, body.prompt, body.add_special_tokens)
+                ids = await state.engine.off_loop(state.engine.engine.tokenize, body.prompt, body.add_special_tokens)
             except SamplingParamsError as e:
                 raise APIError(400, str(e), param="prompt") from None
         return {"count": len(ids), "max_model_len": state.engine.engine.max_model_len, "tokens": ids,
