@@ -213,6 +213,18 @@ def test_bad_flags_fail_before_listening(tmp_path):
     assert r.returncode == 2
 
 
+@pytest.mark.parametrize("flag,value,named", [("--max-waiting-requests", "-1", "max-waiting-requests"),
+                                              ("--header-timeout-s", "0", "header-timeout-s"),
+                                              ("--max-request-body-bytes", "0", "max-request-body-bytes")])
+def test_bad_server_bounds_fail_before_listening(tiny_model, flag, value, named):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fp8lm", "serve", str(tiny_model), flag, value], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and named in r.stderr and "Uvicorn running" not in r.stderr
+
+
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
     """Fuzzes every operation of the server's own OpenAPI schema (bounded, to fit CI)."""
     import shutil

@@ -235,6 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     waiting = args.max_waiting_requests if args.max_waiting_requests is not None else 16 * config.max_num_seqs
     if args.max_request_body_bytes < 1 or not args.header_timeout_s > 0:
         raise FP8LMError("--max-request-body-bytes and --header-timeout-s must be positive")
+    if waiting < 0:
+        raise FP8LMError(f"--max-waiting-requests {waiting}: a number of sequences, or 0 for unbounded")
     limits = ServerLimits(max_body_bytes=args.max_request_body_bytes, max_waiting_sequences=waiting or None,
                           header_timeout_s=args.header_timeout_s, chat_special_tokens=args.chat_special_tokens)
     run_server(config, args.host, args.port, args.served_model_name or args.model, access, limits,
