@@ -56,8 +56,8 @@ def make_tiny(folder: Path, model_type: str, seed: int = 0, tokenizer: bool = Tr
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+            if "norm" in name:       # effective scales 0.5..1.5 (Gemma's norms scale by 1 + weight)
+                p.uniform_(0.5, 1.5).sub_(1.0 if model_type.startswith("gemma") else 0.0)
             elif name.endswith("bias"):
                 p.uniform_(-0.5, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

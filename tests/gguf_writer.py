@@ -17,7 +17,11 @@ _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down"}
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# Gemma 3: llama.cpp's names for its four norms per layer (ffn_norm is the MLP's input norm).
+_GEMMA_NAMES = {**_NAMES, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+        "gemma3_text": "gemma3"}
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -53,12 +57,14 @@ def write_gguf(folder: Path, path: Path) -> Path:
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)          # Gemma 3: the global layers' base
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     w.add_rope_dimension_count(head_dim)
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch == "phi3" and cfg.get("sliding_window"):
+    if arch in ("phi3", "gemma3") and cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
     tokens, types, merges = _vocabulary(arch)
     w.add_tokenizer_model("gpt2" if arch in ("qwen2", "qwen3") else "llama")
@@ -78,8 +84,10 @@ def write_gguf(folder: Path, path: Path) -> Path:
             gname = f"{_GLOBAL[module]}.{suffix}"
         else:
             layer, local = module.split(".", 3)[2], module.split(".", 3)[3]
-            gname = f"blk.{layer}.{_NAMES[local]}.{suffix}"
+            gname = f"blk.{layer}.{(_GEMMA_NAMES if arch == 'gemma3' else _NAMES)[local]}.{suffix}"
         a = t.to(torch.float32).numpy()
+        if arch == "gemma3" and module.endswith("norm"):
+            a = a + 1.0                     # llama.cpp stores Gemma's norms as 1 + weight
         if arch == "llama" and module.endswith("q_proj") and suffix == "weight":
             a = _permute(a, heads)
         elif arch == "llama" and module.endswith("k_proj") and suffix == "weight":

@@ -13,7 +13,7 @@ def full_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tens
     for attn in model.attention_layers():
         shape = (attn.num_kv_heads, num_blocks, block_size, attn.head_dim)
         attn.bind_cache(torch.zeros(shape), torch.zeros(shape))
-    model.rotary.build_cache(max(n, 2), torch.device("cpu"), torch.float32)
+    model.model.build_rope_caches(max(n, 2), torch.device("cpu"), torch.float32)
     pos = torch.arange(n)
     padded = num_blocks * block_size
     def metadata(window=None):

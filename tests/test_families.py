@@ -1,4 +1,4 @@
-"""Qwen2, Qwen3, Mistral and Phi-3 (and Llama) against transformers on tiny random models saved by
+"""Qwen2, Qwen3, Mistral, Phi-3 and Gemma 3 (and Llama) against transformers on tiny random models saved by
 transformers: logits, greedy generation, tensor parallelism, sliding windows, GGUF, FP8."""
 import pytest
 import torch
@@ -16,6 +16,11 @@ FAMILIES = {
     "qwen3": dict(head_dim=24, use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "mistral": dict(sliding_window=8),
     "phi3": dict(sliding_window=8),
+    # Layer 0 windowed, each layer type its own rotary base; attention scaled by 24 ** -0.5, not head_dim's.
+    "gemma3_text": dict(head_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                        query_pre_attn_scalar=24, tie_word_embeddings=True),
 }
 PROMPT = torch.randint(3, 98, (40,), generator=torch.Generator().manual_seed(1)).tolist()
 
@@ -49,10 +54,16 @@ def test_family_options_are_read(family):
     name, folder, _ = family
     config = ModelConfig.from_folder(folder)
     expected = {"qwen2": (True, False, False, (None, 8)), "qwen3": (False, False, True, (None, 8)),
-                "mistral": (False, False, False, (8, 8)), "phi3": (False, False, False, (8, 8))}[name]
+                "mistral": (False, False, False, (8, 8)), "phi3": (False, False, False, (8, 8)),
+                "gemma3_text": (False, False, True, (8, None))}[name]
     assert (config.qkv_bias, config.o_bias, config.qk_norm, config.layer_windows) == expected
     if name == "qwen3":
         assert config.head_dim == 24 != config.hidden_size // config.num_attention_heads
+    gemma = name == "gemma3_text"
+    assert (config.norm_adds_one, config.sandwich_norms, config.activation) == (gemma, gemma, "gelu_tanh" if gemma else "silu")
+    if gemma:
+        assert (config.rope_theta, config.local_rope_theta, config.attn_scale) == (10000.0, 100.0, 24 ** -0.5)
+        assert config.embed_scale == 64 ** 0.5 and config.tie_word_embeddings
 
 
 def greedy(llm, n=20):
@@ -185,7 +196,11 @@ def test_fp8_tensor_parallel(family, tmp_path):
 
 # Without windows: llama.cpp runs qwen2 and llama-architecture (Mistral) GGUFs with full attention.
 GGUF_FAMILIES = {"llama": {}, "qwen2": {}, "qwen3": dict(head_dim=24), "mistral": dict(sliding_window=None),
-                 "phi3": dict(sliding_window=8)}
+                 "phi3": dict(sliding_window=8),
+                 # llama.cpp's fixed Gemma 3 settings: every 6th layer global, local rotary base 10,000,
+                 # scores scaled by head_dim ** -0.5.
+                 "gemma3_text": dict(head_dim=32, sliding_window=8, num_hidden_layers=6, query_pre_attn_scalar=32,
+                                     tie_word_embeddings=True)}
 
 
 @pytest.mark.parametrize("model_type", GGUF_FAMILIES)

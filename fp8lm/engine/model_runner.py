@@ -35,7 +35,7 @@ class ModelRunner:
         self.channel = channel
         self.block_size, self.num_blocks = block_size, num_blocks
         self.windows = sorted({w for w in model.config.layer_windows if w is not None})
-        model.rotary.build_cache(max_model_len, device, dtype)
+        model.model.build_rope_caches(max_model_len, device, dtype)
         self._allocate_kv_cache(num_blocks + (1 if decode_graph_buckets else 0))
         self.graphs = None
         if decode_graph_buckets:

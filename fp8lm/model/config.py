@@ -7,7 +7,7 @@ from typing import Any
 
 from fp8lm.errors import ModelLoadError
 from fp8lm.files import read_json
-from fp8lm.model.families import FAMILIES, Family, check_family_options, family_of
+from fp8lm.model.families import FAMILIES, Family, activation, check_family_options, family_of
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -35,6 +35,14 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     layer_windows: tuple[int | None, ...] = ()     # per layer: sliding window, or None (full attention)
+    activation: str = "silu"                        # the MLP's gate: silu or gelu_tanh (GeGLU)
+    attn_scale: float | None = None                 # scores' scale; None: head_dim ** -0.5
+    # Gemma 3: norms scale by 1 + weight and also follow attention and MLP; embeddings are scaled;
+    # windowed layers rotate with their own base (and without the global layers' rope_scaling).
+    norm_adds_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float | None = None
+    local_rope_theta: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -49,7 +57,7 @@ class ModelConfig:
             layers = int(cfg["num_hidden_layers"])
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
-            rope_theta, rope_scaling = _rope_settings(cfg)
+            rope_theta, rope_scaling, local_theta = _rope_settings(cfg, family, source)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
@@ -63,7 +71,7 @@ class ModelConfig:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.gemma)),
                 rope_scaling=rope_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
@@ -73,6 +81,12 @@ class ModelConfig:
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=family.qk_norm,
                 layer_windows=family.layer_windows(cfg, layers),
+                activation=activation(family, cfg, source),
+                attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if family.gemma else None,
+                norm_adds_one=family.gemma,
+                sandwich_norms=family.gemma,
+                embed_scale=hidden ** 0.5 if family.gemma else None,
+                local_rope_theta=local_theta,
                 raw=dict(cfg),
             )
         except KeyError as e:
@@ -102,9 +116,23 @@ class ModelConfig:
                 f"allowed: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
-def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    # transformers 5 writes rope_parameters; older configs rope_theta + rope_scaling.
+def _rope_settings(cfg: dict[str, Any], family: Family, source: str) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(theta, scaling) of the global layers, and Gemma's windowed layers' theta."""
     params = cfg.get("rope_parameters")
+    if not family.gemma:
+        return (*_global_rope(cfg, params), None)
+    if isinstance(params, dict) and "full_attention" in params:      # transformers 5: one entry per layer type
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{source}: rope scaling on sliding-window layers is not supported")
+        theta, scaling = _global_rope({"rope_theta": 1_000_000.0}, params["full_attention"])
+        return theta, scaling, float(local.get("rope_theta", 10_000.0))
+    theta, scaling = _global_rope({"rope_theta": 1_000_000.0, **cfg}, params)
+    return theta, scaling, float(cfg.get("rope_local_base_freq", 10_000.0))
+
+
+def _global_rope(cfg: dict[str, Any], params) -> tuple[float, dict[str, Any] | None]:
+    # transformers 5 writes rope_parameters; older configs rope_theta + rope_scaling.
     if isinstance(params, dict):
         theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

@@ -1,9 +1,11 @@
 """The decoder families fp8lm runs, as the few ways they differ from Llama, read from an HF config.
 
 Every family is the same decoder (model/llama.py) with options: bias on q/k/v (and on o), per-head
-RMSNorm on q and k, an explicit head_dim, sliding-window attention per layer, and checkpoints that
+RMSNorm on q and k, an explicit head_dim, sliding-window attention per layer, checkpoints that
 store q/k/v or gate/up as one fused tensor (split on load, fused again on export, so module and
-measurement names stay per projection as INC's are).
+measurement names stay per projection as INC's are), and Gemma 3's layout (GeGLU, norms that scale
+by 1 + weight before and after attention and MLP, scaled embeddings, its own attention scale and a
+second rotary base for its sliding-window layers).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ class Family:
     model_type: str
     differences: str                       # for the README's status table and error messages
     fused_checkpoint: bool = False         # qkv_proj / gate_up_proj tensors (Phi-3)
-    qk_norm: bool = False                  # q_norm / k_norm over head_dim before rotary (Qwen3)
+    qk_norm: bool = False                  # q_norm / k_norm over head_dim before rotary (Qwen3, Gemma 3)
+    gemma: bool = False                    # Gemma 3's layout (see the module docstring)
 
     def qkv_bias(self, cfg: dict[str, Any]) -> bool:
         if self.model_type == "qwen2":
@@ -43,7 +46,16 @@ class Family:
                 return tuple(int(window) if t == "sliding_attention" else None for t in types)
         if self.model_type == "llama":
             window = None
+        if self.gemma and window is not None:
+            types = cfg.get("layer_types") or _gemma_layer_types(cfg, num_layers)
+            return tuple(int(window) if t == "sliding_attention" else None for t in types)
         return (None if window is None else int(window),) * num_layers
+
+
+def _gemma_layer_types(cfg: dict[str, Any], num_layers: int) -> list[str]:
+    # Older Gemma 3 configs give a period instead: every `sliding_window_pattern`-th layer is global.
+    period = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(num_layers)]
 
 
 FAMILIES = {f.architecture: f for f in (
@@ -53,6 +65,8 @@ FAMILIES = {f.architecture: f for f in (
     Family("MistralForCausalLM", "mistral", "Llama's layout; sliding_window (null or e.g. 4096)"),
     Family("Phi3ForCausalLM", "phi3", "fused qkv_proj and gate_up_proj tensors in the checkpoint; sliding window",
            fused_checkpoint=True),
+    Family("Gemma3ForCausalLM", "gemma3_text", "GeGLU; (1 + w) RMSNorms before and after attention and MLP; "
+           "q/k norms; scaled embeddings; sliding-window layers with their own rotary base", qk_norm=True, gemma=True),
 )}
 _BY_TYPE = {f.model_type: f for f in FAMILIES.values()}
 
@@ -78,11 +92,25 @@ def family_of(cfg: dict[str, Any], source: str) -> Family:
                          f"fp8lm runs {', '.join(FAMILIES)}")
 
 
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}     # config name -> the MLP's gate
+
+
+def activation(family: Family, cfg: dict[str, Any], source: str) -> str:
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if family.gemma else "silu")
+    if act not in ACTIVATIONS:
+        raise ModelLoadError(f"{source}: hidden activation {act!r} is not supported; fp8lm's MLP gates with "
+                             f"{' or '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
 def check_family_options(family: Family, cfg: dict[str, Any], source: str) -> None:
     """Options of a supported family that the decoder does not implement are refused by name."""
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported; fp8lm's MLP is SiLU-gated")
+    activation(family, cfg, source)
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ModelLoadError(f"{source}: {key}={cfg[key]} is not supported (Gemma 2's soft-capping)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{source}: use_bidirectional_attention is not supported; fp8lm's decoder is causal")
     rope = cfg.get("rope_parameters") or {}
     partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
     if partial != 1.0:

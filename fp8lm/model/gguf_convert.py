@@ -1,9 +1,11 @@
-"""Convert a llama.cpp GGUF file (architectures llama, qwen2, qwen3, phi3) into an HF-style folder.
+"""Convert a llama.cpp GGUF file (architectures llama, qwen2, qwen3, phi3, gemma3) into an HF-style folder.
 
 Weights are dequantized to float32. For `llama` q/k are un-permuted (llama.cpp's converter
-interleaves the rotary halves of each head; HF keeps them split); qwen2, qwen3 and phi3 are stored
+interleaves the rotary halves of each head; HF keeps them split); the others are stored
 unpermuted (llama.cpp runs them with NeoX-style rotary). Phi-3's fused attn_qkv and ffn_up (gate
-and up) stay fused, under HF's names, as in a Phi-3 checkpoint. The folder is built next to its destination and
+and up) stay fused, under HF's names, as in a Phi-3 checkpoint. Gemma 3's norms are stored as
+1 + weight (llama.cpp adds the one at conversion); its settings the GGUF does not carry are llama.cpp's
+(every 6th layer global, windowed layers rotating with base 10,000). The folder is built next to its destination and
 renamed into place, so an interrupted conversion never leaves a half folder behind.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 
 from fp8lm.errors import ModelLoadError
 from fp8lm.files import check_private, make_dirs
+from fp8lm.model.gguf_tokenizer import GEMMA_CHAT_TEMPLATE, save_sentencepiece_bpe
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -35,9 +38,12 @@ _LAYER_NAMES = {
     "attn_k_norm": "self_attn.k_norm",
     "attn_qkv": "self_attn.qkv_proj",
 }
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 # llama.cpp architecture -> (HF architecture, model_type)
 _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-                  "qwen3": ("Qwen3ForCausalLM", "qwen3"), "phi3": ("Phi3ForCausalLM", "phi3")}
+                  "qwen3": ("Qwen3ForCausalLM", "qwen3"), "phi3": ("Phi3ForCausalLM", "phi3"),
+                  "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -92,7 +98,30 @@ def gguf_config(reader, path: Path) -> dict:
     factor = _field(reader, a + "rope.scaling.factor")
     if _field(reader, a + "rope.scaling.type") == "linear" and factor:
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    if arch == "gemma3":
+        _gemma3_config(reader, cfg)
     return cfg
+
+
+def _gemma3_config(reader, cfg: dict) -> None:
+    """Gemma 3's settings in HF's form, with llama.cpp's values where the GGUF is silent."""
+    layers, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    pattern = _field(reader, "gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, list):        # one flag per layer: windowed or not
+        windowed = [bool(p) for p in pattern]
+    else:
+        windowed = [(i + 1) % int(pattern or 6) != 0 for i in range(layers)]
+    cfg["layer_types"] = ["sliding_attention" if w and window else "full_attention" for w in windowed]
+    cfg["rope_parameters"] = {
+        "full_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta"), **cfg.pop("rope_scaling", {})},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    # llama.cpp scales scores by head_dim ** -0.5, except for the 62-layer 27B (hidden / heads).
+    per_head = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg["query_pre_attn_scalar"] = per_head if layers == 62 else cfg["head_dim"]
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    if "<end_of_turn>" in tokens:         # chat turns end there (Gemma's generation_config)
+        cfg["eos_token_id"] = [cfg["eos_token_id"], tokens.index("<end_of_turn>")]
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -105,7 +134,9 @@ def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     permuted = cfg["model_type"] == "llama"
-    layer_names = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"} if cfg["model_type"] == "phi3" else _LAYER_NAMES
+    gemma = cfg["model_type"] == "gemma3_text"
+    layer_names = {"phi3": {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"},
+                   "gemma3_text": _GEMMA_LAYER_NAMES}.get(cfg["model_type"], _LAYER_NAMES)
     out = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
@@ -121,6 +152,8 @@ def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot read tensor {t.name} ({type(e).__name__}: {e})") from None
         w = w.reshape([int(n) for n in reversed(t.shape)])
+        if gemma and name.endswith("norm.weight"):
+            w = w - 1.0
         if permuted and name.endswith("q_proj.weight"):
             w = _unpermute(w, cfg["num_attention_heads"])
         elif permuted and name.endswith("k_proj.weight"):
@@ -129,7 +162,10 @@ def gguf_tensors(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_gguf_tokenizer(path: Path, dest: Path) -> None:
+def save_gguf_tokenizer(reader, cfg: dict, path: Path, dest: Path) -> None:
+    if cfg["model_type"] == "gemma3_text":
+        save_sentencepiece_bpe(reader, _field, dest, GEMMA_CHAT_TEMPLATE)
+        return
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -156,7 +192,7 @@ def convert_gguf(path: Path, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         save_file(gguf_tensors(reader, cfg, path), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_gguf_tokenizer(path, tmp)
+        save_gguf_tokenizer(reader, cfg, path, tmp)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private

@@ -22,6 +22,15 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by 1 + weight (weights stored centred on 0), in float32 before the
+    cast back (Llama casts first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class Matmul(nn.Module):
     """A named batched matmul (q·kᵀ, p·v): the hook point for measuring and FP8-patching it.
     `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale."""

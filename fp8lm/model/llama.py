@@ -1,5 +1,5 @@
 """The Llama decoder in plain PyTorch, with the options its relatives need (model/families.py:
-q/k/v and o bias, q/k norm, head_dim, sliding windows). Input is a flat list of tokens from many sequences
+q/k/v and o bias, q/k norm, head_dim, sliding windows, Gemma 3's layout). Input is a flat list of tokens from many sequences
 (`input_ids`, `positions`: [T]); `AttentionMetadata` says which sequence each belongs to."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from fp8lm.model.attention import AttentionMetadata, PagedAttention
 from fp8lm.model.config import ModelConfig
-from fp8lm.model.layers import RMSNorm, VocabEmbedding
+from fp8lm.model.layers import OffsetRMSNorm, RMSNorm, VocabEmbedding
 from fp8lm.model.linear import ColumnParallelLinear, LMHead, ParallelLinear, RowParallelLinear, project
 from fp8lm.model.rope import RotaryEmbedding, apply_rotary
 
@@ -22,6 +22,13 @@ class TensorParallel:
 
     def linear_args(self) -> dict:
         return {"tp_rank": self.rank, "tp_size": self.size, "process_group": self.group}
+
+
+def rms_norm(config: ModelConfig, size: int) -> RMSNorm:
+    return (OffsetRMSNorm if config.norm_adds_one else RMSNorm)(size, config.rms_norm_eps)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class LlamaAttention(nn.Module):
@@ -42,11 +49,12 @@ class LlamaAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
         self.v_proj = ColumnParallelLinear(h, config.num_key_value_heads * d, bias, **tp.linear_args())
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, config.o_bias, **tp.linear_args())
-        # Qwen3: RMSNorm over each head's q and k (one weight of head_dim, replicated on every rank).
-        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        # Qwen3, Gemma 3: RMSNorm over each head's q and k (one weight of head_dim, replicated on every rank).
+        self.q_norm = rms_norm(config, d) if config.qk_norm else None
+        self.k_norm = rms_norm(config, d) if config.qk_norm else None
         window = config.layer_windows[layer] if config.layer_windows else None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, sliding_window=window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, sliding_window=window,
+                                   scale=config.attn_scale)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -69,21 +77,33 @@ class LlamaMLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
         self.up_proj = ColumnParallelLinear(h, i, bias, **tp.linear_args())
         self.down_proj = RowParallelLinear(i, h, bias, **tp.linear_args())
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ACTIVATIONS[self.activation](gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Llama: post_attention_layernorm is the MLP's input norm. Gemma 3 (`sandwich_norms`):
+    it normalizes attention's output, and pre/post_feedforward_layernorm surround the MLP."""
+
     def __init__(self, config: ModelConfig, tp: TensorParallel, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        h = config.hidden_size
+        self.input_layernorm = rms_norm(config, h)
         self.self_attn = LlamaAttention(config, tp, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(config, h)
         self.mlp = LlamaMLP(config, tp)
+        self.sandwich_norms = config.sandwich_norms
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = rms_norm(config, h)
+            self.post_feedforward_layernorm = rms_norm(config, h)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(rope, self.input_layernorm(x), meta))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -104,18 +124,38 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        # Gemma 3: windowed layers rotate with their own base.
+        self.local_rotary = None
+        if config.local_rope_theta is not None:
+            self.local_rotary = RotaryEmbedding(config.head_dim, config.local_rope_theta)
+        self.local_layers = [w is not None and self.local_rotary is not None for w in config.layer_windows] \
+            or [False] * config.num_hidden_layers
+        self.embed_scale = config.embed_scale
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = rms_norm(config, config.hidden_size)
+
+    def build_rope_caches(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None:
+                rotary.build_cache(max_positions, device, dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is None:
+            return x
+        # As transformers: the scale rounded to the model's dtype first.
+        return x * torch.tensor(self.embed_scale, dtype=torch.float32).to(x.dtype).item()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rope = self.rotary(positions)
         if self.fused_decode is not None and self.fused_decode.applies(x, meta):
             return self.norm(self.fused_decode(x, rope, meta))
-        for layer in self.layers:
-            x = layer(rope, x, meta)
+        local = self.local_rotary(positions) if self.local_rotary is not None else None
+        for layer, is_local in zip(self.layers, self.local_layers):
+            x = layer(local if is_local else rope, x, meta)
         return self.norm(x)
 
 
@@ -125,7 +165,6 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.tp = tp or TensorParallel()
         self.model = LlamaModel(config, self.tp)
-        self.rotary = self.model.rotary
         # Replicated on every rank: logits need no gather before sampling.
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()

