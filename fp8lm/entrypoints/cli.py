@@ -27,8 +27,9 @@ DEMO_STATISTICS_TOKENS = 4096
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The model, and one flag per engine option (EngineConfig's fields, their help and defaults)."""
     from fp8lm.engine.config import EngineConfig
+    from fp8lm.model.registry import KNOWN_MODELS
 
-    p.add_argument("model", help="alias (smollm2-135m-instruct), HF-style folder or .gguf file")
+    p.add_argument("model", help=f"alias ({', '.join(KNOWN_MODELS)}), HF-style folder or .gguf file")
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
             continue
