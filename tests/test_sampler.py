@@ -61,3 +61,36 @@ def test_temperature_sampling_matches_distribution():
     # 4000 draws: standard error <= sqrt(0.25/4000) = 0.008; allow 4 sigma.
     assert (freq - expected).abs().max() < 0.032
     assert math.isclose(float(expected.sum()), 1.0, rel_tol=1e-6)
+
+
+def _kept_by_definition(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Written from the definitions over the whole row: the top_k most likely; the fewest most likely
+    whose mass reaches top_p; those at least min_p times the most likely."""
+    ranked = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept, mass = set(), 0.0
+    for rank, i in enumerate(ranked):
+        if rank >= top_k or mass > top_p or float(probs[i]) < min_p * float(probs[ranked[0]]):
+            break
+        kept.add(i)
+        mass += float(probs[i])
+    return kept
+
+
+def test_large_vocabularies_rank_few_candidates_and_keep_the_same_tokens():
+    """Gemma's 262k vocabulary: the sampler ranks only its best CANDIDATES tokens where the rule
+    cannot reach past them and the whole row where it can (a flat row under top_p 0.95)."""
+    from fp8lm.engine.sampler import CANDIDATES
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4 * CANDIDATES
+    peaked = torch.randn(3, vocab, generator=gen, dtype=torch.float64) * 4
+    flat = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 0.1
+    for logits in (peaked, flat):
+        for params in (dict(top_p=0.95), dict(top_k=50), dict(min_p=0.05), dict(top_k=3000, top_p=0.99),
+                       dict(top_p=0.9, min_p=0.001)):
+            rows = Sampler(())._filtered_probs(logits, [seq([0], [], **params) for _ in logits])
+            for row, probs in zip(rows, torch.softmax(logits, dim=-1)):
+                expected = _kept_by_definition(probs, params.get("top_k") or vocab, params.get("top_p", 1.0),
+                                               params.get("min_p", 0.0))
+                assert set(torch.nonzero(row).flatten().tolist()) == expected, params
+    assert len(_kept_by_definition(torch.softmax(flat[0], 0), vocab, 0.95, 0.0)) > CANDIDATES   # the fallback ran

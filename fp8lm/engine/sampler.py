@@ -93,15 +93,32 @@ class Sampler:
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
         if (top_k < vocab).any() or (top_p < 1).any() or (min_p > 0).any():
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab)[None, :]
-            probs = torch.softmax(sorted_logits, dim=-1)
-            drop = ranks >= top_k[:, None]
-            drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]   # keeps the first token always
-            drop |= probs < min_p[:, None] * probs[:, :1]
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+            logits = _keep_candidates(logits, top_k, top_p, min_p)
         return torch.softmax(logits, dim=-1)
+
+
+# Tokens ranked per row before top-k / top-p / min-p: sorting a whole 262k vocabulary costs ~1 s per
+# step for 32 rows on two cores, the best 1,024 ~50 ms; the whole row is sorted only where the rule
+# could keep a token past them.
+CANDIDATES = 1024
+
+
+def _keep_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits with every token top-k, top-p (the first always kept) or min-p drops set to -inf."""
+    vocab = logits.shape[1]
+    probs = torch.softmax(logits, dim=-1)
+    best, order = probs.topk(min(CANDIDATES, vocab), dim=-1)
+    # Every token past the candidates is dropped where the k-th rank is, the candidates' mass
+    # already exceeds top_p, or the last candidate is already below min_p.
+    past_dropped = (top_k <= best.shape[1]) | (best.sum(dim=-1) > top_p) | (best[:, -1] < min_p * best[:, 0])
+    if not bool(past_dropped.all()):
+        best, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(best.shape[1])[None, :]
+    drop = ranks >= top_k[:, None]
+    drop |= (best.cumsum(dim=-1) - best) > top_p[:, None]
+    drop |= best < min_p[:, None] * best[:, :1]
+    kept = logits.gather(1, order).masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, kept)
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
