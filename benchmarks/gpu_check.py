@@ -71,6 +71,16 @@ def time_matmuls(device: torch.device, sizes) -> list[str]:
     return rows
 
 
+def check_block_fp8(device: torch.device) -> str:
+    """Block-FP8 (128x128 weight blocks, 1x128 input groups) through torch's blockwise GEMM, as
+    fp8lm's prepare step chooses it: its probe against the reference on a partial block."""
+    from fp8lm.quant.block_fp8 import blockwise_mm_works
+
+    if blockwise_mm_works(device):
+        return "block-FP8: native blockwise F.scaled_mm equals the reference (the engine uses it)"
+    return "block-FP8: native blockwise F.scaled_mm unavailable or different here (reference path; see the log)"
+
+
 def check_model(device: torch.device, max_tokens: int) -> list[str]:
     from fp8lm import LLM, SamplingParams
     from fp8lm.entrypoints.calibrate import calibrate
@@ -123,6 +133,7 @@ def main() -> None:
     else:
         print("\n".join(time_matmuls(device, [(1, 4096, 4096), (64, 4096, 4096), (2048, 4096, 4096),
                                                (4096, 14336, 4096)])))
+        print(check_block_fp8(device))
     print("\n".join(check_model(device, 8 if args.quick else 32)))
 
 

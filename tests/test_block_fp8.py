@@ -219,3 +219,42 @@ def test_smollm2_block_fp8_is_the_reference_to_the_fp8_noise_floor(smollm2, tmp_
         floor += mean_kl(mine, perturbed.engine.score(w))
     assert floor > 0.005 * len(windows)                      # the floor exists
     assert paths < 1.25 * floor, (paths, floor)
+
+
+def _blockwise_mm(xq, wq_t, scale_a, recipe_a, scale_b, recipe_b, output_dtype):
+    """F.scaled_mm's blockwise semantics, written out: xq [M, K] with decode scales [M, K/128] per
+    1x128 group, wq_t [K, N] with [K/128, N/128] per 128x128 block; products summed in float32."""
+    import torch.nn.functional as F
+
+    assert (recipe_a, recipe_b) == (F.ScalingType.BlockWise1x128, F.ScalingType.BlockWise128x128)
+    assert xq.shape[1] % 128 == 0 and wq_t.shape[1] % 128 == 0 and scale_a.stride(0) == 1   # outer-dim-major
+    x = xq.float() * scale_a.repeat_interleave(128, 1)
+    w = wq_t.float() * scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return (x @ w).to(output_dtype)
+
+
+def test_the_native_block_path_pads_to_whole_blocks_and_computes_the_reference(monkeypatch):
+    """The CUDA path's padding, scale grid and slicing, on the CPU with F.scaled_mm's blockwise
+    semantics written out (this machine has no GPU; benchmarks/gpu_check.py runs the real one):
+    equal to the reference within bfloat16's rounding of the output."""
+    import torch.nn.functional as F
+
+    from fp8lm.model.linear import ParallelLinear
+    from fp8lm.quant.block_fp8 import BlockFP8Native, make_block_fp8
+
+    monkeypatch.setattr(F, "scaled_mm", _blockwise_mm)
+    gen = torch.Generator().manual_seed(3)
+    layer = ParallelLinear(576, 200, bias=False)                    # 4.5 blocks of inputs, 1.6 of outputs
+    make_block_fp8(layer, (128, 128))
+    w, scale = quantize_blocks(torch.randn(200, 576, generator=gen), (128, 128))
+    layer.format.load(layer, "weight", w)
+    layer.format.load(layer, "weight_scale_inv", scale)
+    x = torch.randn(7, 576, generator=gen) * torch.linspace(0.1, 10, 576)
+    expected = layer.format.apply(layer, x, None)
+    dense = layer.format.dense_weight(layer)
+    native = BlockFP8Native.from_layer(layer)
+    assert torch.equal(native.dense_weight(layer), dense) and torch.equal(native.fp8_weight(layer).view(torch.uint8),
+                                                                          w.view(torch.uint8))
+    got = native.apply(layer, x, None)
+    assert got.shape == expected.shape
+    assert ((got - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()

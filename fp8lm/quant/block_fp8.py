@@ -8,6 +8,8 @@ with each row's and column's block index: a shard need not start or end on a blo
 """
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +25,8 @@ from fp8lm.quant.fp8_modules import E4M3, FP8Format
 from fp8lm.quant.modules import replace_module
 from fp8lm.quant.online_fp8 import unit_kv_cache
 from fp8lm.quant.post_load import PostLoad, finish_quantized_model
+
+log = logging.getLogger(__name__)
 
 class BlockFP8Linear(LinearFormat):
     def __init__(self, block: tuple[int, int], fmt: FP8Format = E4M3):
@@ -69,7 +73,11 @@ class BlockFP8Linear(LinearFormat):
         return (maxabs / self.fmt.limit).clamp(min=torch.finfo(torch.float32).tiny)
 
     def prepare(self, layer, device, dtype):
-        """On the CPU kernels: `BlockFP8Panels`; elsewhere this reference path."""
+        """On the CPU kernels: `BlockFP8Panels`; on GPUs with blockwise FP8 GEMMs: `BlockFP8Native`;
+        elsewhere this reference path."""
+        if device.type == "cuda" and (self.block_n, self.block_k) == NATIVE_BLOCK and _whole_blocks(layer) \
+                and blockwise_mm_works(device):
+            return BlockFP8Native.from_layer(layer)
         kernels = kernels_for(device)
         if kernels is None:
             return self
@@ -118,6 +126,90 @@ class BlockFP8Panels(BlockFP8Linear):
 
     def describe(self) -> str:
         return super().describe() + f", cpu-{self.kernels.isa}"
+
+
+NATIVE_BLOCK = (128, 128)      # the block torch's blockwise FP8 GEMM takes
+
+
+class BlockFP8Native(BlockFP8Linear):
+    """torch's blockwise FP8 GEMM (`F.scaled_mm`, 1x128 input groups x 128x128 weight blocks; Hopper):
+    W and its scale grid padded once to whole blocks, each input padded to whole groups."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale_t: torch.Tensor):
+        super().__init__(NATIVE_BLOCK)
+        self.weight, self.weight_scale_t = weight, weight_scale_t      # [N', K'] FP8, [K'/128, N'/128]
+
+    @classmethod
+    def from_layer(cls, layer: ParallelLinear) -> BlockFP8Native:
+        n, k = layer.weight.shape
+        w = F.pad(layer.weight.detach().view(torch.uint8), (0, -k % 128, 0, -n % 128)).view(layer.weight.dtype)
+        rows = layer.block_rows[::128].long()
+        cols = layer.block_cols[::128].long()
+        scale = layer.weight_scale_inv[rows][:, cols].float()
+        layer.release_weight()
+        return cls(w.contiguous(), scale.t())
+
+    def apply(self, layer, x, bias):
+        shape, dtype = x.shape, x.dtype
+        n, k = layer.out_features, layer.in_features
+        x = F.pad(x.reshape(-1, k).float(), (0, self.weight.shape[1] - k))
+        groups = x.view(x.shape[0], -1, 128)
+        scale = self.group_scale(groups.abs().amax(dim=2))                                    # [M, K'/128]
+        xq = (groups / scale[:, :, None]).clamp(-self.fmt.limit, self.fmt.limit).to(self.fmt.dtype).view(x.shape)
+        y = F.scaled_mm(xq, self.weight.t(), scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                        self.weight_scale_t, F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        y = y[:, :n].to(dtype).reshape(*shape[:-1], n)
+        return y if bias is None else y + bias
+
+    def fp8_weight(self, layer) -> torch.Tensor:
+        return self.weight[:layer.out_features, :layer.in_features]
+
+    def dense_weight(self, layer):
+        scales = self.weight_scale_t.t().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return (self.weight.float() * scales)[:layer.out_features, :layer.in_features]
+
+    def describe(self) -> str:
+        return super().describe() + ", native blockwise F.scaled_mm"
+
+
+def _whole_blocks(layer: ParallelLinear) -> bool:
+    """This rank's rows and columns start on block boundaries (a TP shard may not)."""
+    return int(layer.block_rows[0]) * 128 == _shard_start(layer, 0) and int(layer.block_cols[0]) * 128 == _shard_start(layer, 1)
+
+
+def _shard_start(layer: ParallelLinear, dim: int) -> int:
+    if layer.shard_dim != dim or layer.tp_size == 1:
+        return 0
+    size = layer.out_features if dim == 0 else layer.in_features
+    return layer.tp_rank * size
+
+
+@functools.cache
+def blockwise_mm_works(device: torch.device) -> bool:
+    """Whether this device runs torch's blockwise FP8 GEMM and it equals the reference on a small
+    case with a partial block (it needs Hopper and a recent CUDA build; otherwise the reference path)."""
+    if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        layer = ParallelLinear(320, 200, bias=False)
+        make_block_fp8(layer, NATIVE_BLOCK)
+        gen = torch.Generator().manual_seed(0)
+        w, scale = quantize_blocks(torch.randn(200, 320, generator=gen), NATIVE_BLOCK)
+        layer.format.load(layer, "weight", w)
+        layer.format.load(layer, "weight_scale_inv", scale)
+        x = torch.randn(5, 320, generator=gen)
+        expected = layer.format.apply(layer, x, None)
+        layer.to(device)
+        native = BlockFP8Native.from_layer(layer)
+        got = native.apply(layer, x.to(device), None).float().cpu()
+    except (RuntimeError, TypeError, ValueError) as e:
+        log.info("blockwise FP8 GEMM unavailable on %s (%s): block-FP8 runs the reference path", device, e)
+        return False
+    # bfloat16 output: within a few of its ulps of the float32 reference
+    works = bool(((got - expected).abs() <= 2 ** -6 * expected.abs() + 1e-3).all())
+    if not works:
+        log.warning("blockwise FP8 GEMM on %s differs from the reference: block-FP8 runs the reference path", device)
+    return works
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
