@@ -163,3 +163,22 @@ def test_sensitivity_budget_needs_the_bound_not_the_estimate(engines):
     result = sensitivity(ref, fp8, WINDOWS, max_increase_pct=everything.ppl_change_pct, max_weight_share=0.5)
     assert everything.ppl_change_bound_pct(1.645) > everything.ppl_change_pct
     assert result.blocklist and result.with_blocklist_bound_pct >= result.with_blocklist_pct
+
+
+def test_every_window_starts_as_the_tokenizer_starts_a_document():
+    """Gemma's tokenizer adds <bos>: each window gets it (a window without it is off the model's
+    distribution), and the windows' texts still cover the text once, in order."""
+    from fp8lm.eval.perplexity import token_windows
+
+    class Chars:
+        def __init__(self, prefix):
+            self.prefix = prefix
+
+        def encode(self, text, add_special_tokens=True):
+            return (self.prefix if add_special_tokens else []) + [ord(c) for c in text]
+
+    text = "abcdefghijklmnopqrstuvw"
+    with_bos = token_windows(Chars([2]), text, 8)
+    assert all(w[0] == 2 and len(w) <= 8 for w in with_bos) and len(with_bos) == 4
+    assert [t for w in with_bos for t in w[1:]] == [ord(c) for c in text]
+    assert token_windows(Chars([]), text, 8) == [[ord(c) for c in text[i:i + 8]] for i in range(0, 23, 8)]

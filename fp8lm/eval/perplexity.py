@@ -24,8 +24,12 @@ def read_text(path: str | None) -> str:
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> list[list[int]]:
-    """Consecutive, non-overlapping windows of `window` tokens (the last may be shorter)."""
-    return split_windows(tokenizer.encode(text), window, max_windows)
+    """Consecutive, non-overlapping windows of the text, `window` tokens each (the last may be
+    shorter), each one starting as the tokenizer starts a document (Gemma: with <bos>, without
+    which the model is far off its trained distribution; SmolLM2 adds nothing)."""
+    prefix = tokenizer.encode("", add_special_tokens=True)
+    body = split_windows(tokenizer.encode(text, add_special_tokens=False), window - len(prefix), max_windows)
+    return [prefix + w for w in body]
 
 
 def split_windows(ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
