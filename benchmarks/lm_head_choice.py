@@ -40,7 +40,8 @@ def main() -> None:
         llm = LLM(args.model, max_model_len=1024, max_num_seqs=16, quantization="inc", quant_config=str(path),
                   kv_cache_dtype="fp8_inc")
         head = llm.engine.host.model.lm_head
-        head_bytes = sum(t.numel() * t.element_size() for t in head.state_dict().values())
+        packed = head.format.packed          # what a decode step reads: the kernels' panels
+        head_bytes = packed.numel() * packed.element_size()
         prompts = make_prompts(llm.engine.tokenizer, 16)
         run_fp8lm(llm, prompts[:1], 4)
         speed = {n: (lambda t, k: k / t)(*run_fp8lm(llm, prompts[:n], args.tokens)) for n in (1, 16)}
@@ -48,7 +49,7 @@ def main() -> None:
                        head.format.describe())
         llm.engine.shutdown()
     for label, (summary, speed, head_bytes, fmt) in rows.items():
-        print(f"\n{label} [{fmt}; {head_bytes / 2**20:.0f} MiB held by the head]:\n  {summary}\n"
+        print(f"\n{label} [{fmt}; {head_bytes / 2**20:.0f} MiB of panels read per step]:\n  {summary}\n"
               f"  decode: batch 1 {speed[1]:.1f} tok/s, batch 16 {speed[16]:.1f} tok/s")
     (k1, k16), (f1, f16) = ([r[1][1], r[1][16]] for r in rows.values())
     print(f"\nFP8 head / kept head decode speed: batch 1 {f1 / k1:.2f}x, batch 16 {f16 / k16:.2f}x")
