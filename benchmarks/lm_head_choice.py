@@ -20,6 +20,7 @@ def main() -> None:
     from fp8lm import LLM
     from fp8lm.eval.perplexity import compare, read_text, token_windows
     from fp8lm.eval.throughput import make_prompts, run_fp8lm
+    from fp8lm.quant.bfloat16_format import BF16Panels
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma3-270m")
@@ -40,7 +41,8 @@ def main() -> None:
         llm = LLM(args.model, max_model_len=1024, max_num_seqs=16, quantization="inc", quant_config=str(path),
                   kv_cache_dtype="fp8_inc")
         head = llm.engine.host.model.lm_head
-        packed = head.format.packed          # what a decode step reads: the kernels' panels
+        # what a decode step reads: the kernels' panels (bfloat16 for the kept head, FP8 otherwise)
+        packed = head.format.panels if isinstance(head.format, BF16Panels) else head.format.packed
         head_bytes = packed.numel() * packed.element_size()
         prompts = make_prompts(llm.engine.tokenizer, 16)
         run_fp8lm(llm, prompts[:1], 4)
