@@ -112,9 +112,11 @@ def test_block_keys_chain_their_prefix():
 
 # ---- Scheduler -------------------------------------------------------------------------------
 
-def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, chunked=True, preempted=None):
+def scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, chunked=True, preempted=None,
+              prompt_tokens_while_decoding=None):
     m = BlockManager(num_blocks, block_size)
-    return m, Scheduler(m, max_num_seqs, budget, chunked, None if preempted is None else preempted.append)
+    return m, Scheduler(m, max_num_seqs, budget, chunked, None if preempted is None else preempted.append,
+                        prompt_tokens_while_decoding)
 
 
 def step(m: BlockManager, sched: Scheduler, decode_token: int = 7):
@@ -137,6 +139,21 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_token_budget_and_decodes
     assert step(m, sched) == [(0, 1), (1, 15)]                  # decode first, then the next chunk
     assert step(m, sched) == [(0, 1), (1, 14)]                  # 40 = 11 + 15 + 14
     assert step(m, sched) == [(0, 1), (1, 1)]
+
+
+def test_prompt_chunks_take_at_most_their_share_while_sequences_decode():
+    """Budget 16, 4 prompt tokens while decoding: alone, a prompt takes the budget; once one
+    sequence decodes, the other prompt advances 4 tokens per step (the decode's ITL stays one small step)."""
+    m, sched = scheduler(budget=16, prompt_tokens_while_decoding=4)
+    short, long = seq(0, range(5)), seq(1, range(40))
+    sched.add(short)
+    sched.add(long)
+    assert step(m, sched) == [(0, 5), (1, 11)]                  # nobody decodes yet: the whole budget
+    assert step(m, sched) == [(0, 1), (1, 4)]                   # 0 decodes: the prompt gets its share
+    assert step(m, sched) == [(0, 1), (1, 4)]
+    late = seq(2, range(9))
+    sched.add(late)
+    assert step(m, sched) == [(0, 1), (1, 4)]                   # the share is spent: the newcomer waits
 
 
 def test_without_chunking_a_prompt_runs_whole_or_waits():

@@ -97,6 +97,9 @@ class EngineConfig:
         None, f"tokens per step (default: {DEFAULT_CHUNKED_BATCHED_TOKENS} with chunked prefill, else "
               f"max(max_model_len, {DEFAULT_CHUNKED_BATCHED_TOKENS}))")
     enable_chunked_prefill: bool = option(True, "split long prompts across steps, mixed with running decodes")
+    prompt_tokens_while_decoding: int | None = option(
+        None, "with chunked prefill: the most prompt tokens a step takes while sequences decode (default: the whole "
+              "step budget); fewer keep running streams moving while long prompts are prefilled")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes across requests")
     kv_cache_memory: int | float | str | None = option(
         None, f"bytes (e.g. 2GiB) or a fraction of free memory (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on "
@@ -120,7 +123,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
             if int(getattr(self, name)) < 1:
                 raise FP8LMError(f"{name}={getattr(self, name)!r}: must be at least 1")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks", "prompt_tokens_while_decoding"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise FP8LMError(f"{name}={value!r}: must be at least 1")

@@ -66,7 +66,8 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.enable_chunked_prefill, self.output_processor.discard_prompt_logits)
+                                   config.enable_chunked_prefill, self.output_processor.discard_prompt_logits,
+                                   config.prompt_tokens_while_decoding)
         self._grammar_backend = None if self.tokenizer is None else GrammarBackend(
             self.tokenizer.hf, self.host.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}

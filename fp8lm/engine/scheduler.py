@@ -4,7 +4,9 @@ Each step first gives every running sequence what it still has to compute — on
 decode, the next chunk of a prompt being prefilled — decodes first, so streams keep flowing while
 a long prompt is prefilled in chunks; then admits waiting sequences while the budget, the sequence
 slots and the KV pool allow (with chunked prefill the last one admitted may get only part of its
-prompt). Without chunked prefill a prompt runs whole or waits. When the KV pool runs dry, the most
+prompt). While any sequence decodes, prompt chunks together take at most `prompt_tokens_while_decoding`
+of a step (each decode waits for the whole step it is in); with none decoding they take the whole
+budget. Without chunked prefill a prompt runs whole or waits. When the KV pool runs dry, the most
 recently admitted running sequence is preempted: its blocks are freed and it is recomputed later
 from its tokens, so no request is ever dropped."""
 from __future__ import annotations
@@ -18,11 +20,13 @@ from fp8lm.engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, on_preempt: Callable[[Sequence], None] | None = None):
+                 enable_chunked_prefill: bool = True, on_preempt: Callable[[Sequence], None] | None = None,
+                 prompt_tokens_while_decoding: int | None = None):
         """`on_preempt`: told of each preempted sequence (what was computed of it is recomputed)."""
         self.block_manager = block_manager
         self.on_preempt = on_preempt
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.prompt_tokens_while_decoding = prompt_tokens_while_decoding
         self.chunked = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -36,21 +40,27 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], list[int]]:
         """Returns the step's sequences, decodes first, and how many new tokens each computes."""
-        budget = self.max_num_batched_tokens
-        batch = self._schedule_running(budget)
+        budget, prompt_budget = self.max_num_batched_tokens, self._prompt_budget()
+        batch = self._schedule_running(budget, prompt_budget)
         budget -= sum(q for _, q in batch)
-        batch += self._admit(budget)
+        prompt_budget -= sum(q for s, q in batch if not _decoding(s))
+        batch += self._admit(min(budget, prompt_budget))
         return [s for s, _ in batch], [q for _, q in batch]
 
-    def _schedule_running(self, budget: int) -> list[tuple[Sequence, int]]:
+    def _prompt_budget(self) -> int:
+        """Prompt tokens the step may take: the cap while a running sequence decodes, else the budget."""
+        capped = self.chunked and self.prompt_tokens_while_decoding is not None and any(map(_decoding, self.running))
+        return self.prompt_tokens_while_decoding if capped else self.max_num_batched_tokens
+
+    def _schedule_running(self, budget: int, prompt_budget: int) -> list[tuple[Sequence, int]]:
         decodes, prefills = [], []
-        queue = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)    # decodes first
-        self.running = deque(queue)
+        self.running = deque(sorted(self.running, key=lambda s: not _decoding(s)))     # decodes first
         kept: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
             left = seq.num_tokens - seq.num_computed_tokens
-            q = min(left, budget) if self.chunked or left == 1 else (left if left <= budget else 0)
+            room = budget if left == 1 else min(budget, prompt_budget)
+            q = min(left, room) if self.chunked or left == 1 else (left if left <= budget else 0)
             if q == 0:
                 kept.append(seq)
                 continue
@@ -65,6 +75,7 @@ class Scheduler:
                 (decodes if left == 1 else prefills).append((seq, q))
                 kept.append(seq)
                 budget -= q
+                prompt_budget -= 0 if left == 1 else q
         self.running.extend(kept)
         return decodes + prefills
 
@@ -98,3 +109,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def _decoding(seq: Sequence) -> bool:
+    """The sequence's next step computes one token: a decode (not a prompt chunk)."""
+    return seq.num_tokens - seq.num_computed_tokens == 1
