@@ -118,6 +118,24 @@ def test_unsupported_architectures_name_what_is_missing(tmp_path):
         assert missing is None or missing in text
 
 
+def test_options_the_decoder_lacks_are_refused_by_name(tmp_path):
+    import json
+
+    base = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    for arch, extra, named in (("LlamaForCausalLM", {"hidden_act": "relu"}, "'relu'"),
+                               ("Gemma3ForCausalLM", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+                               ("Gemma3ForCausalLM", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+                               ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, "bidirectional")):
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch], **base, **extra}))
+        with pytest.raises(ModelLoadError, match=named):
+            ModelConfig.from_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"], **base}))
+    config = ModelConfig.from_folder(tmp_path)    # transformers' Gemma 3 defaults: GeGLU, 256 ** -0.5, tied, bases
+    assert (config.activation, config.attn_scale, config.tie_word_embeddings) == ("gelu_tanh", 1 / 16, True)
+    assert (config.rope_theta, config.local_rope_theta) == (1_000_000.0, 10_000.0)
+
+
 def test_fp8_flow(family, tmp_path):
     """calibrate -> QUANTIZE (everything FP8, FP8 KV) -> generate; then a Linear-only `fp8lm quantize`
     folder that transformers loads and runs as fp8lm does."""
