@@ -98,8 +98,8 @@ class EngineConfig:
               f"max(max_model_len, {DEFAULT_CHUNKED_BATCHED_TOKENS}))")
     enable_chunked_prefill: bool = option(True, "split long prompts across steps, mixed with running decodes")
     prompt_tokens_while_decoding: int | None = option(
-        None, "with chunked prefill: the most prompt tokens a step takes while sequences decode (default: the whole "
-              "step budget); fewer keep running streams moving while long prompts are prefilled")
+        None, "with chunked prefill: the most prompt tokens a step takes while sequences decode, so running streams "
+              "keep moving during long prefills (default: `fp8lm serve` on the CPU 256, otherwise the whole step budget)")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes across requests")
     kv_cache_memory: int | float | str | None = option(
         None, f"bytes (e.g. 2GiB) or a fraction of free memory (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on "

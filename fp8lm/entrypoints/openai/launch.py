@@ -29,6 +29,23 @@ def rpc_timeout_seconds() -> float:
     return value / 1000
 
 
+# Measured with benchmarks/serve_vs_vllm.py (docs/BENCHMARKS.md): on a 2-core CPU a 2,048-token prompt
+# chunk stalls every stream for ~2.5 s (P99 ITL 2.6 s at 16 streams); 256 prompt tokens per decoding
+# step gave 0.5 s, and TTFT 1.4 s instead of 5.6 s, for 9% of output tokens/s. Offline generation keeps
+# the whole budget (throughput, not latency).
+CPU_SERVE_PROMPT_TOKENS_WHILE_DECODING = 256
+
+
+def apply_serve_defaults(engine_config) -> None:
+    """The server's defaults where they differ from offline generation's (options left unset only)."""
+    from fp8lm.engine.config import resolve_device
+
+    if engine_config.iteration_timeout_s is None:
+        engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
+    if engine_config.prompt_tokens_while_decoding is None and resolve_device(engine_config.device).type == "cpu":
+        engine_config.prompt_tokens_while_decoding = CPU_SERVE_PROMPT_TOKENS_WHILE_DECODING
+
+
 def run_server(engine_config, host: str, port: int, model_name: str, access: Access, limits: ServerLimits,
                tools=None) -> None:
     """Serves until SIGINT/SIGTERM. The model loads on the engine thread; meanwhile /health and
@@ -37,8 +54,7 @@ def run_server(engine_config, host: str, port: int, model_name: str, access: Acc
 
     from fp8lm.engine.llm_engine import LLMEngine
 
-    if engine_config.iteration_timeout_s is None:
-        engine_config.iteration_timeout_s = 60.0          # vLLM's default for VLLM_ENGINE_ITERATION_TIMEOUT_S
+    apply_serve_defaults(engine_config)
     engine = AsyncEngine(lambda: LLMEngine(engine_config, step_thread=False), rpc_timeout_seconds())
     app = build_app(engine, model_name, access, limits, tools)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3,
