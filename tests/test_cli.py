@@ -84,7 +84,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "gguf_config", lambda reader, path: {"bos_token_id": 1, "eos_token_id": 2})
     monkeypatch.setattr(conv, "gguf_tensors", lambda reader, cfg, path: {})
 
-    def boom(path, dest):
+    def boom(reader, cfg, path, dest):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(conv, "save_gguf_tokenizer", boom)
