@@ -15,23 +15,14 @@ machine has.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fp8lm.eval.throughput import best_seconds
+
 SHAPES = {"q_proj/o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536)}   # (N, K)
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def candidates(x8: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor):
@@ -79,7 +70,7 @@ def main() -> None:
             for name, fn in candidates(x8, w8, sx.reshape(1), sw.reshape(1)).items():
                 try:
                     error = float(((fn().double() - exact).abs().max() / exact.abs().max()))
-                    cells.append(f"{name}: {2 * m * n * k / best_seconds(fn) / 1e9:6.1f} GFLOP/s (rel err {error:.0e})")
+                    cells.append(f"{name}: {2 * m * n * k / best_seconds(fn, 5) / 1e9:6.1f} GFLOP/s (rel err {error:.0e})")
                 except (RuntimeError, NotImplementedError) as e:
                     cells.append(f"{name}: unavailable ({str(e).splitlines()[0][:60]})")
             print(f"{label} {m}x{k} @ {k}x{n}:\n  " + "\n  ".join(cells))
