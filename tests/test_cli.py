@@ -108,3 +108,32 @@ def test_enforce_eager_reaches_the_engine_config():
     for argv, expected in ((["m"], False), (["m", "--enforce-eager"], True)):
         args = parser.parse_args(argv)
         assert EngineConfig(model="m", **engine_kwargs(args)).enforce_eager is expected
+
+
+def test_an_interrupted_assembly_leaves_no_gguf(tmp_path, monkeypatch):
+    """A chunked GGUF (gemma3-270m's packages) is joined under a temporary name: a failure midway
+    leaves neither the file nor the temporary one, and the next call assembles again."""
+    import sys
+    import types
+
+    import fp8lm.model.registry as registry
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        path.write_bytes(b"half")
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        path.write_bytes(b"whole")
+        return path
+
+    monkeypatch.setitem(sys.modules, "fake_chunks", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setitem(registry.KNOWN_MODELS, "fake", registry.KnownModel(("fake-chunks",), "fake_chunks"))
+    monkeypatch.setattr(registry, "_package_dir", lambda module: tmp_path)
+    monkeypatch.setattr(registry, "_distribution_installed", lambda name: True)
+    monkeypatch.setenv("FP8LM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        registry.gguf_file("fake")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+    assert registry.gguf_file("fake").read_bytes() == b"whole" and len(calls) == 2
