@@ -258,3 +258,16 @@ def test_the_native_block_path_pads_to_whole_blocks_and_computes_the_reference(m
     got = native.apply(layer, x, None)
     assert got.shape == expected.shape
     assert ((got - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()
+
+
+def test_the_native_block_path_takes_only_shards_that_start_on_a_block_boundary():
+    """Rank 1 of 2 starts at row 256 of 512 (a boundary) or 288 of 576 (inside a block)."""
+    from fp8lm.model.linear import ColumnParallelLinear, RowParallelLinear
+    from fp8lm.quant.block_fp8 import _whole_blocks, make_block_fp8
+
+    for cls, out_f, in_f, aligned in ((ColumnParallelLinear, 512, 256, True), (ColumnParallelLinear, 576, 256, False),
+                                      (RowParallelLinear, 256, 512, True), (RowParallelLinear, 256, 576, False)):
+        layer = cls(in_f, out_f, False, tp_rank=1, tp_size=2, process_group=None)
+        make_block_fp8(layer, (128, 128))
+        layer.format.load(layer, "weight", quantize_blocks(torch.randn(out_f, in_f), (128, 128))[0])
+        assert _whole_blocks(layer) == aligned, (cls.__name__, out_f, in_f)

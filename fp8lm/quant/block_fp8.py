@@ -18,7 +18,7 @@ from torch import nn
 
 from fp8lm.errors import FP8LMError, ModelLoadError
 from fp8lm.fp8.cpu_kernels import CpuKernels, kernel_col_scale, kernels_for, pack_panels, unpack_panels
-from fp8lm.fp8.numerics import fake_quant
+from fp8lm.fp8.numerics import fake_quant, to_fp8
 from fp8lm.model.layers import KVCache
 from fp8lm.model.linear import LinearFormat, ParallelLinear, copy_exact
 from fp8lm.quant.fp8_modules import E4M3, FP8Format
@@ -155,7 +155,7 @@ class BlockFP8Native(BlockFP8Linear):
         x = F.pad(x.reshape(-1, k).float(), (0, self.weight.shape[1] - k))
         groups = x.view(x.shape[0], -1, 128)
         scale = self.group_scale(groups.abs().amax(dim=2))                                    # [M, K'/128]
-        xq = (groups / scale[:, :, None]).clamp(-self.fmt.limit, self.fmt.limit).to(self.fmt.dtype).view(x.shape)
+        xq = to_fp8(groups, 1 / scale[:, :, None], self.fmt.dtype, self.fmt.limit).view(x.shape)
         y = F.scaled_mm(xq, self.weight.t(), scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
                         self.weight_scale_t, F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
         y = y[:, :n].to(dtype).reshape(*shape[:-1], n)
@@ -173,15 +173,10 @@ class BlockFP8Native(BlockFP8Linear):
 
 
 def _whole_blocks(layer: ParallelLinear) -> bool:
-    """This rank's rows and columns start on block boundaries (a TP shard may not)."""
-    return int(layer.block_rows[0]) * 128 == _shard_start(layer, 0) and int(layer.block_cols[0]) * 128 == _shard_start(layer, 1)
-
-
-def _shard_start(layer: ParallelLinear, dim: int) -> int:
-    if layer.shard_dim != dim or layer.tp_size == 1:
-        return 0
-    size = layer.out_features if dim == 0 else layer.in_features
-    return layer.tp_rank * size
+    """This rank's rows and columns start on block boundaries (a TP shard may not): their block
+    indices step every 128 from the first."""
+    return all(torch.equal(index - index[0], torch.arange(len(index), device=index.device) // 128)
+               for index in (layer.block_rows, layer.block_cols))
 
 
 @functools.cache
