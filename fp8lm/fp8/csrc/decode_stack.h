@@ -5,17 +5,17 @@
 // Included by fp8_cpu.cpp after the kernels' entry points.
 
 struct FP8Projection {                 // one FP8 linear, or projections fused along N, static input scale
-  torch::Tensor packed, col_scale, row_scale, inv_scale;
-  c10::optional<torch::Tensor> bias;
+  at::Tensor packed, col_scale, row_scale, inv_scale;
+  c10::optional<at::Tensor> bias;
   int64_t N;
 };
 
 struct DecodeLayer {
-  torch::Tensor input_norm, post_norm;  // [H] RMSNorm weights
+  at::Tensor input_norm, post_norm;  // [H] RMSNorm weights
   FP8Projection qkv, o, gate_up, down;
-  c10::optional<torch::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
-  torch::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
-  c10::optional<torch::Tensor> first_kv;  // exact_first_token's float32 rows [2, kv_heads, rows, head_dim]
+  c10::optional<at::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
+  at::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
+  c10::optional<at::Tensor> first_kv;  // exact_first_token's float32 rows [2, kv_heads, rows, head_dim]
   double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
   std::vector<double> attention_scales; // paged_attention's 8 scales
   bool requantize_k, requantize_v;
@@ -31,29 +31,29 @@ class DecodeStack {
     TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "decode stack: bad head shapes");
   }
 
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, std::vector<torch::Tensor> qkv,
-                 c10::optional<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o, c10::optional<torch::Tensor> o_bias,
-                 std::vector<torch::Tensor> gate_up, c10::optional<torch::Tensor> gate_up_bias,
-                 std::vector<torch::Tensor> down, c10::optional<torch::Tensor> down_bias,
-                 c10::optional<torch::Tensor> key_offset, double k_inv_scale, double v_inv_scale,
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<at::Tensor> qkv,
+                 c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, c10::optional<at::Tensor> o_bias,
+                 std::vector<at::Tensor> gate_up, c10::optional<at::Tensor> gate_up_bias,
+                 std::vector<at::Tensor> down, c10::optional<at::Tensor> down_bias,
+                 c10::optional<at::Tensor> key_offset, double k_inv_scale, double v_inv_scale,
                  std::vector<double> attention_scales, bool requantize_k, bool requantize_v) {
     const int64_t q_n = heads_ * d_, kv_n = kv_heads_ * d_;
     DecodeLayer l{input_norm.contiguous(), post_norm.contiguous(),
                   projection(qkv, qkv_bias, q_n + 2 * kv_n), projection(o, o_bias, hidden_),
                   projection(gate_up, gate_up_bias, 2 * inter_), projection(down, down_bias, hidden_),
-                  key_offset ? c10::optional<torch::Tensor>(key_offset->contiguous()) : c10::nullopt,
-                  torch::Tensor(), torch::Tensor(), c10::nullopt, k_inv_scale, v_inv_scale, attention_scales,
+                  key_offset ? c10::optional<at::Tensor>(key_offset->contiguous()) : c10::nullopt,
+                  at::Tensor(), at::Tensor(), c10::nullopt, k_inv_scale, v_inv_scale, attention_scales,
                   requantize_k, requantize_v};
     TORCH_CHECK(attention_scales.size() == 8, "decode stack: 8 attention scales per layer");
     TORCH_CHECK(!l.key_offset || l.key_offset->numel() == kv_n, "decode stack: key_offset must have kv_heads * head_dim values");
     layers_.push_back(std::move(l));
   }
 
-  void bind_caches(int64_t layer, torch::Tensor k_cache, torch::Tensor v_cache, c10::optional<torch::Tensor> first_kv) {
+  void bind_caches(int64_t layer, at::Tensor k_cache, at::Tensor v_cache, c10::optional<at::Tensor> first_kv) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
     layers_[layer].k_cache = k_cache;
     layers_[layer].v_cache = v_cache;
-    TORCH_CHECK(!first_kv || (first_kv->scalar_type() == torch::kFloat && first_kv->is_contiguous() &&
+    TORCH_CHECK(!first_kv || (first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() &&
                               first_kv->dim() == 4 && first_kv->size(0) == 2 && first_kv->size(1) == kv_heads_ &&
                               first_kv->size(2) > k_cache.size(1) && first_kv->size(3) == d_),
                 "decode stack: first_kv must be contiguous float32 [2, kv_heads, cache blocks + 1, head_dim]");
@@ -63,19 +63,19 @@ class DecodeStack {
   // x [B, hidden] (the embeddings of the step's tokens); cos / signed sin [B, head_dim] at their
   // positions; slots [B]; block_tables [B, max_blocks]; bias [B, max_blocks * block_size].
   // Returns the last layer's output (before the final norm).
-  torch::Tensor forward(const torch::Tensor& x_in, const torch::Tensor& cos, const torch::Tensor& sin,
-                        const torch::Tensor& slots, const torch::Tensor& block_tables, const torch::Tensor& bias) {
-    TORCH_CHECK(x_in.scalar_type() == torch::kFloat && x_in.dim() == 2, "decode stack: x must be float32 [B, hidden]");
+  at::Tensor forward(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& bias) {
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode stack: x must be float32 [B, hidden]");
     const int64_t B = x_in.size(0);
     TORCH_CHECK(x_in.size(1) == hidden_, "decode stack: x has ", x_in.size(1), " features, the layers ", hidden_);
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * d_ && sin.numel() == B * d_,
                 "decode stack: cos and sin must be contiguous [B, head_dim]");
     auto x = x_in.contiguous().clone();
-    auto h = torch::empty_like(x);
-    auto q = torch::empty({B, heads_, d_}, x.options());
-    auto k = torch::empty({B, kv_heads_, d_}, x.options());
-    auto v = torch::empty({B, kv_heads_, d_}, x.options());
-    auto act = torch::empty({B, inter_}, x.options());
+    auto h = at::empty_like(x);
+    auto q = at::empty({B, heads_, d_}, x.options());
+    auto k = at::empty({B, kv_heads_, d_}, x.options());
+    auto v = at::empty({B, kv_heads_, d_}, x.options());
+    auto act = at::empty({B, inter_}, x.options());
     for (DecodeLayer& l : layers_) {
       TORCH_CHECK(l.k_cache.defined(), "decode stack: caches not bound");
       rms_norm(x, l.input_norm, h);
@@ -98,20 +98,20 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  static FP8Projection projection(const std::vector<torch::Tensor>& t, const c10::optional<torch::Tensor>& bias,
+  static FP8Projection projection(const std::vector<at::Tensor>& t, const c10::optional<at::Tensor>& bias,
                                   int64_t N) {
     TORCH_CHECK(t.size() == 4, "decode stack: a projection is (packed, col_scale, row_scale, inv_scale)");
     TORCH_CHECK(t[1].numel() == N, "decode stack: a projection has ", t[1].numel(), " outputs, expected ", N);
     return FP8Projection{t[0], t[1], t[2], t[3], bias, N};
   }
 
-  torch::Tensor project(const torch::Tensor& in, const FP8Projection& p) const {
+  at::Tensor project(const at::Tensor& in, const FP8Projection& p) const {
     return linear(in, p.packed, p.N, e5m2_, p.col_scale, p.row_scale, p.inv_scale, limit_, mantissa_, min_exp_,
                   p.bias, isa_);
   }
 
   // out = x * rsqrt(mean(x²) + eps) * w, per row; the squares summed in double.
-  void rms_norm(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) const {
+  void rms_norm(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) const {
     const int64_t B = x.size(0), H = x.size(1);
     const float* px = x.data_ptr<float>();
     const float* pw = w.data_ptr<float>();
@@ -127,9 +127,9 @@ class DecodeStack {
 
   // q, k, v out of the fused projection's rows; q and k rotated (x·cos + roll(x, d/2)·signed sin),
   // then K's calibrated offset subtracted.
-  void split_rotate(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                    const c10::optional<torch::Tensor>& key_offset, torch::Tensor& q, torch::Tensor& k,
-                    torch::Tensor& v) const {
+  void split_rotate(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                    const c10::optional<at::Tensor>& key_offset, at::Tensor& q, at::Tensor& k,
+                    at::Tensor& v) const {
     const int64_t B = qkv.size(0), width = qkv.size(1), half = d_ / 2;
     const float* src = qkv.data_ptr<float>();
     const float* pc = cos.data_ptr<float>();
@@ -159,8 +159,8 @@ class DecodeStack {
 
   // As PagedAttention.keep_first_tokens: a token in a block's first slot keeps its unrounded K/V in
   // that block's row (a one-token step may be a sequence's first: a one-token prompt).
-  void keep_first_tokens(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
-                         int64_t block_size, torch::Tensor& first_kv) const {
+  void keep_first_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                         int64_t block_size, at::Tensor& first_kv) const {
     const int64_t B = k.size(0), rows = first_kv.size(2);
     const int64_t* ps = slots.data_ptr<int64_t>();
     const float* pk = k.data_ptr<float>();
@@ -180,7 +180,7 @@ class DecodeStack {
   }
 
   // act = silu(gate) * up, gate and up the halves of each row of gu.
-  void silu_mul(const torch::Tensor& gu, torch::Tensor& act) const {
+  void silu_mul(const at::Tensor& gu, at::Tensor& act) const {
     const int64_t B = gu.size(0);
     const float* p = gu.data_ptr<float>();
     float* o = act.data_ptr<float>();
@@ -191,7 +191,7 @@ class DecodeStack {
       }
   }
 
-  static void add_into(torch::Tensor& x, const torch::Tensor& y) {
+  static void add_into(at::Tensor& x, const at::Tensor& y) {
     float* px = x.data_ptr<float>();
     const float* py = y.data_ptr<float>();
     for (int64_t i = 0, n = x.numel(); i < n; ++i) px[i] += py[i];

@@ -2,7 +2,8 @@
 // cast fused in), for decode (a GEMV that dequantizes in registers) and prefill (dequantized
 // panels into a register-blocked microkernel). One source, compiled for AVX-512 and AVX2; the
 // caller picks the ISA at run time (`isa()` reports what this CPU supports).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor (not torch/extension.h: half the compile time)
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -109,17 +110,17 @@ static void check_isa(int64_t want) {
               want == kAvx512Bf16 ? "AVX-512 BF16" : want == kAvx512 ? "AVX-512" : "AVX2");
 }
 
-static void check_float_vector(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 1 && t.is_contiguous(),
+static void check_float_vector(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(),
               name, " must be a contiguous 1-D float32 tensor");
   TORCH_CHECK(std::find(sizes.begin(), sizes.end(), t.numel()) != sizes.end(), name, " has ", t.numel(),
               " elements, which does not fit the matmul's shapes");
 }
 
 // x [M, K] contiguous float32 against weight panels [ceil(N / 32), K, 32] of `dtype`.
-static void check_matmul_operands(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                                  torch::ScalarType dtype, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+static void check_matmul_operands(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                                  at::ScalarType dtype, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D float32 tensor");
   TORCH_CHECK(packed.scalar_type() == dtype && packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == kPanel,
               "packed weights must be contiguous ", c10::toString(dtype), " [panels, K, 32]");
@@ -132,25 +133,25 @@ static void check_matmul_operands(const torch::Tensor& x, const torch::Tensor& p
 // x [M, K] float32 (contiguous) @ dequant(packed)ᵀ -> [M, N] float32.
 // inv_scale: optional [1] or [M]: x is first cast to FP8 values of x * inv_scale (W8A8).
 // row_scale: [1] or [M], multiplies row m of the result; col_scale: [N]; bias: optional [N].
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, bool e5m2,
-                     const torch::Tensor& col_scale, const torch::Tensor& row_scale,
-                     const c10::optional<torch::Tensor>& inv_scale, double limit, int64_t mantissa_bits,
-                     int64_t min_exponent, const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, bool e5m2,
+                     const at::Tensor& col_scale, const at::Tensor& row_scale,
+                     const c10::optional<at::Tensor>& inv_scale, double limit, int64_t mantissa_bits,
+                     int64_t min_exponent, const c10::optional<at::Tensor>& bias, int64_t want_isa) {
   check_isa(want_isa);
-  check_matmul_operands(x, packed, N, torch::kByte, bias);
+  check_matmul_operands(x, packed, N, at::kByte, bias);
   const int64_t M = x.size(0), K = x.size(1);
   check_float_vector(col_scale, "col_scale", {N});
   check_float_vector(row_scale, "row_scale", {1, M});
 
-  torch::Tensor xq = x;
+  at::Tensor xq = x;
   if (inv_scale) {
     check_float_vector(*inv_scale, "inv_scale", {1, M});
-    xq = torch::empty_like(x);
+    xq = at::empty_like(x);
     QuantArgs q{inv_scale->data_ptr<float>(), inv_scale->numel(), static_cast<float>(limit),
                 static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
     FP8LM_ISA_CALL(want_isa, quantize_rows(x.data_ptr<float>(), M, K, q, xq.data_ptr<float>()));
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   LinearArgs a{xq.data_ptr<float>(), packed.data_ptr<uint8_t>(), col_scale.data_ptr<float>(),
                row_scale.data_ptr<float>(), row_scale.numel(), bias ? bias->data_ptr<float>() : nullptr,
@@ -165,12 +166,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 
 // x [M, K] float32 (contiguous) @ Wᵀ for a bfloat16 weight in the same panels -> [M, N] float32:
 // float32 products and sums, as a float32 matmul of the bfloat16 weight's values.
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                          const c10::optional<torch::Tensor>& bias, int64_t want_isa) {
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                          const c10::optional<at::Tensor>& bias, int64_t want_isa) {
   check_isa(want_isa);
-  check_matmul_operands(x, packed, N, torch::kBFloat16, bias);
+  check_matmul_operands(x, packed, N, at::kBFloat16, bias);
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   LinearArgs a{x.data_ptr<float>(), packed.data_ptr(), nullptr, nullptr, 1,   // unscaled sums
                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, K, N, WeightFormat::kBF16};
@@ -179,11 +180,11 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, i
 }
 
 // x cast onto the FP8 grid: the FP8 values of x * inv_scale (saturated at +-limit), as float32.
-torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit, int64_t mantissa_bits,
+at::Tensor fake_quant(const at::Tensor& x, double inv_scale, double limit, int64_t mantissa_bits,
                          int64_t min_exponent, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "fake_quant takes a contiguous float32 tensor");
-  auto out = torch::empty_like(x);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fake_quant takes a contiguous float32 tensor");
+  auto out = at::empty_like(x);
   const int64_t cols = x.dim() ? x.size(-1) : 1;
   if (x.numel() == 0) return out;
   const float inv = static_cast<float>(inv_scale);
@@ -196,18 +197,18 @@ torch::Tensor fake_quant(const torch::Tensor& x, double inv_scale, double limit,
 // decode step, or [B, L, heads, d] for L padded queries per sequence with bias [B, L, S]. scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
 // cache scales (E4M3: times 256, see dequant); requantize_k/v: cast K/V onto the grid again
 // (FP8Matmul does unless it can skip it).
-torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& bias, bool e5m2,
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& bias, bool e5m2,
                                std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
                                int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa,
-                               const c10::optional<torch::Tensor>& first_kv) {
+                               const c10::optional<at::Tensor>& first_kv) {
   check_isa(want_isa);
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && (q.dim() == 3 || q.dim() == 4) && q.is_contiguous(),
+  TORCH_CHECK(q.scalar_type() == at::kFloat && (q.dim() == 3 || q.dim() == 4) && q.is_contiguous(),
               "q must be contiguous float32 [B, heads, d] or [B, L, heads, d]");
-  TORCH_CHECK(k_cache.scalar_type() == torch::kByte && v_cache.scalar_type() == torch::kByte && k_cache.dim() == 4 &&
+  TORCH_CHECK(k_cache.scalar_type() == at::kByte && v_cache.scalar_type() == at::kByte && k_cache.dim() == 4 &&
               k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
               "K/V caches must be contiguous uint8 [kv_heads, blocks, block_size, d] of one shape");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, max_blocks]");
   TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
   const int64_t B = q.size(0), L = q.dim() == 4 ? q.size(1) : 1, H = q.size(-2), d = q.size(-1);
@@ -217,9 +218,9 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
               " and the caches must match q");
   TORCH_CHECK(block_tables.size(0) == B, "block_tables must have one row per sequence");
   const int64_t S = block_tables.size(1) * k_cache.size(2);
-  TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == B * L * S,
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == B * L * S,
               "bias must be contiguous float32 [B, L, max_blocks * block_size]");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const double qk_a = scales[1], qk_b = scales[2], sm = scales[3], av_a = scales[4], av_b = scales[5];
   DecodeArgs a{q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
                block_tables.data_ptr<int64_t>(), bias.data_ptr<float>(), out.data_ptr<float>(),
@@ -231,7 +232,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
                FP8Operand{static_cast<float>(scales[6]), static_cast<float>(1.0 / qk_b), requantize_k},
                FP8Operand{static_cast<float>(scales[7]), static_cast<float>(1.0 / av_b), requantize_v}};
   if (first_kv) {
-    TORCH_CHECK(first_kv->scalar_type() == torch::kFloat && first_kv->is_contiguous() && first_kv->dim() == 4 &&
+    TORCH_CHECK(first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() && first_kv->dim() == 4 &&
                 first_kv->size(0) == 2 && first_kv->size(1) == num_kv_heads && first_kv->size(2) >= k_cache.size(1) &&
                 first_kv->size(3) == d, "first_kv must be contiguous float32 [2, kv_heads, >= cache blocks, d]");
     a.first_rows = first_kv->size(2);
@@ -244,13 +245,13 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cac
 
 // Writes new K or V rows x [T, kv_heads, d] into the paged FP8 cache [kv_heads, blocks, block_size, d]
 // at `slots` [T] (slot = block * block_size + offset): FP8 bytes of x * inv_scale, saturated at limit.
-void write_cache(const torch::Tensor& x, torch::Tensor& cache, const torch::Tensor& slots, bool e5m2, double inv_scale,
+void write_cache(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slots, bool e5m2, double inv_scale,
                  double limit, int64_t mantissa_bits, int64_t min_exponent, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 3 && x.is_contiguous(), "x must be contiguous float32 [T, kv_heads, d]");
-  TORCH_CHECK(cache.scalar_type() == torch::kByte && cache.dim() == 4 && cache.is_contiguous(),
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.is_contiguous(), "x must be contiguous float32 [T, kv_heads, d]");
+  TORCH_CHECK(cache.scalar_type() == at::kByte && cache.dim() == 4 && cache.is_contiguous(),
               "the cache must be contiguous uint8 [kv_heads, blocks, block_size, d]");
-  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.is_contiguous() && slots.numel() == x.size(0),
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots must be contiguous int64 [T]");
   const int64_t T = x.size(0), heads = x.size(1), d = x.size(2), num_slots = cache.size(1) * cache.size(2);
   TORCH_CHECK(cache.size(0) == heads && cache.size(3) == d, "x and the cache disagree on kv_heads or head_dim");
@@ -266,10 +267,10 @@ void write_cache(const torch::Tensor& x, torch::Tensor& cache, const torch::Tens
 }
 
 // float32 values of FP8 bytes times `scale` (E4M3: the caller folds 256 into it).
-torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int64_t want_isa) {
+at::Tensor dequantize(const at::Tensor& src, bool e5m2, double scale, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(src.scalar_type() == torch::kByte && src.is_contiguous(), "dequantize takes contiguous uint8 bytes");
-  auto out = torch::empty(src.sizes(), src.options().dtype(torch::kFloat));
+  TORCH_CHECK(src.scalar_type() == at::kByte && src.is_contiguous(), "dequantize takes contiguous uint8 bytes");
+  auto out = at::empty(src.sizes(), src.options().dtype(at::kFloat));
   const uint8_t* p = src.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
@@ -279,9 +280,9 @@ torch::Tensor dequantize(const torch::Tensor& src, bool e5m2, double scale, int6
 }
 
 // Reads every byte of `t` once across the thread pool (a read-bandwidth probe for benchmarks).
-int64_t read_all(const torch::Tensor& t, int64_t want_isa) {
+int64_t read_all(const at::Tensor& t, int64_t want_isa) {
   check_isa(want_isa);
-  TORCH_CHECK(t.scalar_type() == torch::kByte && t.is_contiguous(), "read_all takes a contiguous uint8 tensor");
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.is_contiguous(), "read_all takes a contiguous uint8 tensor");
   constexpr int64_t kChunk = 1 << 20;
   const int64_t chunks = t.numel() / kChunk;
   TORCH_CHECK(chunks > 0, "read_all needs at least 1 MiB");
