@@ -14,6 +14,12 @@ def seq(prompt, output, **params):
     return s
 
 
+def filtered(logits, seqs) -> torch.Tensor:
+    """The sampler's distribution of each row over the whole vocabulary (its columns scattered back)."""
+    probs, ids = Sampler(())._filtered_probs(logits, seqs)
+    return probs if ids is None else torch.zeros_like(logits, dtype=probs.dtype).scatter_(1, ids, probs)
+
+
 def test_penalties_by_hand():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
     s = seq([0], [1, 1, 2], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
@@ -37,14 +43,14 @@ def test_top_k_top_p_min_p_filters_by_hand():
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
     logits = probs.log()[None]
     def kept(**params):
-        return (Sampler(())._filtered_probs(logits, [seq([0], [], **params)])[0] > 0).tolist()
+        return (filtered(logits, [seq([0], [], **params)])[0] > 0).tolist()
     assert kept(top_k=2) == [True, True, False, False, False]
     # top_p 0.8: 0.4 + 0.3 = 0.7 < 0.8, so the third token (cumulative 0.85) is still needed.
     assert kept(top_p=0.8) == [True, True, True, False, False]
     assert kept(top_p=0.7) == [True, True, False, False, False]
     # min_p 0.3: keep p >= 0.3 * 0.4 = 0.12
     assert kept(min_p=0.3) == [True, True, True, False, False]
-    renorm = Sampler(())._filtered_probs(logits, [seq([0], [], top_k=2)])[0]
+    renorm = filtered(logits, [seq([0], [], top_k=2)])[0]
     assert torch.allclose(renorm[:2], torch.tensor([0.4, 0.3]) / 0.7)
 
 
@@ -77,20 +83,35 @@ def _kept_by_definition(probs: torch.Tensor, top_k: int, top_p: float, min_p: fl
 
 
 def test_large_vocabularies_rank_few_candidates_and_keep_the_same_tokens():
-    """Gemma's 262k vocabulary: the sampler ranks only its best CANDIDATES tokens where the rule
-    cannot reach past them and the whole row where it can (a flat row under top_p 0.95)."""
+    """A large vocabulary: the sampler ranks only its best CANDIDATES[0] tokens where the rule cannot
+    reach past them, CANDIDATES[1] where only those can hold it, and the whole row where more can
+    (flatter rows under top_p 0.95)."""
     from fp8lm.engine.sampler import CANDIDATES
 
     gen = torch.Generator().manual_seed(0)
-    vocab = 4 * CANDIDATES
-    peaked = torch.randn(3, vocab, generator=gen, dtype=torch.float64) * 4
+    vocab = 2 * CANDIDATES[-1]
+    peaked = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 4
+    medium = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 2.5
     flat = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 0.1
-    for logits in (peaked, flat):
+    for logits in (peaked, medium, flat):
         for params in (dict(top_p=0.95), dict(top_k=50), dict(min_p=0.05), dict(top_k=3000, top_p=0.99),
                        dict(top_p=0.9, min_p=0.001)):
-            rows = Sampler(())._filtered_probs(logits, [seq([0], [], **params) for _ in logits])
+            rows = filtered(logits, [seq([0], [], **params) for _ in logits])
             for row, probs in zip(rows, torch.softmax(logits, dim=-1)):
                 expected = _kept_by_definition(probs, params.get("top_k") or vocab, params.get("top_p", 1.0),
                                                params.get("min_p", 0.0))
                 assert set(torch.nonzero(row).flatten().tolist()) == expected, params
-    assert len(_kept_by_definition(torch.softmax(flat[0], 0), vocab, 0.95, 0.0)) > CANDIDATES   # the fallback ran
+    kept = [len(_kept_by_definition(torch.softmax(x[0], 0), vocab, 0.95, 0.0)) for x in (peaked, medium, flat)]
+    assert kept[0] < CANDIDATES[0] < kept[1] < CANDIDATES[1] < kept[2]      # each rank was needed once
+
+
+def test_sampling_from_candidates_draws_their_tokens():
+    """top_k 2 over shuffled tokens: draws land on the two most likely ids at their renormalized rates."""
+    probs = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])
+    s = seq([0], [], top_k=2, seed=5)
+    sampler, counts = Sampler(()), torch.zeros(5)
+    for _ in range(4000):
+        counts[sampler(probs.log()[None], [s])[0]] += 1
+    # 4000 draws: standard error <= sqrt(0.25/4000) = 0.008; allow 4 sigma.
+    expected = torch.tensor([0.0, 0.4, 0.0, 0.3, 0.0]) / 0.7
+    assert (counts / counts.sum() - expected).abs().max() < 0.032
