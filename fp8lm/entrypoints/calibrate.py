@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
 from fp8lm.files import replace_durably
+from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
@@ -107,9 +109,16 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     engine = dict(device=device, dtype=dtype, max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
                   tensor_parallel_size=tensor_parallel_size, skip_warmup=True)
     if recipe == "fp8lm":
-        texts = continue_texts(LLM(model, **engine), prompts,
-                               continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),
-                               use_tqdm)
+        # The passes after it run FP8 models on the CPU kernels; their first build (~25 s) compiles
+        # while the unquantized model generates the continuation, which does not use them.
+        build = threading.Thread(target=kernels_for, args=(resolve_device(device),), name="fp8lm-kernels")
+        build.start()
+        try:
+            texts = continue_texts(LLM(model, **engine), prompts,
+                                   continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),
+                                   use_tqdm)
+        finally:
+            build.join()
         # What generating them ran through the model: all but each text's last token.
         ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
         files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), ran, PREFILL, use_tqdm)
