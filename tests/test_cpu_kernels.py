@@ -85,7 +85,7 @@ def test_linear_equals_float64_reference_to_float32_rounding(kernels, case):
         assert (err <= bound).all(), f"{isa}: max error / bound = {(err / bound).max():.3g}"
 
 
-@pytest.mark.parametrize("t, k", [(1, 5), (37, 64), (300, 200)])
+@pytest.mark.parametrize("t, k", [(1, 5), (37, 64), (300, 200), (64, 600)])
 def test_fp8_gram_is_the_fp8_inputs_second_moment(kernels, t, k):
     """XqᵀXq (the statistics pass's GPTQ second moments) from the W8A8 GEMM with xᵀ as both operands:
     the float64 product of the same FP8 values to float32 summation order, on every ISA."""

@@ -27,6 +27,7 @@ from fp8lm.fp8.numerics import FP8_LAYOUT, to_fp8
 log = logging.getLogger(__name__)
 
 PANEL = 32                      # output rows per packed panel (kPanel in csrc/fp8_cpu.cpp)
+GRAM_BLOCKS = 2                 # fp8_gram's row blocks: 3/4 of the full product's work (more blocks measured no faster)
 ISA_CODES = {"avx2": 1, "avx512": 2, "avx512bf16": 3}   # avx512bf16: W8A8 prefill by bfloat16 dot products
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h", "gemm_bf16dot.h")
@@ -86,12 +87,22 @@ class CpuKernels:
     def fp8_gram(self, x: torch.Tensor, scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """X_qᵀX_q [K, K] float32 for X_q = the FP8 values of x [T, K] at `scale`, times `scale`: the
         W8A8 GEMM with xᵀ as both operands (its FP8 cast as `linear`'s), so every product is exact
-        and only the float32 sums' order differs from X_qᵀX_q in float64."""
+        and only the float32 sums' order differs from X_qᵀX_q in float64. Only the blocks on and above
+        the diagonal are multiplied (a slice of the packed panels is the panels of the later rows);
+        the others are their mirror."""
         xt = x.t().float().contiguous()
+        k = xt.shape[0]
         s = torch.tensor([float(scale)])
         packed = pack_panels(to_fp8(xt, 1 / s, fp8_dtype, limit))
-        return self.linear(xt, packed, xt.shape[0], fp8_dtype, kernel_col_scale(s, xt.shape[0], fp8_dtype), s, 1 / s,
-                           limit)
+        gram = torch.empty(k, k)
+        step = PANEL * max(1, -(-k // (GRAM_BLOCKS * PANEL)))
+        for start in range(0, k, step):
+            end, n = min(start + step, k), k - start
+            rows = self.linear(xt[start:end], packed[start // PANEL:], n, fp8_dtype, kernel_col_scale(s, n, fp8_dtype),
+                               s, 1 / s, limit)
+            gram[start:end, start:] = rows
+            gram[end:, start:end] = rows[:, end - start:].t()
+        return gram
 
     def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""
