@@ -37,7 +37,9 @@ class Sampler:
             valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
             for row, i in enumerate(rows):
                 if valid[row]:
-                    j = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+                    # A row's own kept tokens only: trailing zeros (other rows keeping more) change draws.
+                    own = probs[row] if ids is None else probs[row, :int((probs[row] > 0).sum())]
+                    j = int(torch.multinomial(own, 1, generator=seqs[i].generator))
                     tokens[i] = j if ids is None else int(ids[row, j])
                 else:
                     tokens[i] = int(logits[i].nan_to_num(nan=float("-inf")).argmax())
@@ -97,7 +99,12 @@ class Sampler:
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
         if (top_k < vocab).any() or (top_p < 1).any() or (min_p > 0).any():
             kept, ids = _candidates(logits, top_k, top_p, min_p)
-            return torch.softmax(kept, dim=-1), ids
+            # Each row normalized over its own kept tokens (a prefix of its ranking), zeros after them:
+            # its numbers then never depend on how many tokens other rows keep.
+            probs = torch.zeros_like(kept)
+            for r, width in enumerate((kept > float("-inf")).sum(dim=-1).tolist()):
+                probs[r, :width] = torch.softmax(kept[r, :width], dim=-1)
+            return probs, ids
         return torch.softmax(logits, dim=-1), None
 
 
