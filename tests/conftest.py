@@ -3,6 +3,7 @@ once per machine into the fp8lm cache and shared by every slow test."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -108,21 +109,42 @@ class CliCalibration:
     stdout: str
 
 
+def run_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test run, its folder shared by every pytest-xdist worker: the first
+    worker to get here builds it under a file lock, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base   # the run's folder, not the worker's
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_fp8(smollm2, tmp_path_factory) -> Path:
     """The float32 calibration through the Python API; returns its QUANT_CONFIG path."""
     from fp8lm.entrypoints.calibrate import calibrate
 
-    return calibrate(str(smollm2), "builtin", tmp_path_factory.mktemp("cal-float32"), dtype="float32",
-                     use_tqdm=False, **SMOLLM2_CALIBRATION).quant_config
+    def build(folder):
+        calibrate(str(smollm2), "builtin", folder, dtype="float32", use_tqdm=False, **SMOLLM2_CALIBRATION)
+
+    return run_once(tmp_path_factory, "cal-float32", build) / "maxabs_quant_cpu.json"
 
 
 @pytest.fixture(scope="session")
 def smollm2_fp8_bfloat16(smollm2, tmp_path_factory) -> CliCalibration:
     """The bfloat16 calibration through the CLI (`fp8lm calibrate ... --dtype bfloat16`)."""
-    out = tmp_path_factory.mktemp("cal-bfloat16")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMOLLM2_CALIBRATION.items()]
-    result = subprocess.run([sys.executable, "-m", "fp8lm", "calibrate", str(smollm2), "--output", str(out),
-                             "--dtype", "bfloat16", *flags], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    return CliCalibration(out / "maxabs_quant_cpu.json", result.stdout)
+    def build(folder):
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMOLLM2_CALIBRATION.items()]
+        result = subprocess.run([sys.executable, "-m", "fp8lm", "calibrate", str(smollm2), "--output", str(folder),
+                                 "--dtype", "bfloat16", *flags], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr
+        folder.with_name(f"{folder.name}.stdout").write_text(result.stdout)
+
+    folder = run_once(tmp_path_factory, "cal-bfloat16", build)
+    return CliCalibration(folder / "maxabs_quant_cpu.json", folder.with_name(f"{folder.name}.stdout").read_text())
