@@ -38,7 +38,7 @@ test: install
 
 # Quick local loop: skips the SmolLM2 and oracle tests that CI runs.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
