@@ -1,7 +1,9 @@
 # The README's two commands. Each one sets up everything it needs on a fresh clone.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+# --no-compile: pip would byte-compile every installed module (torch's and transformers' thousands,
+# ~40 s here); Python compiles the ones a run imports, once, on first import.
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
 # torch 2.13.0 is the CPU wheel kept on these machines' disk; installing it first stops any
 # other requirement from pulling a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
