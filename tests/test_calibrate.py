@@ -76,6 +76,18 @@ def test_interrupted_calibration_writes_nothing(tmp_path, tiny_model, monkeypatc
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_bad_kernel_choice_stops_calibration_before_any_work(tmp_path, tiny_model, monkeypatch):
+    """The kernels build on a thread while the continuation is generated: a bad FP8LM_CPU_KERNELS is
+    still refused first, by name, with nothing generated or written."""
+    from fp8lm.entrypoints.llm import LLM
+
+    monkeypatch.setenv("FP8LM_CPU_KERNELS", "sse9")
+    monkeypatch.setattr(LLM, "generate", lambda *a, **k: pytest.fail("generated before refusing"))
+    with pytest.raises(FP8LMError, match="FP8LM_CPU_KERNELS='sse9': allowed values are"):
+        calibrate(str(tiny_model), "builtin", tmp_path / "out", max_tokens=2, num_samples=4, use_tqdm=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_smollm2_builtin_calibration(smollm2, smollm2_fp8_bfloat16):
     """The run's shared `fp8lm calibrate smollm2 ... --dtype bfloat16` (tests/conftest.py): its files."""

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
 from fp8lm.files import replace_durably
-from fp8lm.fp8.cpu_kernels import kernels_for
+from fp8lm.fp8.cpu_kernels import build_in_background
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
@@ -111,8 +110,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
     if recipe == "fp8lm":
         # The passes after it run FP8 models on the CPU kernels; their first build (~25 s) compiles
         # while the unquantized model generates the continuation, which does not use them.
-        build = threading.Thread(target=kernels_for, args=(resolve_device(device),), name="fp8lm-kernels")
-        build.start()
+        build = build_in_background(resolve_device(device))
         try:
             texts = continue_texts(LLM(model, **engine), prompts,
                                    continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),

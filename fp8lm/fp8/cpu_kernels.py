@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,3 +261,20 @@ def cpu_kernels() -> CpuKernels | None:
 def kernels_for(device) -> CpuKernels | None:
     """The CPU kernels for tensors on `device`: None off the CPU (or where they cannot run)."""
     return cpu_kernels() if device.type == "cpu" else None
+
+
+def build_in_background(device) -> threading.Thread:
+    """Builds (or loads) the kernels for `device` on a thread, for a caller with other work meanwhile;
+    join it before the first FP8 layer. A bad FP8LM_CPU_KERNELS is raised here, before that work; an
+    ISA this CPU lacks is raised by the caller's own next call, not on the thread."""
+    _requested_isa()
+
+    def build():
+        try:
+            kernels_for(device)
+        except FP8LMError:
+            pass
+
+    thread = threading.Thread(target=build, name="fp8lm-kernels")
+    thread.start()
+    return thread
