@@ -24,6 +24,9 @@ from fp8lm.errors import FP8LMError
 log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 30.0     # a hung rank fails every other rank's next collective within this
 COLLECTIVE_TIMEOUT_ENV = "FP8LM_TP_COLLECTIVE_TIMEOUT_S"    # overrides it (seconds; the ranks inherit it)
+# Joining is not a collective: ranks that start beside other work import torch and fp8lm before
+# they reach the store, which can take far longer than a step's collectives may.
+RENDEZVOUS_TIMEOUT_S = 300.0
 # The other ranks wait for rank 0's next message as long as a server stays idle. A rank that dies
 # closes its sockets, which fails a waiting broadcast at once; a hung one is caught by the step's
 # own collectives (COLLECTIVE_TIMEOUT_S).
@@ -67,7 +70,8 @@ def init_group(backend: str, rank: int, world_size: int, rendezvous: str | int, 
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
         return
     os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()     # gloo's pair sockets on loopback too
-    store = dist.TCPStore(LOOPBACK, rendezvous, world_size, is_master=listener_fd is not None, timeout=timeout,
+    joining = datetime.timedelta(seconds=max(RENDEZVOUS_TIMEOUT_S, collective_timeout_s()))
+    store = dist.TCPStore(LOOPBACK, rendezvous, world_size, is_master=listener_fd is not None, timeout=joining,
                           master_listen_fd=listener_fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
