@@ -19,7 +19,8 @@ from fp8lm.model.linear import ParallelLinear
 from fp8lm.model.llama import DecodeKernel, LlamaForCausalLM
 from fp8lm.quant.fp8_linear import FP8Panels
 from fp8lm.quant.fp8_modules import inverse
-from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
+from fp8lm.model.hooks import HookWatch
+from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears
 
 
 class FusedFP8DecodeStack(DecodeKernel):
