@@ -10,7 +10,7 @@ from fp8lm.engine.cuda_graphs import DecodeGraphs
 from fp8lm.engine.sequence import Sequence
 from fp8lm.model.attention import AttentionMetadata, StepMetadata, build_attn_bias
 from fp8lm.model.llama import LlamaForCausalLM
-from fp8lm.model.hooks import HookWatch
+from fp8lm.quant.fused_ops import HookWatch
 
 
 # Prompt logits (prompt_logprobs) are computed in blocks of rows of at most this many bytes of float32

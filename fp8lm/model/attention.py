@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fp8lm.model.hooks import HookWatch
 from fp8lm.model.layers import KVCache, Matmul, Softmax
 
 
@@ -82,8 +80,8 @@ class CacheAdjustment:
 
 
 class AttentionKernel:
-    """The layer's cache writes, matmuls and softmax in one call, the same numbers as its modules':
-    PlainAttention below, or what a quantizer sets as `PagedAttention.fused_attention` (built in quant/)."""
+    """What a quantizer may set as `PagedAttention.fused_attention`: the layer's cache writes,
+    matmuls and softmax in one call, the same numbers as its modules'. Declared here, built in quant/."""
 
     def applies(self, attn: PagedAttention, q: torch.Tensor, meta: AttentionMetadata) -> bool:
         raise NotImplementedError
@@ -91,34 +89,6 @@ class AttentionKernel:
     def __call__(self, attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         raise NotImplementedError
-
-
-class PlainAttention(AttentionKernel):
-    """An unquantized layer's attention as one scaled_dot_product_attention call over the K/V read
-    back from the cache: the modules' math with the sums in another order (and bfloat16 scores
-    and probabilities kept in float32 inside the call), no [.., queries, context] scores in memory.
-    Every layer runs it while its five modules are the plain ones (none replaced by a quantizer, or
-    all swapped back) and no hook observes them (MEASURE)."""
-
-    def applies(self, attn: PagedAttention, q: torch.Tensor, meta: AttentionMetadata) -> bool:
-        parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
-        if tuple(map(type, parts)) != (Matmul, Softmax, Matmul, KVCache, KVCache) or attn.first_kv is not None:
-            return False
-        return not HookWatch(parts).hooked()
-
-    def __call__(self, attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
-        attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        keys = attn.k_cache.fetch(attn.k_cache_tensor, meta.block_tables, q.dtype).transpose(0, 1)   # [B, kvh, S, d]
-        values = attn.v_cache.fetch(attn.v_cache_tensor, meta.block_tables, q.dtype).transpose(0, 1)
-        queries = q[meta.query_index].transpose(1, 2)                                               # [B, heads, L, d]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_bias[0], scale=attn.scale,
-                                             enable_gqa=True)
-        return out.transpose(1, 2).reshape(meta.batch_size * meta.max_query_len, -1)[meta.flat_index]
-
-
-PLAIN_ATTENTION = PlainAttention()
 
 
 class PagedAttention(nn.Module):
@@ -182,9 +152,8 @@ class PagedAttention(nn.Module):
         meta = meta.for_window(self.sliding_window)
         if self.first_kv is not None:
             self.keep_first_tokens(k, v, meta.slot_mapping)
-        for kernel in (self.fused_attention, PLAIN_ATTENTION):
-            if kernel is not None and kernel.applies(self, q, meta):
-                return kernel(self, q, k, v, meta)
+        if self.fused_attention is not None and self.fused_attention.applies(self, q, meta):
+            return self.fused_attention(self, q, k, v, meta)
         self.k_cache(k, self.k_cache_tensor, meta.slot_mapping)
         self.v_cache(v, self.v_cache_tensor, meta.slot_mapping)
         first = None if self.first_kv is None else self.first_kv[:, :, meta.block_tables[:, 0]]   # [2, kvh, B, d]

@@ -19,8 +19,7 @@ from fp8lm.model.linear import ParallelLinear
 from fp8lm.model.llama import DecodeKernel, LlamaForCausalLM
 from fp8lm.quant.fp8_linear import FP8Panels
 from fp8lm.quant.fp8_modules import inverse
-from fp8lm.model.hooks import HookWatch
-from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears
+from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
 
 
 class FusedFP8DecodeStack(DecodeKernel):

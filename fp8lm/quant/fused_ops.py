@@ -5,12 +5,25 @@ once weights are loaded). Each runs only while no hook observes the modules it s
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fp8lm.model.attention import AttentionKernel
-from fp8lm.model.hooks import HookWatch
 from fp8lm.model.linear import FusedProjections, ParallelLinear
 from fp8lm.quant.fp8_linear import FP8Panels
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
+
+
+class HookWatch:
+    """Whether any of `modules` has a forward (pre-)hook, or a global one is set: a fused path skips
+    the modules' own forwards and would bypass them. Asked every step, so it keeps the modules'
+    hook dicts (registering a hook adds to them in place) and tests those without a Python loop."""
+
+    def __init__(self, modules):
+        self._dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+    def hooked(self) -> bool:
+        g = nn.modules.module
+        return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
 class FusedFP8Attention(AttentionKernel):
