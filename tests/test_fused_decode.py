@@ -119,7 +119,8 @@ def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, smollm2_fp8):
 
 
 def test_the_engine_says_why_decode_steps_are_not_fused(tiny_model, measured, caplog):
-    """FP8 weights over a high-precision KV cache run decode layer by layer: the log says so and why."""
+    """FP8 weights over a high-precision KV cache, or an unquantized model, run decode layer by layer:
+    the log says so and why."""
     import logging
 
     config = {"mode": "QUANTIZE", "scale_method": "maxabs_hw", "dump_stats_path": str(measured)}
@@ -131,3 +132,8 @@ def test_the_engine_says_why_decode_steps_are_not_fused(tiny_model, measured, ca
     with caplog.at_level(logging.INFO, logger="fp8lm.quant.post_load"):
         fused = fp8_tiny(tiny_model, measured)
     assert fused.engine.host.model.model.fused_decode is not None and "layer by layer" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fp8lm.engine.model_host"):
+        plain = LLM(str(tiny_model), dtype="bfloat16", max_model_len=128, skip_warmup=True)
+    assert plain.engine.host.model.model.fused_decode is None
+    assert "decode steps run layer by layer" in caplog.text and "this one is torch.bfloat16" in caplog.text
