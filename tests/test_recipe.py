@@ -89,6 +89,39 @@ def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, t
     assert ((stats["q_proj"].hessian - xq.T @ xq).abs() <= bound).all()
 
 
+def test_attention_statistics_leave_the_fused_kernel_running(recipe_calibration, tiny_model):
+    """The collector observes each attention layer from the layer's own hook: the fused FP8 attention
+    kernel keeps running, and the keys' range and the per-KV-head maxima of q·k's queries and of V
+    equal what those modules receive on the modules' path (their own hooks, same tokens)."""
+    from fp8lm.quant.recipe import PLAIN_OPTIONS
+    from fp8lm.quant.statistics import StatisticsCollector
+
+    config = {**json.loads(recipe_calibration.quant_config.read_text()), "fp8lm": PLAIN_OPTIONS}
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=config, kv_cache_dtype="fp8_inc",
+              max_model_len=64, skip_warmup=True, enable_prefix_caching=False)
+    attn = llm.engine.host.model.model.layers[1].self_attn.attn
+    kernel, calls = attn.fused_attention, []
+    attn.fused_attention = lambda *args: calls.append(1) or kernel(*args)
+    attn.fused_attention.applies = kernel.applies
+    tokens = list(range(3, 40))
+    collector = StatisticsCollector(llm.engine.host.model, search_scales=False)
+    llm.engine.score(tokens)
+    collector.detach()
+    assert calls, "the collector's hooks turned the fused attention kernel off"
+    seen = {}
+    for which, module in (("key", attn.k_cache), ("query", attn.matmul_qk), ("value", attn.v_cache)):
+        module.register_forward_pre_hook(lambda m, args, w=which: seen.setdefault(w, []).append(args[0].float()))
+    llm.engine.score(tokens)
+    keys = torch.cat(seen["key"])                                       # [T, kv_heads, d]
+    prefix = "model.layers.1.self_attn.attn"
+    stats = collector.keys[prefix]
+    assert torch.equal(stats.low, keys.amin(dim=0)) and torch.equal(stats.high, keys.amax(dim=0))
+    queries = torch.cat([q.abs().amax(dim=(1, 2, 3)) for q in seen["query"]]).view(-1, 2).amax(dim=0)
+    assert torch.equal(collector.heads[f"{prefix}.query"].maxabs, queries)
+    values = torch.cat(seen["value"]).abs().amax(dim=(0, 2))
+    assert torch.equal(collector.heads[f"{prefix}.value"].maxabs, values)
+
+
 def test_key_offset_leaves_attention_unchanged(tiny_model):
     """Subtracting any per-channel constant from the keys shifts every score of a query's row by
     q·offset, which softmax cancels: float32 logits agree to rounding."""

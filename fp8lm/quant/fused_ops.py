@@ -39,7 +39,8 @@ class FusedFP8Attention(AttentionKernel):
                        attn.k_cache.scale, attn.v_cache.scale]
         self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
         self.limit = qk.fmt.limit
-        self.hooks = HookWatch((attn, qk, sm, av, attn.k_cache, attn.v_cache))
+        # Not the layer itself: the kernel runs inside its forward, so the layer's own hooks still run.
+        self.hooks = HookWatch((qk, sm, av, attn.k_cache, attn.v_cache))
 
     @staticmethod
     def can_fuse(attn) -> bool:

@@ -140,13 +140,20 @@ class StatisticsCollector:
                         lambda m, args, s=stats: s.update(args[0])))
         for name, module in model.named_modules():
             if isinstance(module, PagedAttention):
-                stats = self.keys[name] = KeyStatistics()
-                self._handles.append(module.k_cache.register_forward_pre_hook(
-                    lambda m, args, s=stats: s.update(args[0])))
-                # q·k's first input is [kv_heads, B, group * L, d]; V is cached from [T, kv_heads, d].
-                for which, sub, axis in (("query", module.matmul_qk, 0), ("value", module.v_cache, 1)):
-                    stats = self.heads[f"{name}.{which}"] = HeadStatistics(axis)
-                    self._handles.append(sub.register_forward_pre_hook(lambda m, args, s=stats: s.update(args[0])))
+                self.keys[name] = KeyStatistics()
+                self.heads[f"{name}.query"], self.heads[f"{name}.value"] = HeadStatistics(1), HeadStatistics(1)
+                # A hook on the layer itself, not on its caches and matmuls: the fused attention
+                # kernel still runs (it would bypass those modules' hooks).
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, n=name: self._observe_attention(m, n, *args[:3])))
+
+    def _observe_attention(self, attn: PagedAttention, name: str, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor) -> None:
+        """K as the cache stores it (after the key offset), q·k's queries (q times the score scale; the
+        heads of one KV head stacked) and V, all [T, kv_heads, ...]."""
+        self.keys[name].update(k if attn.key_offset is None else k - attn.key_offset)
+        self.heads[f"{name}.query"].update((q * attn.scale).reshape(q.shape[0], attn.num_kv_heads, -1))
+        self.heads[f"{name}.value"].update(v)
 
     def detach(self) -> None:
         for h in self._handles:
