@@ -70,7 +70,7 @@ def init_group(backend: str, rank: int, world_size: int, rendezvous: str | int, 
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
         return
     os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()     # gloo's pair sockets on loopback too
-    joining = datetime.timedelta(seconds=max(RENDEZVOUS_TIMEOUT_S, collective_timeout_s()))
+    joining = max(datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S), timeout)
     store = dist.TCPStore(LOOPBACK, rendezvous, world_size, is_master=listener_fd is not None, timeout=joining,
                           master_listen_fd=listener_fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
