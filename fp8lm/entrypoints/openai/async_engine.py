@@ -25,6 +25,14 @@ class RequestTimeout(FP8LMError):
     """No output from the engine within FP8LM_RPC_TIMEOUT."""
 
 
+class EngineOverloaded(FP8LMError):
+    """A request would pass the bound on waiting sequences (--max-waiting-requests)."""
+
+    def __init__(self, waiting: int, most: int):
+        super().__init__(f"{waiting} sequences are waiting, the server takes at most --max-waiting-requests="
+                         f"{most}; retry later")
+
+
 class Sink:
     """Where one request's outputs go, from the engine thread to its asyncio consumer: one pending
     output at most, so a client slower than the engine holds what it has not read, not one output
@@ -85,7 +93,8 @@ class AsyncEngine:
         # Prompts tokenize and grammars compile here, never on the engine thread or the event loop: a
         # request joins the engine once both are done.
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8lm-prepare")
-        self._queued_seqs = 0       # sequences of requests put in the queue, not yet taken by the engine thread
+        # Sequences of requests still preparing or in the queue, not yet taken by the engine thread.
+        self._queued_seqs = 0
         self._queued_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="fp8lm-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch_steps, name="fp8lm-step-watchdog", daemon=True)
@@ -97,7 +106,8 @@ class AsyncEngine:
         self._watchdog.start()
 
     def num_waiting(self) -> int:
-        """Sequences (n per request) not yet running: queued for the engine thread, or waiting in its scheduler."""
+        """Sequences (n per request) not yet running: preparing (tokenizing, compiling a grammar), queued for the
+        engine thread, or waiting in its scheduler."""
         engine = self.engine
         return self._queued_seqs + (len(engine.scheduler.waiting) if engine is not None else 0)
 
@@ -218,17 +228,28 @@ class AsyncEngine:
                                       f"{GRAMMAR_COMPILE_TIMEOUT_S:g} s to compile; simplify it") from None
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       **kwargs) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
+                       most_waiting: int | None = None, **kwargs) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs until it finishes; aborts it if the consumer stops early.
+        Raises EngineOverloaded if its sequences would make more than `most_waiting` wait."""
         if self.error:
             raise EngineDeadError(self.public_error)
-        if isinstance(prompt, str):
-            add_special = kwargs.pop("add_special_tokens", True)
-            prompt, kwargs = await self.off_loop(self.engine.tokenize, prompt, add_special), {**kwargs, "prompt_text": prompt}
-        if params.structured_outputs is not None:
-            kwargs = {**kwargs, "grammar": await self._compile(params)}
-        sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)
+        # Checked and counted in one step of the event loop, before the first await: requests that
+        # arrive together cannot all pass the check while the others are still tokenizing.
+        waiting = self.num_waiting()
+        if most_waiting is not None and waiting + params.n > most_waiting:
+            raise EngineOverloaded(waiting, most_waiting)
         self._count_queued(params.n)
+        try:
+            if isinstance(prompt, str):
+                add_special = kwargs.pop("add_special_tokens", True)
+                prompt, kwargs = (await self.off_loop(self.engine.tokenize, prompt, add_special),
+                                  {**kwargs, "prompt_text": prompt})
+            if params.structured_outputs is not None:
+                kwargs = {**kwargs, "grammar": await self._compile(params)}
+        except BaseException:
+            self._count_queued(-params.n)
+            raise
+        sink = Sink(asyncio.get_running_loop(), params.output_kind is RequestOutputKind.DELTA)
         self._commands.put(("add", request_id, prompt, params, kwargs, sink))
         finished = False
         try:

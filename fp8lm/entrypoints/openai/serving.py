@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fp8lm.engine.outputs import RequestOutput
 from fp8lm.engine.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
-from fp8lm.entrypoints.openai.async_engine import AsyncEngine, RequestTimeout
+from fp8lm.entrypoints.openai.async_engine import AsyncEngine, EngineOverloaded, RequestTimeout
 from fp8lm.entrypoints.openai.limits import ServerLimits
 from fp8lm.entrypoints.openai.metrics import ServerMetrics
 from fp8lm.entrypoints.openai.protocol import SamplingFields, UnsupportedField
@@ -134,15 +134,12 @@ class ServingState:
         if asked > bound:
             raise APIError(400, f"{len(prompts)} prompts x n={params.n} is {asked} sequences; a request may ask for "
                                 f"at most {bound}", param="prompt")
-        waiting, most = self.engine.num_waiting(), self.limits.max_waiting_sequences
-        if most is not None and waiting + asked > most:
-            raise APIError(503, f"{waiting} sequences are waiting, the server takes at most --max-waiting-requests="
-                                f"{most}; retry later", "service_unavailable", headers={"Retry-After": "1"})
         params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
         gens = []
         for i, prompt in enumerate(prompts):
             self.submitted[f"{base_id}-{i}"] = time.monotonic()
-            gens.append(self.engine.generate(f"{base_id}-{i}", prompt, params, **kwargs))
+            gens.append(self.engine.generate(f"{base_id}-{i}", prompt, params, self.limits.max_waiting_sequences,
+                                             **kwargs))
         try:
             # Awaited together: each prompt is submitted as its first output is awaited.
             firsts = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
@@ -180,6 +177,8 @@ def as_api_error(e: BaseException) -> BaseException:
         return APIError(400, str(e), param=e.field)
     if isinstance(e, RequestTimeout):
         return APIError(504, str(e), "timeout")
+    if isinstance(e, EngineOverloaded):
+        return APIError(503, str(e), "service_unavailable", headers={"Retry-After": "1"})
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), "service_unavailable")      # AsyncEngine's public reason
     if isinstance(e, FP8LMError):
