@@ -12,6 +12,26 @@ pytestmark = pytest.mark.slow
 HELDOUT_TOKENS = 700          # past the 512-token window of the sliding-window layers
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_gguf_parse():
+    """gguf's reader takes ~12 s here to parse the GGUF's 262,144-piece vocabulary, and transformers
+    parses the file twice (for its config, then for its weights), the SentencePiece reference once
+    more: one read-only reader per file serves them all."""
+    import gguf
+
+    readers, original = {}, gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
 @pytest.fixture(scope="module")
 def gemma3():
     from fp8lm.model.registry import pull
