@@ -135,15 +135,31 @@ def test_fp8_calibrate_tp3_quantize_unify_tp1(smollm2, tmp_path):
 COLLECTIVE_TIMEOUT_S = 3     # FP8LM_TP_COLLECTIVE_TIMEOUT_S for the servers below (default 30)
 
 
-def start_tp3_server(smollm2):
+@pytest.fixture(scope="module")
+def tp3_model(tmp_path_factory):
+    """The tiny model with heads and MLP that three ranks divide."""
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tp3") / "llama", hidden_size=96, intermediate_size=192,
+                           num_attention_heads=6, num_key_value_heads=3)
+
+
+@pytest.fixture(scope="module")
+def tp1_answer(tp3_model):
+    """What one process answers PROMPT (greedy), for the TP=3 servers to give again."""
+    llm = LLM(str(tp3_model), max_model_len=256, skip_warmup=True)
+    return llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+
+
+def start_tp3_server(model):
     """`fp8lm serve` at TP=3, healthy; returns the process, an openai client and the worker pids."""
     from server_util import free_port
 
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fp8lm", "serve", str(smollm2), "--port", str(port),
-                             "--tensor-parallel-size", "3", "--max-model-len", "256", "--served-model-name", "smol"],
+    proc = subprocess.Popen([sys.executable, "-m", "fp8lm", "serve", str(model), "--port", str(port),
+                             "--tensor-parallel-size", "3", "--max-model-len", "256", "--served-model-name", "tp3"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "FP8LM_SKIP_WARMUP": "1",
                                  "FP8LM_TP_COLLECTIVE_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S)})
@@ -169,20 +185,22 @@ def running(pids):
     return [c for c in pids if os.path.exists(f"/proc/{c}") and "zombie" not in open(f"/proc/{c}/status").read().lower()]
 
 
-def paris(client):
-    r = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
-    return r.choices[0].text.strip().startswith("Paris")
+PROMPT = "The capital of France is"
 
 
-@pytest.mark.slow
-def test_serve_tp3_survives_idle_time_and_dies_with_a_worker(smollm2):
+def answer(client):
+    return client.completions.create(model="tp3", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+
+
+def test_serve_tp3_survives_idle_time_and_dies_with_a_worker(tp3_model, tp1_answer):
     """Idle ranks wait for rank 0 past gloo's collective timeout (here 3 s): the server answers after
-    twice that without traffic; a rank killed afterwards still ends it within 30 s, naming the rank."""
-    proc, client, workers = start_tp3_server(smollm2)
+    twice that without traffic (what one process answers); a rank killed afterwards still ends it
+    within 30 s, naming the rank."""
+    proc, client, workers = start_tp3_server(tp3_model)
     try:
-        assert paris(client)
+        assert answer(client) == tp1_answer
         time.sleep(2 * COLLECTIVE_TIMEOUT_S)
-        assert proc.poll() is None and paris(client)
+        assert proc.poll() is None and answer(client) == tp1_answer
         os.kill(workers[0], signal.SIGKILL)
         proc.wait(30)
         out = proc.stdout.read()
@@ -194,11 +212,10 @@ def test_serve_tp3_survives_idle_time_and_dies_with_a_worker(smollm2):
             proc.kill()
 
 
-@pytest.mark.slow
-def test_tp_workers_exit_when_rank0_is_killed(smollm2):
-    proc, client, workers = start_tp3_server(smollm2)
+def test_tp_workers_exit_when_rank0_is_killed(tp3_model, tp1_answer):
+    proc, client, workers = start_tp3_server(tp3_model)
     try:
-        assert paris(client)
+        assert answer(client) == tp1_answer
         proc.kill()                                   # SIGKILL: rank 0 runs no handler
         proc.wait(10)
         deadline = time.monotonic() + 15
@@ -223,3 +240,15 @@ def test_torchrun_launch_equals_single_process(tiny_model):
                               capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0 and launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout == single.stdout
+
+
+def test_a_worker_that_fails_to_start_ends_rank_0_at_once(tiny_model, tmp_path):
+    """A script without the `if __name__ == "__main__":` guard: each spawned rank re-runs it and
+    fails while it starts. Rank 0 stops waiting for it (the store would wait RENDEZVOUS_TIMEOUT_S,
+    300 s) and names the worker."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from fp8lm import LLM\nLLM({str(tiny_model)!r}, tensor_parallel_size=2, skip_warmup=True)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150)
+    assert result.returncode != 0
+    assert "tensor-parallel worker fp8lm-tp-rank1 exited with code 1 before joining rank 0" in result.stderr, \
+        result.stderr[-2000:]

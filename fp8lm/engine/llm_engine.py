@@ -115,7 +115,7 @@ class LLMEngine:
         check_divisible(ModelConfig.from_folder(resolve_model(config.model)), world)
         rendezvous = LocalRendezvous(world)
         self.workers = spawn_local_workers(run_worker, config, world, rendezvous.port)
-        rendezvous.join(backend_for(resolve_device(config.device)))
+        rendezvous.join(backend_for(resolve_device(config.device)), self.workers)
         atexit.register(self.shutdown)
         return DistInfo(0, world, 0)
 

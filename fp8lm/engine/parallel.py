@@ -32,6 +32,7 @@ RENDEZVOUS_TIMEOUT_S = 300.0
 # own collectives (COLLECTIVE_TIMEOUT_S).
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 PARENT_POLL_S = 1.0
+WORKER_POLL_S = 0.2
 LOOPBACK = "127.0.0.1"
 
 
@@ -87,9 +88,30 @@ class LocalRendezvous:
         self.port = self.listener.getsockname()[1]
         self.world_size = world_size
 
-    def join(self, backend: str) -> None:
-        """Rank 0 joins (the others join with `init_group(..., self.port)`)."""
-        init_group(backend, 0, self.world_size, self.port, self.listener.fileno())
+    def join(self, backend: str, workers: list) -> None:
+        """Rank 0 joins (the others join with `init_group(..., self.port)`) while it watches the
+        processes of the others: one that exits before joining (an error while it starts) ends the
+        wait at once, with every other rank stopped, instead of after RENDEZVOUS_TIMEOUT_S."""
+        joined, failure = threading.Event(), []
+
+        def run() -> None:
+            try:
+                init_group(backend, 0, self.world_size, self.port, self.listener.fileno())
+            except BaseException as e:   # raised again on the caller's thread
+                failure.append(e)
+            finally:
+                joined.set()
+
+        threading.Thread(target=run, name="fp8lm-tp-join", daemon=True).start()
+        while not joined.wait(WORKER_POLL_S):
+            gone = [p for p in workers if p.exitcode is not None]
+            if gone:
+                for p in workers:
+                    p.terminate()
+                raise FP8LMError(f"tensor-parallel worker {gone[0].name} exited with code {gone[0].exitcode} "
+                                 f"before joining rank 0 (its error is in the log above)")
+        if failure:
+            raise failure[0]
 
 
 def loopback_interface() -> str:
