@@ -148,3 +148,32 @@ def smollm2_fp8_bfloat16(smollm2, tmp_path_factory) -> CliCalibration:
 
     folder = run_once(tmp_path_factory, "cal-bfloat16", build)
     return CliCalibration(folder / "maxabs_quant_cpu.json", folder.with_name(f"{folder.name}.stdout").read_text())
+
+
+def shared_calibration_of(item) -> str | None:
+    """The shared calibration fixture a test needs (tests/test_smollm2_fp8.py picks one by its
+    `calibration` parameter), or None."""
+    callspec = getattr(item, "callspec", None)
+    param = callspec.params.get("calibration") if callspec is not None else None
+    if "smollm2_fp8" in item.fixturenames or param == "float32":
+        return "smollm2_fp8"
+    if "smollm2_fp8_bfloat16" in item.fixturenames or param == "bfloat16":
+        return "smollm2_fp8_bfloat16"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's load scheduling each worker first gets a batch of consecutive tests
+    (a quarter of its share). One user of each shared calibration heads a worker's first batch, so
+    the two calibrations build at once, one per worker; the other users run last, when both are
+    built, instead of a worker waiting for the other's calibration."""
+    users = [item for item in items if shared_calibration_of(item) is not None]
+    firsts = {}
+    for item in users:
+        firsts.setdefault(shared_calibration_of(item), item)
+    ordered = [item for item in items if shared_calibration_of(item) is None]
+    workers = config.workerinput["workercount"] if hasattr(config, "workerinput") else 1
+    batch = max(len(items) // workers // 4, 2)
+    for k, first in enumerate(firsts.values()):
+        ordered.insert(min(k * batch, len(ordered)) if k < workers else 0, first)
+    items[:] = ordered + [item for item in users if item not in firsts.values()]
