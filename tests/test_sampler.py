@@ -82,27 +82,44 @@ def _kept_by_definition(probs: torch.Tensor, top_k: int, top_p: float, min_p: fl
     return kept
 
 
-def test_large_vocabularies_rank_few_candidates_and_keep_the_same_tokens():
-    """A large vocabulary: the sampler ranks only its best CANDIDATES[0] tokens where the rule cannot
-    reach past them, CANDIDATES[1] where only those can hold it, and the whole row where more can
-    (flatter rows under top_p 0.95)."""
-    from fp8lm.engine.sampler import CANDIDATES
+def test_large_vocabularies_rank_only_tokens_that_can_be_kept():
+    """A 16,384-token vocabulary, peaked to flat rows: each rule keeps exactly what its definition
+    keeps, while the sampler ranks only the tokens at or above each row's floor under top_p 0.95."""
+    from fp8lm.engine.sampler import _ranked
 
     gen = torch.Generator().manual_seed(0)
-    vocab = 2 * CANDIDATES[-1]
+    vocab = 16384
     peaked = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 4
     medium = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 2.5
     flat = torch.randn(2, vocab, generator=gen, dtype=torch.float64) * 0.1
     for logits in (peaked, medium, flat):
         for params in (dict(top_p=0.95), dict(top_k=50), dict(min_p=0.05), dict(top_k=3000, top_p=0.99),
-                       dict(top_p=0.9, min_p=0.001)):
+                       dict(top_p=0.9, min_p=0.001), dict(top_k=20000, top_p=0.5)):
             rows = filtered(logits, [seq([0], [], **params) for _ in logits])
             for row, probs in zip(rows, torch.softmax(logits, dim=-1)):
                 expected = _kept_by_definition(probs, params.get("top_k") or vocab, params.get("top_p", 1.0),
                                                params.get("min_p", 0.0))
                 assert set(torch.nonzero(row).flatten().tolist()) == expected, params
-    kept = [len(_kept_by_definition(torch.softmax(x[0], 0), vocab, 0.95, 0.0)) for x in (peaked, medium, flat)]
-    assert kept[0] < CANDIDATES[0] < kept[1] < CANDIDATES[1] < kept[2]      # each rank was needed once
+    for logits in (peaked, medium):
+        probs = torch.softmax(logits, dim=-1)
+        ranked = _ranked(probs, torch.full((2,), vocab), torch.full((2,), 0.95, dtype=torch.float64),
+                         torch.zeros(2, dtype=torch.float64))[0].shape[1]
+        kept = max(len(_kept_by_definition(p, vocab, 0.95, 0.0)) for p in probs)
+        assert kept <= ranked < vocab // 2, (kept, ranked)
+
+
+def test_equal_probabilities_rank_the_lower_token_id_first():
+    """Ties are ranked by token id, for top-k and for top-p alike: the candidates' order decides
+    which token a seeded draw lands on, so it must not depend on how the ranking was computed."""
+    logits = torch.tensor([[0.5, 2.0, 2.0, 2.0, 1.0, 2.0]])               # four ties at p = 0.218
+    for params, expected in ((dict(top_k=2), [1, 2]), (dict(top_p=0.5), [1, 2, 3]), (dict(top_k=3, top_p=0.99), [1, 2, 3])):
+        row = filtered(logits, [seq([0], [], **params)])[0]
+        assert torch.nonzero(row).flatten().tolist() == expected, params
+    from fp8lm.engine.sampler import _candidates
+
+    for top_k, top_p in ((2, 1.0), (6, 0.5)):
+        _, ids = _candidates(logits, torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([0.0]))
+        assert ids[0, :2].tolist() == [1, 2], (top_k, top_p, ids)
 
 
 def test_sampling_from_candidates_draws_their_tokens():

@@ -108,39 +108,66 @@ class Sampler:
         return torch.softmax(logits, dim=-1), None
 
 
-# Tokens ranked per row before top-k / top-p / min-p, most likely first: sorting a whole 262k
-# vocabulary costs ~1 s per step for 32 rows on two cores, the best 1,024 ~50 ms (SmolLM2's 49k: sort
-# 57 ms, best 1,024 7 ms, best 8,192 15 ms). A larger rank, and then the whole row, only where the rule
-# could keep a token past them.
-CANDIDATES = (1024, 8192)
+# Tokens ranked per row before top-k / top-p / min-p, most likely first. Ranking a whole vocabulary
+# is the expensive part (SmolLM2's 49k x 32 rows, one thread: sort ~120 ms, topk of 8,192 ~30 ms), so
+# only the tokens at or above a floor each rule sets are ranked. Top-p's floor: each row's
+# probabilities bucketed by their binary exponent, the lower edge of the buckets from the top that
+# first hold more than top_p's mass (plus a margin for summation order) -- a token below it has more
+# than top_p ranked before it. The floors are found in float32 (a row in float64 is rounded for it).
+EXPONENT_BUCKETS = 150              # p in [2^-(b+1), 2^-b) for b < 149; the last bucket holds the rest
+TOP_P_MARGIN = 1e-4
+MIN_P_SLACK = 1.0 - 2.0 ** -20      # float32 rounding of a float64 row's ratios
 
 
 def _candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [R, C], token ids [R, C]) of the C best-ranked tokens, those top-k, top-p (the first
-    always kept) or min-p drops set to -inf; C covers every row's kept tokens."""
-    vocab = logits.shape[1]
+    """(logits [R, C], token ids [R, C]) of the C best-ranked tokens (equal probabilities: the lower
+    id first), those top-k, top-p (the first always kept) or min-p drops set to -inf; C covers every
+    row's kept tokens."""
     probs = torch.softmax(logits, dim=-1)
-    for rank in CANDIDATES:
-        if rank >= vocab:
-            break
-        best, order = probs.topk(rank, dim=-1)
-        # Every token past the candidates is dropped where the k-th rank is, the candidates' mass
-        # already exceeds top_p, or the last candidate is already below min_p.
-        past_dropped = (top_k <= rank) | (best.sum(dim=-1) > top_p) | (best[:, -1] < min_p * best[:, 0])
-        if bool(past_dropped.all()):
-            break
-    else:
-        rank = vocab
-    if rank >= vocab:
-        best, order = probs.sort(dim=-1, descending=True)
+    best, order, counts = _ranked(probs, top_k, top_p, min_p)
     ranks = torch.arange(best.shape[1])[None, :]
-    drop = ranks >= top_k[:, None]
+    drop = (ranks >= top_k[:, None]) | (ranks >= counts[:, None])
     drop |= (best.cumsum(dim=-1) - best) > top_p[:, None]
     drop |= best < min_p[:, None] * best[:, :1]
     width = int((~drop).sum(dim=-1).max())
     order = order[:, :width]
     return logits.gather(1, order).masked_fill(drop[:, :width], float("-inf")), order
+
+
+def _ranked(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+            min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities [R, W], token ids [R, W], ranked count [R]) of each row's tokens at or above its
+    floor, most likely first (ties: the lower id first); W is the largest count, shorter rows padded
+    with zeros."""
+    filtering = probs.float()
+    floor = _floor(filtering, top_p, min_p)
+    keep = filtering >= floor[:, None]
+    counts = keep.sum(dim=-1)
+    binding = top_k < counts
+    if bool(binding.any()):                        # top-k's floor: the k-th probability (its ties pass)
+        k = int(top_k[binding].max())
+        kth = filtering.topk(k, dim=-1).values.gather(1, (top_k.clamp(max=k) - 1)[:, None])[:, 0]
+        keep = filtering >= torch.where(binding, torch.maximum(floor, kth), floor)[:, None]
+        counts = keep.sum(dim=-1)
+    rows, ids = keep.nonzero(as_tuple=True)        # row by row, ids ascending
+    slot = torch.arange(rows.shape[0]) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+    width = int(counts.max())
+    values, order = probs.new_zeros(probs.shape[0], width), ids.new_zeros(probs.shape[0], width)
+    values[rows, slot], order[rows, slot] = probs[rows, ids], ids
+    best, by_prob = values.sort(dim=-1, descending=True, stable=True)
+    return best, order.gather(1, by_prob), counts
+
+
+def _floor(probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Per row of float32 probabilities, one that every token top-p and min-p keep reaches."""
+    exponent = probs.view(torch.int32) >> 23                          # IEEE biased exponent (p >= 0)
+    bucket = (126 - exponent).clamp_(0, EXPONENT_BUCKETS - 1).long()  # 126: p in [1/2, 1)
+    mass = probs.new_zeros(probs.shape[0], EXPONENT_BUCKETS).scatter_add_(1, bucket, probs)
+    enough = mass.cumsum(dim=-1) > (top_p.float() + TOP_P_MARGIN)[:, None]
+    first = torch.where(enough.any(dim=-1), enough.int().argmax(dim=-1), EXPONENT_BUCKETS)
+    floor = torch.exp2(-(first + 1).float()).masked_fill_(first >= EXPONENT_BUCKETS - 1, 0.0)
+    return torch.maximum(floor, min_p.float() * MIN_P_SLACK * probs.amax(dim=-1))
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
