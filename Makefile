@@ -38,12 +38,14 @@ demo: $(VENV)/.runtime
 # Bytecode is written on first import (pip installed none, and these machines set
 # PYTHONDONTWRITEBYTECODE): otherwise each of the suite's hundreds of processes compiles torch,
 # transformers and fp8lm from source again (5.0 s per import instead of 2.4 s here).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE OMP_NUM_THREADS=1 $(PY) -m pytest -n auto
+
 test: install
-	env -u PYTHONDONTWRITEBYTECODE OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --durations=20 $(PYTEST_ARGS)
+	$(PYTEST) --durations=20 $(PYTEST_ARGS)
 
 # Quick local loop: skips the SmolLM2 and oracle tests that CI runs.
 test-fast: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
