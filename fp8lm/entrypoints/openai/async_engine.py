@@ -111,6 +111,12 @@ class AsyncEngine:
         engine = self.engine
         return self._queued_seqs + (len(engine.scheduler.waiting) if engine is not None else 0)
 
+    def check_room(self, seqs: int, most_waiting: int | None) -> None:
+        """Raises EngineOverloaded if `seqs` more sequences would make more than `most_waiting` wait."""
+        waiting = self.num_waiting()
+        if most_waiting is not None and waiting + seqs > most_waiting:
+            raise EngineOverloaded(waiting, most_waiting)
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.error is None
@@ -235,9 +241,7 @@ class AsyncEngine:
             raise EngineDeadError(self.public_error)
         # Checked and counted in one step of the event loop, before the first await: requests that
         # arrive together cannot all pass the check while the others are still tokenizing.
-        waiting = self.num_waiting()
-        if most_waiting is not None and waiting + params.n > most_waiting:
-            raise EngineOverloaded(waiting, most_waiting)
+        self.check_room(params.n, most_waiting)
         self._count_queued(params.n)
         try:
             if isinstance(prompt, str):

@@ -134,6 +134,12 @@ class ServingState:
         if asked > bound:
             raise APIError(400, f"{len(prompts)} prompts x n={params.n} is {asked} sequences; a request may ask for "
                                 f"at most {bound}", param="prompt")
+        # The whole request first, so that none of its prompts starts when it cannot all wait; each
+        # prompt's own check in generate() is what holds the bound when requests arrive together.
+        try:
+            self.engine.check_room(asked, self.limits.max_waiting_sequences)
+        except EngineOverloaded as e:
+            raise as_api_error(e) from None
         params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
         gens = []
         for i, prompt in enumerate(prompts):
