@@ -89,6 +89,41 @@ def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, t
     assert ((stats["q_proj"].hessian - xq.T @ xq).abs() <= bound).all()
 
 
+def test_measure_pass_statistics_are_the_high_precision_inputs_second_moments(recipe_calibration, tiny_model):
+    """In MEASURE's own pass (calibrate's one pass): H of every Linear QUANTIZE will make FP8 (not the
+    blocklisted LM head) is XᵀX of the high-precision inputs it receives, q/k/v and gate/up sharing
+    one tensor."""
+    from fp8lm.model.linear import ParallelLinear
+    from fp8lm.quant.config import load_quant_config
+    from fp8lm.quant.quantize import planned_linears
+    from fp8lm.quant.statistics import StatisticsCollector
+
+    measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs",
+                   "dump_stats_path": str(recipe_calibration.quant_config.parent / "again")}
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=measure_cfg, max_model_len=64, skip_warmup=True)
+    model = llm.engine.host.model
+    planned = planned_linears(model, load_quant_config(json.loads(recipe_calibration.quant_config.read_text())),
+                              llm.engine.host.device)
+    linears = [n for n, m in model.named_modules() if isinstance(m, ParallelLinear) and n != "lm_head"]
+    assert sorted(planned) == sorted(linears) and len(linears) == 7 * len(model.model.layers)
+    collector = StatisticsCollector(model, search_scales=False, planned=planned)
+    attn = model.model.layers[0].self_attn
+    seen = {}
+    for name in ("q_proj", "o_proj"):
+        getattr(attn, name).register_forward_pre_hook(
+            lambda m, args, n=name: seen.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
+    llm.engine.score(list(range(3, 40)))
+    llm.engine.score(list(range(5, 30)))
+    collector.detach()
+    stats = {n.rpartition(".")[2]: s for n, s in collector.linears.items() if n.startswith("model.layers.0.")}
+    assert stats["q_proj"].hessian is stats["k_proj"].hessian is stats["v_proj"].hessian
+    assert stats["gate_proj"].hessian is stats["up_proj"].hessian
+    for name in ("q_proj", "o_proj"):
+        x = torch.cat(seen[name]).double()
+        bound = (x.shape[0] + 5) * 2.0**-24 * (x.abs().T @ x.abs())       # float32 sums in any order
+        assert ((stats[name].hessian - x.T @ x).abs() <= bound).all()
+
+
 def test_attention_statistics_leave_the_fused_kernel_running(recipe_calibration, tiny_model):
     """The collector observes each attention layer from the layer's own hook: the fused FP8 attention
     kernel keeps running, and the keys' range and the per-KV-head maxima of q·k's queries and of V
@@ -189,6 +224,30 @@ def test_calibrate_writes_the_accuracy_first_recipe(recipe_calibration, tiny_mod
     q = llm.engine.host.model.model.layers[0].self_attn.q_proj
     assert torch.equal(q.format.fp8_weight(q), w)                                     # the rounded weight runs
     assert q.weight_scale == pytest.approx(float(stats["model.layers.0.self_attn.q_proj.weight_scale"]))
+
+
+def test_searched_scales_calibrate_on_the_quantized_model(tiny_model, tmp_path):
+    """searched_scales needs the input scales MEASURE sets: calibrate runs the statistics pass on the
+    plain-scale FP8 model, and every rounded Linear also gets its searched factor, which loads."""
+    from safetensors.torch import load_file
+
+    from fp8lm.entrypoints.calibrate import calibrate
+    from fp8lm.quant.recipe import FP8LM_OPTIONS
+    from fp8lm.quant.statistics import ACTIVATION_CANDIDATES
+
+    result = calibrate(str(tiny_model), "builtin", tmp_path, num_samples=4, max_seq_len=48, max_tokens=2,
+                       use_tqdm=False, statistics_tokens=256,
+                       quant_overrides={"fp8lm": {**FP8LM_OPTIONS, "searched_scales": True}})
+    config = json.loads(result.quant_config.read_text())
+    stats = load_file(f"{config['dump_stats_path']}_fp8lm_stats.safetensors")
+    rounded = {k[:-len(".weight")] for k in stats if k.endswith(".weight")}
+    factors = {k[:-len(".input_scale_factor")] for k in stats if k.endswith(".input_scale_factor")}
+    assert rounded == factors and len(rounded) == 14
+    assert all(min(abs(float(stats[f"{n}.input_scale_factor"]) - c) for c in ACTIVATION_CANDIDATES) < 1e-6
+               for n in factors)
+    llm = LLM(str(tiny_model), quantization="inc", quant_config=str(result.quant_config), kv_cache_dtype="fp8_inc",
+              max_model_len=64, skip_warmup=True)
+    assert llm.generate([{"prompt_token_ids": [3, 4, 5]}], use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_recipe_options_are_validated(tiny_model):

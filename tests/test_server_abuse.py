@@ -226,6 +226,25 @@ def test_waiting_sequences_are_bounded(server):
     responsive(server.base_url)
 
 
+def prompt_tokens_processed(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", headers=AUTH, timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prompt_tokens_total"))
+
+
+def test_a_request_that_cannot_all_wait_starts_none_of_its_prompts(server):
+    """3 prompts x n=4 against 8 waiting sequences on an idle server: 503 before any prompt starts
+    (checked prompt by prompt, the first two were prefilled, then the request was refused)."""
+    base = server.base_url
+    before = prompt_tokens_processed(base)
+    r = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=30, json={
+        "model": "tiny", "prompt": ["one two", "three four", "five six"], "max_tokens": 2, "n": 4})
+    assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+    time.sleep(0.5)                      # a started prompt would be counted within a step or two
+    assert prompt_tokens_processed(base) == before
+    responsive(base)
+    assert prompt_tokens_processed(base) > before       # the counter does count prompts
+
+
 def test_the_engine_never_waits_for_a_grammar_to_compile(tiny_model):
     """In process, with compiling made to take 3 s: a running stream keeps its pace meanwhile, and
     the constrained request joins when its grammar is ready."""

@@ -19,7 +19,9 @@ from fp8lm.model.config import ModelConfig
 from fp8lm.model.fingerprint import model_fingerprint
 from fp8lm.model.registry import resolve_model
 from fp8lm.model.tokenizer import Tokenizer
+from fp8lm.quant.config import load_quant_config
 from fp8lm.quant.dataset import load_samples
+from fp8lm.quant.quantize import planned_linears
 from fp8lm.quant.recipe import RECIPES, fp8lm_recipe, inc_recipe, statistics_tensors
 from fp8lm.quant.statistics import StatisticsCollector, save_statistics, stats_path
 
@@ -119,16 +121,28 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
             build.join()
         # What generating them ran through the model: all but each text's last token.
         ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
-        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), ran, PREFILL, use_tqdm)
-        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
-                 sum(map(len, texts)), sum(map(len, prompts)))
+        measuring = LLM(model, quantization="inc", quant_config=measure_cfg, **engine)
         if tensor_parallel_size > 1:
             log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
                         "and softmax options only (no rounded weights, searched scales or K smoothing)",
                         tensor_parallel_size)
             quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-        else:
+            files = measure(measuring, ran, PREFILL, use_tqdm)
+        elif quant_cfg["fp8lm"].get("searched_scales", False):
+            files = measure(measuring, ran, PREFILL, use_tqdm)      # the search needs the input scales it sets
             collect_statistics(model, quant_cfg, ran, device, dtype, batch_size, use_tqdm)
+        else:
+            # One pass: the statistics of the high-precision model, observed in MEASURE's own prefill.
+            planned = planned_linears(measuring.engine.host.model, load_quant_config(quant_cfg),
+                                      measuring.engine.host.device)
+            collector = StatisticsCollector(measuring.engine.host.model, search_scales=False, planned=planned)
+            try:
+                files = measure(measuring, ran, PREFILL, use_tqdm)
+            finally:
+                collector.detach()
+            write_statistics(model, quant_cfg, collector)
+        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
+                 sum(map(len, texts)), sum(map(len, prompts)))
     else:
         texts = prompts
         files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), prompts,
@@ -197,6 +211,11 @@ def collect_statistics(model: str, quant_cfg: dict, prompts: list[list[int]], de
     finally:
         collector.detach()
         llm.engine.shutdown()
+    return write_statistics(model, quant_cfg, collector)
+
+
+def write_statistics(model: str, quant_cfg: dict, collector: StatisticsCollector) -> Path:
+    """The statistics file of a finished statistics pass (GPTQ's rounded weights among them)."""
     folder = resolve_model(model)
     tensors = statistics_tensors(collector, folder)
     fingerprint = model_fingerprint(folder)

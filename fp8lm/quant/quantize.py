@@ -32,13 +32,26 @@ def _is_fixed(spec) -> bool:
     return spec.value_type in ("FIXED_VALUE", "DUMMY_SCALES")
 
 
+def fp8_format(config: QuantConfig, profile: DeviceProfile) -> FP8Format:
+    return FP8Format(config.fp8_dtype, profile.fullscale(config.fp8_dtype), config.scale_format)
+
+
+def planned_linears(model: nn.Module, config: QuantConfig, device: torch.device) -> dict[str, FP8Format]:
+    """The Linears of a high-precision `model` that QUANTIZE under `config` makes FP8 with a static
+    input scale, each with its format: what a statistics pass before quantizing observes."""
+    fmt = fp8_format(config, profile_for(device, config.device_for_scales))
+    return {name: fmt for name, _, types, kind in quantizable_modules(model)
+            if kind is LINEAR and config.should_quantize(name, types)
+            and not config.scale_method.for_node(name, types).activation.dynamic}
+
+
 class Quantizer:
     def __init__(self, config: QuantConfig, device: torch.device, dtype: torch.dtype, model_fingerprint: dict | None,
                  kv_cache_fp8: bool, rank: int = 0, world_size: int = 1):
         self.config, self.device, self.dtype = config, device, dtype
         self.kv_cache_fp8, self.rank, self.world_size = kv_cache_fp8, rank, world_size
         self.profile: DeviceProfile = profile_for(device, config.device_for_scales)
-        self.fmt = FP8Format(config.fp8_dtype, self.profile.fullscale(config.fp8_dtype), config.scale_format)
+        self.fmt = fp8_format(config, self.profile)
         self.nodes, self.measurement_path = self._read_measurement(model_fingerprint)
         self.stats = self._read_statistics(model_fingerprint) if config.fp8lm.uses_statistics else {}
         self.quantized: dict[str, dict] = {}

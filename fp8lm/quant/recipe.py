@@ -115,13 +115,13 @@ def statistics_tensors(collector: StatisticsCollector, model_folder: Path) -> di
         if stats.candidate_error is not None:
             tensors[f"{name}.input_scale_factor"] = torch.tensor([stats.best_activation_factor()])
         if name in weights:         # not e.g. a tied LM head: that keeps round-to-nearest
-            fmt, hessian = stats.module.format.fmt, stats.hessian
+            fmt, hessian = stats.fmt, stats.hessian
             h32 = float_hessians.setdefault(id(hessian), hessian.float())
             scale, q, err = nearest_choice(weights[name], h32, fmt.dtype, fmt.limit)
             nearest[name], problems[name] = (q, err), (weights[name], hessian, scale)
     gains = []
     if problems:
-        fmt = next(iter(collector.linears.values())).module.format.fmt
+        fmt = next(iter(collector.linears.values())).fmt
         for name, rounded in gptq_rounds(problems, fmt.dtype, fmt.limit).items():
             weight, hessian, scale = problems[name]
             err = output_error(weight, rounded * scale, float_hessians[id(hessian)])

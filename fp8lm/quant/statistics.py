@@ -1,11 +1,13 @@
 """fp8lm's calibration statistics, beside INC's measurement files: what the accuracy-first recipe
 needs beyond a maximum per tensor.
 
-Collected on the model already quantized with the recipe's plain scales (so each module sees the
-inputs the FP8 model upstream of it produces):
-- per FP8 Linear: H = X_qᵀX_q of its FP8 input (error-compensating weight rounding) and, per
-  candidate input scale, its input's rounding error weighted by the weight's column norms (the
-  output error the candidate causes, for the scale search);
+Collected in MEASURE's own prefill over the calibration text, on the high-precision model (one pass
+for both), or, where the searched input scales need each Linear's input scale, in a second pass on
+the model already quantized with the recipe's plain scales:
+- per Linear the recipe quantizes: H = XᵀX of its input (error-compensating weight rounding): of
+  the high-precision input in MEASURE's pass, of its FP8 values (X_qᵀX_q) on the quantized model;
+  and there, per candidate input scale, its input's rounding error weighted by the weight's column
+  norms (the output error the candidate causes, for the scale search);
 - per attention layer: each key channel's min and max (after rotary), for K smoothing, and the
   maximum |value| of q·k's queries and of V per KV head, for per-head attention scales.
 
@@ -47,18 +49,26 @@ def stats_path(stats_prefix: Path) -> Path:
 
 
 class LinearStatistics:
-    """`search_scales`: also each candidate input scale's weighted rounding error (four more casts of
-    every input; only the searched_scales option reads them). `hessian`: another Linear's
-    accumulator, where both read one input at one input scale (q/k/v, gate/up): their XqᵀXq is one
-    tensor, added to once per input (by the Linear that owns it)."""
+    """H of one Linear's input. `fmt`: the FP8 format QUANTIZE will give a high-precision `module`
+    (H = XᵀX of its high-precision input); None: `module` is FP8 already (H = X_qᵀX_q of its input's
+    FP8 values at its input scale). `search_scales`: also each candidate input scale's weighted
+    rounding error (four more casts of every input; only the searched_scales option reads them; FP8
+    modules only). `hessian`: another Linear's accumulator, where both read one input (q/k/v,
+    gate/up; at one input scale): their H is one tensor, added to once per input (by the Linear that
+    owns it)."""
 
-    def __init__(self, module: ParallelLinear, search_scales: bool = True, hessian: torch.Tensor | None = None):
+    def __init__(self, module: ParallelLinear, search_scales: bool = True, hessian: torch.Tensor | None = None,
+                 fmt=None):
         self.module = module
+        self.fmt = module.format.fmt if fmt is None else fmt
+        self.input_scale = module.input_scale if fmt is None else None
         self.owns_hessian = hessian is None
         self.hessian = torch.zeros(module.in_features, module.in_features, dtype=torch.float64) \
             if hessian is None else hessian
         self.candidate_error = None
         if search_scales:
+            if self.input_scale is None:
+                raise FP8LMError("the input-scale search observes the model quantized with its input scales")
             weight = module.dense_weight().float()
             self.column_norms = weight.pow(2).sum(dim=0).double()
             self.candidate_error = torch.zeros(len(ACTIVATION_CANDIDATES), dtype=torch.float64)
@@ -68,14 +78,17 @@ class LinearStatistics:
         return self.owns_hessian or self.candidate_error is not None
 
     def update(self, x: torch.Tensor) -> None:
-        m, fmt = self.module, self.module.format.fmt
+        fmt = self.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.owns_hessian:
-            self.hessian += fp8_second_moment(x, m.input_scale, fmt).double()
+            if self.input_scale is None:
+                self.hessian += (x.T @ x).double()
+            else:
+                self.hessian += fp8_second_moment(x, self.input_scale, fmt).double()
         if self.candidate_error is None:
             return
         for i, f in enumerate(ACTIVATION_CANDIDATES):
-            s = m.input_scale * f
+            s = self.input_scale * f
             err = (fake_quant(x, 1 / s, fmt.dtype, fmt.limit) * s - x).double().pow(2).sum(dim=0)
             self.candidate_error[i] += float(err @ self.column_norms)
 
@@ -122,19 +135,26 @@ class HeadStatistics:
 
 
 class StatisticsCollector:
-    """Hooks on every FP8 Linear and on every attention layer's q·k and K/V caches of `model`."""
+    """Hooks on the Linears to round and on every attention layer (its keys, q·k's queries, V) of
+    `model`: with `planned` (name -> the FP8 format QUANTIZE will give it), a high-precision model's
+    Linears of those names; without, the FP8 Linears with a static input scale of a quantized one."""
 
-    def __init__(self, model: nn.Module, search_scales: bool = True):
+    def __init__(self, model: nn.Module, search_scales: bool = True, planned: dict | None = None):
         self.linears: dict[str, LinearStatistics] = {}
         self.keys: dict[str, KeyStatistics] = {}
         self.heads: dict[str, HeadStatistics] = {}      # "<attention>.query" / "<attention>.value"
         self._handles = []
-        same_input = shared_inputs(model)
+        if planned is None:
+            planned = {n: None for n, m in model.named_modules() if is_fp8(m) and m.input_scale is not None}
+            same_input = shared_inputs(model)
+        else:
+            same_input = {n: group[0][0] for group in model.projection_groups()
+                          if all(name in planned for name, _ in group) for n, _ in group[1:]}
         for name, module in model.named_modules():
-            if is_fp8(module) and module.input_scale is not None:
+            if name in planned:
                 owner = self.linears.get(same_input.get(name, name))
                 stats = self.linears[name] = LinearStatistics(module, search_scales,
-                                                              None if owner is None else owner.hessian)
+                                                              None if owner is None else owner.hessian, planned[name])
                 if stats.observes:
                     self._handles.append(module.register_forward_pre_hook(
                         lambda m, args, s=stats: s.update(args[0])))
