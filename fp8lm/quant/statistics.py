@@ -81,10 +81,8 @@ class LinearStatistics:
         fmt = self.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.owns_hessian:
-            if self.input_scale is None:
-                self.hessian += (x.T @ x).double()
-            else:
-                self.hessian += fp8_second_moment(x, self.input_scale, fmt).double()
+            second = x.T @ x if self.input_scale is None else fp8_second_moment(x, self.input_scale, fmt)
+            self.hessian += second.double().cpu()           # H stays on the CPU, where GPTQ runs
         if self.candidate_error is None:
             return
         for i, f in enumerate(ACTIVATION_CANDIDATES):
