@@ -4,6 +4,7 @@ using vf = __m256;
 constexpr int W = 8;
 constexpr int kGemvRows = 2;    // 4 vectors per panel row: 2 rows x 4 accumulators fit 16 registers
 constexpr int kTileRows = 2;
+constexpr int kScoreRows = 3;   // query rows of attention's q·k microkernel (3 x 4 keys of accumulators)
 
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
@@ -13,8 +14,11 @@ static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline __m128 vhalves(vf a) {    // lanes i + 4j summed over j: vsum's first steps
+  return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
 static inline float vsum(vf a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  __m128 s = vhalves(a);
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
@@ -58,9 +62,10 @@ static inline void store_fp8(uint8_t* p, vf grid) {   // 8 grid floats -> 8 FP8 
 static inline vf quantize(vf x, vf inv, vf limit, __m256i mant_shift, __m256i min_spacing) {
   vf y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), _mm256_sub_ps(_mm256_setzero_ps(), limit)), limit);
   __m256i bits = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000));
-  vf spacing = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_sub_epi32(bits, mant_shift), min_spacing));
-  vf r = _mm256_round_ps(_mm256_div_ps(y, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm256_mul_ps(r, spacing);
+  __m256i spacing = _mm256_max_epi32(_mm256_sub_epi32(bits, mant_shift), min_spacing);
+  vf r = _mm256_round_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spacing))),
+                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_mul_ps(r, _mm256_castsi256_ps(spacing));
 }
 static inline __m256i iset1(int32_t a) { return _mm256_set1_epi32(a); }
 

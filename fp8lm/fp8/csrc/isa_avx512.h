@@ -4,6 +4,7 @@ using vf = __m512;
 constexpr int W = 16;
 constexpr int kGemvRows = 8;    // activation rows the fused GEMV keeps in registers (2 x 8 accumulators)
 constexpr int kTileRows = 12;   // rows of the blocked path's microkernel (24 accumulators)
+constexpr int kScoreRows = 4;   // query rows of attention's q·k microkernel (4 x 4 keys of accumulators)
 
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
@@ -13,7 +14,15 @@ static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline __m128 vhalves(vf a) {    // lanes i + 4j summed over j: vsum's first steps
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+static inline float vsum(vf a) {        // the order of isa_avx2.h's vsum (and of vsum4 in kernels.inc)
+  __m128 s = vhalves(a);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 
 // 16 FP8 bytes -> 16 floats. E4M3: the half-precision bits (b & 0x80) << 8 | (b & 0x7F) << 7 are the
 // FP8 value times 2^-8, subnormals included; sign-extending b to 16 bits and shifting left by 7 puts
@@ -70,9 +79,10 @@ static inline void store_fp8(uint8_t* p, vf grid) {
 static inline vf quantize(vf x, vf inv, vf limit, __m512i mant_shift, __m512i min_spacing) {
   vf y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
   __m512i bits = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7F800000));
-  vf spacing = _mm512_castsi512_ps(_mm512_max_epi32(_mm512_sub_epi32(bits, mant_shift), min_spacing));
-  vf r = _mm512_roundscale_ps(_mm512_div_ps(y, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_mul_ps(r, spacing);
+  __m512i spacing = _mm512_max_epi32(_mm512_sub_epi32(bits, mant_shift), min_spacing);
+  vf r = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_sub_epi32(_mm512_set1_epi32(254 << 23), spacing))),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_mul_ps(r, _mm512_castsi512_ps(spacing));
 }
 static inline __m512i iset1(int32_t a) { return _mm512_set1_epi32(a); }
 
