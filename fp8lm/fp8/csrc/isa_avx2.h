@@ -3,7 +3,8 @@
 using vf = __m256;
 constexpr int W = 8;
 constexpr int kGemvRows = 2;    // 4 vectors per panel row: 2 rows x 4 accumulators fit 16 registers
-constexpr int kTileRows = 2;
+constexpr int kTileRows = 6;    // the blocked path's microkernel: 6 rows x 2 vectors (12 accumulators)
+constexpr int kTileVecs = 2;
 constexpr int kScoreRows = 3;   // query rows of attention's q·k microkernel (3 x 4 keys of accumulators)
 
 static inline vf vzero() { return _mm256_setzero_ps(); }

@@ -4,6 +4,7 @@ using vf = __m512;
 constexpr int W = 16;
 constexpr int kGemvRows = 8;    // activation rows the fused GEMV keeps in registers (2 x 8 accumulators)
 constexpr int kTileRows = 12;   // rows of the blocked path's microkernel (24 accumulators)
+constexpr int kTileVecs = 2;    // its vectors of columns: the whole panel
 constexpr int kScoreRows = 4;   // query rows of attention's q·k microkernel (4 x 4 keys of accumulators)
 
 static inline vf vzero() { return _mm512_setzero_ps(); }
