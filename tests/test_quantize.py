@@ -310,8 +310,12 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-@pytest.mark.parametrize("requantize", [False, True])
-def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, requantize, isa):
+@pytest.mark.parametrize("scales", ["own grid", "other scale", "same scale"])
+def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, scales, isa):
+    """K and V read on the matmuls' own power-of-two grid (no cast), at another scale (cast onto the
+    grid again), and at the caches' own scale that is no power of two: the modules cast (the products
+    with the scale and its inverse are off by ulps), the kernel reads the cached values, which is what
+    that cast returns."""
     from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
 
     llm = quantized(tiny_model, measured)
@@ -320,11 +324,14 @@ def test_fused_decode_attention_matches_the_fp8_modules(tiny_model, measured, re
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
         pytest.skip(f"this CPU has no {isa}")
     kernels = CpuKernels(best.module, isa)
-    if requantize:   # matmul scales that differ from the caches': K and V are cast onto the grid again
-        for attn in layers:
+    for attn in layers:
+        if scales == "other scale":
             attn.matmul_qk.scale_b, attn.matmul_av.scale_b = 2 * attn.k_cache.scale, 3 * attn.v_cache.scale
+        elif scales == "same scale":
+            attn.k_cache.scale = attn.matmul_qk.scale_b = 1.37 * attn.k_cache.scale
+            attn.v_cache.scale = attn.matmul_av.scale_b = 0.83 * attn.v_cache.scale
     fused = [fused_ops.FusedFP8Attention(attn, kernels) for attn in layers]
-    assert all(f.requantize == (requantize, requantize) for f in fused)
+    assert all(f.requantize == ((scales != "own grid"),) * 2 for f in fused)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     for attn, f in zip(layers, fused):
         attn.fused_attention = f

@@ -194,6 +194,18 @@ at::Tensor fake_quant(const at::Tensor& x, double inv_scale, double limit, int64
   return out;
 }
 
+// K or V as a matmul operand: the cached bytes (cache_byte_scale: the cache's scale times the byte
+// factor of dequant) cast onto the matmul's grid (operand_scale) where `requantize`. Where both scales
+// are the same float that cast returns the cached FP8 values themselves (the two float32 products
+// move them by a few ulps, far less than half an FP8 spacing; no value can pass the limit it was
+// written with), so they are read as they are: bit for bit the same operand, without the cast.
+static FP8Operand cache_operand(double cache_byte_scale, double operand_scale, bool e5m2, bool requantize) {
+  const double byte_factor = e5m2 ? 1.0 : 256.0;
+  if (requantize && static_cast<float>(cache_byte_scale) == static_cast<float>(operand_scale * byte_factor))
+    return FP8Operand{static_cast<float>(byte_factor), 1.0f, false};
+  return FP8Operand{static_cast<float>(cache_byte_scale), static_cast<float>(1.0 / operand_scale), requantize};
+}
+
 // FP8 attention over the paged FP8 cache (see kernels.inc paged_attention): q [B, heads, d] for a
 // decode step, or [B, L, heads, d] for L padded queries per sequence with bias [B, L, S]. scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
 // cache scales (E4M3: times 256, see dequant); requantize_k/v: cast K/V onto the grid again
@@ -230,8 +242,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                static_cast<float>(scales[0]), static_cast<float>(1.0 / qk_a), static_cast<float>(qk_a * qk_b),
                static_cast<float>(1.0 / sm), static_cast<float>(sm), static_cast<float>(1.0 / av_a),
                static_cast<float>(av_a * av_b),
-               FP8Operand{static_cast<float>(scales[6]), static_cast<float>(1.0 / qk_b), requantize_k},
-               FP8Operand{static_cast<float>(scales[7]), static_cast<float>(1.0 / av_b), requantize_v}};
+               cache_operand(scales[6], qk_b, e5m2, requantize_k), cache_operand(scales[7], av_b, e5m2, requantize_v)};
   if (first_kv) {
     TORCH_CHECK(first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() && first_kv->dim() == 4 &&
                 first_kv->size(0) == 2 && first_kv->size(1) == num_kv_heads && first_kv->size(2) >= k_cache.size(1) &&
