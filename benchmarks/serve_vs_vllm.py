@@ -4,7 +4,7 @@ generator (`vllm bench serve --backend openai --endpoint /v1/completions --datas
 --ignore-eos`) with the same seed, then one table of figures and fp8lm / vLLM ratios.
 
     python benchmarks/serve_vs_vllm.py [--model smollm2-135m-instruct] [--workloads c1,c16,long]
-        [--engines fp8lm-fp8,fp8lm-float32,fp8lm-bfloat16,vllm-bf16] [--venv DIR]
+        [--engines fp8lm-fp8,fp8lm-float32,fp8lm-bfloat16,vllm-bf16,vllm-float32] [--venv DIR]
         [--fp8lm-args "--max-num-batched-tokens 512"]
 
 vLLM runs from a virtual environment of its own (created on first use under the fp8lm cache, or
@@ -38,7 +38,8 @@ WORKLOADS = {
     "c16": (512, 128, 64, 16, 0.0),
     "long": (1024, 128, 32, 8, 0.9),      # prompts of 102..1,945 tokens: long prefills among running decodes
 }
-ENGINES = ("fp8lm-fp8", "fp8lm-float32", "fp8lm-bfloat16", "vllm-bf16")
+# vllm-float32: vLLM's best path on a CPU without bf16 arithmetic (AVX2 only), where its bf16 GEMMs crawl.
+ENGINES = ("fp8lm-fp8", "fp8lm-float32", "fp8lm-bfloat16", "vllm-bf16", "vllm-float32")
 METRICS = (("output_throughput", "output tok/s", "higher"), ("total_token_throughput", "total tok/s", "higher"),
            ("median_ttft_ms", "TTFT median ms", "lower"), ("p99_ttft_ms", "TTFT p99 ms", "lower"),
            ("median_itl_ms", "ITL median ms", "lower"), ("p99_itl_ms", "ITL p99 ms", "lower"))
@@ -94,10 +95,11 @@ def server_command(engine: str, folder: Path, port: int, name: str, vllm: Path, 
                    max_model_len: int, max_num_seqs: int, fp8lm_args: list[str]) -> list[str]:
     common = ["--port", str(port), "--max-model-len", str(max_model_len), "--served-model-name", name,
               "--max-num-seqs", str(max_num_seqs)]
-    if engine == "vllm-bf16":
+    if engine.startswith("vllm-"):
         # On the CPU backend --gpu-memory-utilization is the share of RAM vLLM reserves (KV cache
         # included); its 0.92 default fails to start on a 24 GiB machine with anything else running.
-        return [str(vllm), "serve", str(folder), "--dtype", "bfloat16", "--gpu-memory-utilization", "0.25", *common]
+        dtype = {"vllm-bf16": "bfloat16", "vllm-float32": "float32"}[engine]
+        return [str(vllm), "serve", str(folder), "--dtype", dtype, "--gpu-memory-utilization", "0.25", *common]
     cmd = [sys.executable, "-m", "fp8lm", "serve", str(folder), *common, *fp8lm_args]
     if engine == "fp8lm-fp8":
         return cmd + ["--quantization", "inc", "--quant-config", str(quant_config), "--kv-cache-dtype", "fp8_inc"]
@@ -204,13 +206,13 @@ def print_table(results: dict[str, dict[str, dict]], engines: list[str]) -> None
         inp, outp, prompts, concurrency, ratio = WORKLOADS[w]
         print(f"\n{w}: {prompts} requests, {inp} in{' (random range ' + str(ratio) + ')' if ratio else ''} / "
               f"{outp} out, {concurrency} concurrent")
-        print(f"  {'measure':16s}" + "".join(f"{e:>16s}" for e in engines) + "".join(
-            f"{e + ' / vLLM':>24s}" for e in engines if e != "vllm-bf16" and "vllm-bf16" in row))
+        ratios = [(e, v) for v in engines if v.startswith("vllm") and v in row
+                  for e in engines if not e.startswith("vllm") and e in row]
+        print(f"  {'measure':16s}" + "".join(f"{e:>16s}" for e in engines if e in row)
+              + "".join(f"{e + ' / ' + v:>30s}" for e, v in ratios))
         for key, label, _ in METRICS:
-            line = f"  {label:16s}" + "".join(f"{row[e][key]:16.1f}" for e in engines)
-            if "vllm-bf16" in row:
-                line += "".join(f"{row[e][key] / row['vllm-bf16'][key]:23.2f}x" for e in engines if e != "vllm-bf16")
-            print(line)
+            print(f"  {label:16s}" + "".join(f"{row[e][key]:16.1f}" for e in engines if e in row)
+                  + "".join(f"{row[e][key] / row[v][key]:29.2f}x" for e, v in ratios))
 
 
 if __name__ == "__main__":
