@@ -183,12 +183,46 @@ def test_bfloat16_loads_on_every_cpu(tiny_model):
     the plain weight serves, and bfloat16 still runs (it used to fail at load on AVX2 machines)."""
     from fp8lm.model.linear import OneDNNPacked, onednn_packs
 
+    from fp8lm.fp8.cpu_kernels import cpu_kernels
+    from fp8lm.quant.bfloat16_format import BF16Panels
+
     llm = LLM(str(tiny_model), dtype="bfloat16", max_model_len=64, skip_warmup=True)
     q = llm.engine.host.model.model.layers[0].self_attn.q_proj
     assert isinstance(q.format, OneDNNPacked) == onednn_packs(torch.bfloat16)
+    # Without bfloat16 arithmetic (AVX2 only) the kernels' bfloat16 panels compute (torch's own
+    # bfloat16 matmul is ~5x slower than float32 there).
+    assert isinstance(q.format, BF16Panels) == (not onednn_packs(torch.bfloat16) and cpu_kernels() is not None)
     ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
     tokens = list(range(3, 30))
     assert (llm.engine.score(tokens).float() - ref.engine.score(tokens)).abs().max() < 0.1
+
+
+def test_bfloat16_without_bfloat16_arithmetic_computes_in_float32_sums(tiny_model, monkeypatch):
+    """On any CPU: the path for CPUs without bfloat16 arithmetic (dense Linears on the kernels'
+    bfloat16 panels, attention matmuls on float32 copies rounded once) gives torch's bfloat16 results
+    up to the float32 sums' order: one bfloat16 rounding step per matmul at most."""
+    import fp8lm.engine.model_host as model_host
+    import fp8lm.model.layers as layers
+    from fp8lm.fp8.cpu_kernels import cpu_kernels
+    from fp8lm.model.layers import Matmul
+    from fp8lm.quant.bfloat16_format import BF16Panels
+
+    if cpu_kernels() is None:
+        pytest.skip("no CPU kernels here")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 40, generator=g).bfloat16(), torch.randn(3, 40, 7, generator=g).bfloat16()
+    exact = a.double() @ b.double()
+    for slow in (False, True):
+        monkeypatch.setattr(layers, "bfloat16_matmul_is_slow", lambda: slow)
+        got = Matmul()(a, b)
+        assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    monkeypatch.setattr(model_host, "bfloat16_matmul_is_slow", lambda: True)
+    fallback = LLM(str(tiny_model), dtype="bfloat16", max_model_len=64, skip_warmup=True)
+    model = fallback.engine.host.model
+    assert all(isinstance(m.format, BF16Panels) for m in (model.model.layers[0].self_attn.q_proj, model.lm_head))
+    ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
+    tokens = list(range(3, 30))
+    assert (fallback.engine.score(tokens).float() - ref.engine.score(tokens)).abs().max() < 0.1
 
 
 def test_warmup_runs_every_bucket(tiny_model, caplog):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("fp8_cpu.cpp", "kernels.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h", "gemm_bf16dot.h")
+SOURCES = ("fp8_cpu.cpp", "kernels.inc", "attention.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h",
+           "gemm_bf16dot.h")
 
 CHECK = """
 import logging, sys

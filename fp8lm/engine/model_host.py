@@ -15,13 +15,15 @@ from fp8lm.engine.model_runner import ModelRunner
 from fp8lm.engine.step_channel import StepChannel
 from fp8lm.engine.parallel import DistInfo, check_divisible, init_group, rank_device, backend_for
 from fp8lm.errors import FP8LMError
+from fp8lm.fp8.cpu_kernels import kernels_for
 from fp8lm.fp8.formats import device_tag
 from fp8lm.model.config import ModelConfig
 from fp8lm.model.fingerprint import model_fingerprint
-from fp8lm.model.linear import pack_linears_for_cpu
+from fp8lm.model.linear import bfloat16_matmul_is_slow, pack_linears_for_cpu
 from fp8lm.model.llama import TensorParallel
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
+from fp8lm.quant.bfloat16_format import bfloat16_panels_for_dense
 from fp8lm.quant.checkpoint_formats import checkpoint_quantization
 from fp8lm.quant.online_fp8 import OnlineFP8
 from fp8lm.quant.measure import Measurement
@@ -53,6 +55,9 @@ class ModelHost:
         self.measurement = self._start_measurement()
         if self.device.type == "cpu":
             pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
+            kernels = kernels_for(self.device)
+            if self.dtype == torch.bfloat16 and kernels is not None and bfloat16_matmul_is_slow():
+                bfloat16_panels_for_dense(self.model, kernels)
             if self.quantizer is None and self.measurement is None:
                 log.info("decode steps run layer by layer: the fused decode step (the whole decoder in one call "
                          "of the CPU kernels) runs FP8 models with static scales (--quantization inc with "

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8lm.model.linear import bfloat16_matmul_is_slow
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -36,6 +38,8 @@ class Matmul(nn.Module):
     `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
+        if a.dtype == torch.bfloat16 and a.device.type == "cpu" and bfloat16_matmul_is_slow():
+            return torch.matmul(a.float(), b.float()).to(torch.bfloat16)
         return torch.matmul(a, b)
 
 

@@ -8,6 +8,8 @@ format registers) as its own parameters and buffers, so loading and reporting se
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,6 +216,14 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@functools.cache
+def bfloat16_matmul_is_slow() -> bool:
+    """Whether this CPU lacks bfloat16 arithmetic (oneDNN cannot pack bfloat16: no AVX-512). torch's
+    bfloat16 matmul then runs at ~1/5 of float32 (16-20 GFLOP/s on an AVX2 EPYC), so bfloat16 matmuls
+    run on float32 copies and round once: the same float32 sums of the same products, up to order."""
+    return not onednn_packs(torch.bfloat16)
 
 
 def pack_linears_for_cpu(model: nn.Module, batch_hint: int = 32) -> int:

@@ -73,6 +73,7 @@ struct DecodeArgs {
 namespace avx512 {
 #include "isa_avx512.h"
 #include "kernels.inc"
+#include "attention.inc"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include "gemm_bf16dot.h"
@@ -85,6 +86,7 @@ namespace avx512 {
 namespace avx2 {
 #include "isa_avx2.h"
 #include "kernels.inc"
+#include "attention.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
