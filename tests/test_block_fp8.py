@@ -90,7 +90,10 @@ def load(folder, **kw):
 def test_block_fp8_folder_runs_as_the_reference_computes_it(folders, monkeypatch):
     """The reference path (no CPU kernels) against transformers with the folder's dequantized blocks
     and torch's float8 casts of each input group: the same FP8 values, only float32 summation order
-    separates them (measured 1.4e-6 of logits up to 3.8; a flipped FP8 rounding moves a logit ~1e-2)."""
+    separates them (measured 1.4e-6 of logits up to 3.8). That order can put an input on the other
+    side of an FP8 rounding boundary, which moves that position's logits ~1e-2 (measured on an AVX2
+    EPYC, whose torch kernels sum in another order: 1.4e-2 at one of 40 positions, later ones 3.5e-5):
+    all but a few positions to 1e-5, none by more than such a flip."""
     from fp8lm.fp8 import cpu_kernels as ck
 
     src, folder = folders
@@ -100,8 +103,9 @@ def test_block_fp8_folder_runs_as_the_reference_computes_it(folders, monkeypatch
     assert type(q.format) is BlockFP8Linear and q.weight.dtype == torch.float8_e4m3fn   # 1 byte at rest
     ours, ref = llm.engine.score(TOKENS), reference_logits(src, folder, TOKENS)
     plain = load(src).engine.score(TOKENS)
-    assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
-    assert (plain - ref).abs().max() > 10 * (ours - ref).abs().max()      # FP8 itself is visible
+    rows = (ours - ref).abs().amax(-1)
+    assert (rows < 1e-5 * ref.abs().max()).float().mean() >= 0.95 and rows.max() < 0.05, rows
+    assert (plain - ref).abs().max() > 10 * rows.max()      # FP8 itself is visible
 
 
 @pytest.mark.skipif(__import__("fp8lm.fp8.cpu_kernels", fromlist=["x"]).cpu_kernels() is None,

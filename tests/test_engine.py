@@ -202,7 +202,6 @@ def test_bfloat16_without_bfloat16_arithmetic_computes_in_float32_sums(tiny_mode
     bfloat16 panels, attention matmuls on float32 copies rounded once) gives torch's bfloat16 results
     up to the float32 sums' order: one bfloat16 rounding step per matmul at most."""
     import fp8lm.engine.model_host as model_host
-    import fp8lm.model.layers as layers
     from fp8lm.fp8.cpu_kernels import cpu_kernels
     from fp8lm.model.layers import Matmul
     from fp8lm.quant.bfloat16_format import BF16Panels
@@ -212,14 +211,16 @@ def test_bfloat16_without_bfloat16_arithmetic_computes_in_float32_sums(tiny_mode
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 5, 40, generator=g).bfloat16(), torch.randn(3, 40, 7, generator=g).bfloat16()
     exact = a.double() @ b.double()
-    for slow in (False, True):
-        monkeypatch.setattr(layers, "bfloat16_matmul_is_slow", lambda: slow)
-        got = Matmul()(a, b)
+    for upcast in (False, True):
+        matmul = Matmul()
+        matmul.float32_sums = upcast
+        got = matmul(a, b)
         assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
     monkeypatch.setattr(model_host, "bfloat16_matmul_is_slow", lambda: True)
     fallback = LLM(str(tiny_model), dtype="bfloat16", max_model_len=64, skip_warmup=True)
     model = fallback.engine.host.model
     assert all(isinstance(m.format, BF16Panels) for m in (model.model.layers[0].self_attn.q_proj, model.lm_head))
+    assert model.model.layers[0].self_attn.attn.matmul_qk.float32_sums
     ref = LLM(str(tiny_model), max_model_len=64, skip_warmup=True)
     tokens = list(range(3, 30))
     assert (fallback.engine.score(tokens).float() - ref.engine.score(tokens)).abs().max() < 0.1

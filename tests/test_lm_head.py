@@ -84,4 +84,8 @@ def test_a_bfloat16_models_kept_head_gives_unrounded_float32_logits(tied_model, 
     bound = (weight.shape[1] + 5) * 2.0**-24 * (hidden.double().abs() @ weight.abs().T)
     assert logits.dtype == torch.float32 and ((logits.double() - expected).abs() <= bound).all()
     assert (logits != logits.bfloat16().float()).float().mean() > 0.9      # not on bfloat16's grid
-    assert (plain.compute_logits(hidden) == plain.compute_logits(hidden).bfloat16().float()).all()
+    # A plain bfloat16 head rounds its logits, unless it is on the panels too (CPUs without bfloat16
+    # arithmetic: model_host's bfloat16_in_float32_sums).
+    plain_logits = plain.compute_logits(hidden)
+    on_grid = bool((plain_logits == plain_logits.bfloat16().float()).all())
+    assert on_grid != isinstance(plain.lm_head.format, BF16Panels)

@@ -23,7 +23,7 @@ from fp8lm.model.linear import bfloat16_matmul_is_slow, pack_linears_for_cpu
 from fp8lm.model.llama import TensorParallel
 from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
-from fp8lm.quant.bfloat16_format import bfloat16_panels_for_dense
+from fp8lm.quant.bfloat16_format import bfloat16_in_float32_sums
 from fp8lm.quant.checkpoint_formats import checkpoint_quantization
 from fp8lm.quant.online_fp8 import OnlineFP8
 from fp8lm.quant.measure import Measurement
@@ -57,7 +57,7 @@ class ModelHost:
             pack_linears_for_cpu(self.model, batch_hint=min(config.max_num_seqs, 32))
             kernels = kernels_for(self.device)
             if self.dtype == torch.bfloat16 and kernels is not None and bfloat16_matmul_is_slow():
-                bfloat16_panels_for_dense(self.model, kernels)
+                bfloat16_in_float32_sums(self.model, kernels)
             if self.quantizer is None and self.measurement is None:
                 log.info("decode steps run layer by layer: the fused decode step (the whole decoder in one call "
                          "of the CPU kernels) runs FP8 models with static scales (--quantization inc with "

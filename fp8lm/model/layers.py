@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8lm.model.linear import bfloat16_matmul_is_slow
-
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -35,10 +33,14 @@ class OffsetRMSNorm(RMSNorm):
 
 class Matmul(nn.Module):
     """A named batched matmul (q·kᵀ, p·v): the hook point for measuring and FP8-patching it.
-    `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale."""
+    `b_grid_scale` tells an FP8 matmul that b came from an FP8 cache with that scale.
+    `float32_sums` (set by the engine on CPUs without bfloat16 arithmetic, where torch's bfloat16
+    matmul is ~5x slower than float32): bfloat16 operands multiply as float32 copies, rounded once."""
+
+    float32_sums = False
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, b_grid_scale=None) -> torch.Tensor:
-        if a.dtype == torch.bfloat16 and a.device.type == "cpu" and bfloat16_matmul_is_slow():
+        if self.float32_sums and a.dtype == torch.bfloat16:
             return torch.matmul(a.float(), b.float()).to(torch.bfloat16)
         return torch.matmul(a, b)
 

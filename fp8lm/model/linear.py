@@ -194,7 +194,9 @@ class LMHead(ColumnParallelLinear):
         """float32 logits. Formats that sum in float32 give those sums themselves: a bfloat16
         model's logits are not rounded to bfloat16 (steps of 1/16-1/8 nat at their size, which make
         greedy ties that the token id breaks)."""
-        y = self.format.float32_logits(self, hidden, self.bias)
+        # Hooks (measurement) see the module's own call.
+        hooked = self._forward_hooks or self._forward_pre_hooks
+        y = None if hooked else self.format.float32_logits(self, hidden, self.bias)
         return self(hidden).float() if y is None else y
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fp8lm.fp8.cpu_kernels import CpuKernels, pack_panels, unpack_panels
+from fp8lm.model.layers import Matmul
 from fp8lm.model.linear import LinearFormat, ParallelLinear
 
 
@@ -47,11 +48,15 @@ def keep_bfloat16_values(layer: ParallelLinear, kernels: CpuKernels | None) -> N
     layer.release_weight()
 
 
-def bfloat16_panels_for_dense(model: torch.nn.Module, kernels: CpuKernels) -> int:
-    """Gives the dense bfloat16 CPU Linears the kernels' bfloat16 panels; returns how many. For CPUs
-    where oneDNN cannot pack bfloat16 (no AVX-512): torch's own bfloat16 matmul there runs at ~1/5 of
-    float32 (16-20 GFLOP/s on an AVX2 EPYC). The panels compute the same float32 sums of the same
-    products, rounded to bfloat16 once, as torch's matmul does, up to the sums' order."""
+def bfloat16_in_float32_sums(model: torch.nn.Module, kernels: CpuKernels) -> int:
+    """For CPUs where oneDNN cannot pack bfloat16 (no AVX-512), whose torch bfloat16 matmul runs at
+    ~1/5 of float32 (16-20 GFLOP/s on an AVX2 EPYC): the dense bfloat16 Linears get the kernels'
+    bfloat16 panels and the attention matmuls multiply float32 copies, each rounded to bfloat16 once:
+    the same float32 sums of the same products as torch's matmul, up to the sums' order. Returns how
+    many Linears."""
+    for m in model.modules():
+        if type(m) is Matmul:
+            m.float32_sums = True
     linears = [m for m in model.modules() if isinstance(m, ParallelLinear) and type(m.format) is LinearFormat
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16]
     for m in linears:
