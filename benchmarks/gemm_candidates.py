@@ -1,7 +1,9 @@
 """Candidates for fp8lm's compute-bound FP8 GEMMs (prefill chunks, batched decode), side by side in one
 run at SmolLM2's shapes: GFLOP/s and the error against float64 on the same FP8 values.
 
-- fp8lm's CPU kernel (what FP8Panels runs today: AVX-512 BF16 dot products or AVX2);
+- fp8lm's CPU kernel (what FP8Panels runs by default: AVX-512 BF16 dot products or AVX2);
+- fp8lm's oneDNN GEMM (FP8LM_CPU_GEMM=onednn: bfloat16 where oneDNN has it, AMX where the CPU has it),
+  per call as FP8Panels runs it, and its oneDNN matmul alone on operands made once;
 - torch._scaled_mm on the CPU (oneDNN's FP8 matmul, float32 output: exact up to summation order);
 - oneDNN's qlinear with FP8 operands and a prepacked weight (the path vLLM's CPU backend uses for int8);
 - torch's bfloat16 F.linear on the same FP8 values: oneDNN's bf16 GEMM (AMX where the CPU has it), for
@@ -36,6 +38,7 @@ def candidates(x8: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.T
         packed, col = pack_panels(w8), kernel_col_scale(sw, n, w8.dtype)
         x = x8.float() * sx
         out[f"fp8lm kernel ({kernels.isa})"] = lambda: kernels.linear(x, packed, n, w8.dtype, col, sx, 1 / sx, 448.0)
+        out.update(onednn_candidates(kernels, x, packed, n, col, sx))
     out["torch._scaled_mm (oneDNN FP8)"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw,
                                                                       out_dtype=torch.float32)
     prepacked = torch.ops.onednn.qlinear_prepack(w8, [x8.shape[0], k])
@@ -46,6 +49,27 @@ def candidates(x8: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.T
     xb, wb = x8.to(torch.bfloat16), w8.to(torch.bfloat16)
     out["torch bf16 F.linear (bf16 out)"] = lambda: F.linear(xb, wb).float() * (sx * sw)
     return out
+
+
+def onednn_candidates(kernels, x, packed, n, col, sx):
+    """fp8lm's oneDNN GEMM (FP8LM_CPU_GEMM=onednn: the FP8 cast, the weights widened from the panels,
+    oneDNN's matmul, the epilogue; every call), and oneDNN's matmul alone on operands made once (E4M3:
+    the kernels' column scale is the weight scale times 256)."""
+    from fp8lm.errors import FP8LMError
+    from fp8lm.fp8.onednn_gemm import onednn_fp8_gemm
+
+    try:
+        gemm = onednn_fp8_gemm(kernels)
+    except FP8LMError as e:
+        print(f"oneDNN GEMM unavailable: {e}")
+        return {}
+    gemm.min_rows = 1
+    plan, widened = gemm.plan(x.shape[1], n)
+    plan.widen(packed, gemm.table(torch.float8_e4m3fn), widened)
+    xe = (x / sx).to(torch.float8_e4m3fn).to(gemm.element)
+    return {f"fp8lm oneDNN GEMM ({gemm.element_name}, {gemm.implementation})":
+            lambda: gemm.linear(x, packed, n, torch.float8_e4m3fn, col, sx, 1 / sx, 448.0),
+            "  its oneDNN matmul alone (+ one scaling pass)": lambda: plan.matmul(xe, widened).mul_(col * (sx / 256))}
 
 
 def main() -> None:

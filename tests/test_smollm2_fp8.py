@@ -129,3 +129,47 @@ def test_kernel_modules_equal_reference_modules_on_real_activations(smollm2, cal
         members = [n for n, m in kernel_modules.items() if any(m is g for g in group.members)]
         worst = max(relative(o, seen[n][1]) for o, n in zip(outputs, members))
         assert worst < 1e-5, (prefix, worst)
+
+
+def test_onednn_gemm_path_agrees_with_the_kernels(smollm2, calibration, monkeypatch):
+    """FP8LM_CPU_GEMM=onednn: prompt GEMMs of 64 rows and more on oneDNN's matmul (bfloat16 where
+    oneDNN has it on this CPU, else float32), the same exact FP8 products summed in another order.
+    Every FP8 Linear and fused group, given the same real input, equals the kernels' up to that order;
+    end to end the held-out KL between the paths stays within the floor of the kernel path against
+    itself with its embeddings perturbed by 1e-6 (as test_kernel_and_reference_paths_agree)."""
+    if calibration[0] != "float32":
+        pytest.skip("compared in float32")
+    from fp8lm.fp8 import onednn_gemm
+
+    kernel_path, perturbed = fp8_llm(smollm2, calibration), fp8_llm(smollm2, calibration)
+    monkeypatch.setenv("FP8LM_CPU_GEMM", "onednn")
+    onednn = fp8_llm(smollm2, calibration)
+    gemm = onednn_gemm.onednn_fp8_gemm(ck.cpu_kernels())
+    assert {m.format.backend for m in onednn.engine.host.model.modules() if is_fp8(m)} == {
+        f"cpu-{gemm.kernels.isa}+onednn-{gemm.element_name}"}
+    shapes = []
+    monkeypatch.setattr(onednn_gemm.OneDnnFP8Gemm, "plan",
+                        lambda self, k, n, plan=onednn_gemm.OneDnnFP8Gemm.plan: shapes.append((k, n)) or plan(self, k, n))
+
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: (args[0], out)}))
+             for name, m in kernel_path.engine.host.model.named_modules() if is_fp8(m)]
+    kernel_path.engine.score(token_windows(kernel_path.get_tokenizer(), read_text(None), 128)[0])
+    modules = dict(onednn.engine.host.model.named_modules())
+    worst = max((float((modules[n](x) - y).norm() / y.norm()), n) for n, (x, y) in seen.items())
+    assert len(seen) == 210 and worst[0] < 1e-5, worst
+    for name, m in modules.items():
+        if isinstance(m, ParallelLinear) and m.fused is not None:
+            outputs = m.fused(seen[name][0])
+            members = [n for n, other in modules.items() if any(other is g for g in m.fused.members)]
+            assert max(float((o - seen[n][1]).norm() / seen[n][1].norm()) for o, n in zip(outputs, members)) < 1e-5
+    assert len(shapes) == 210 + 60                  # every Linear once, each fused group once
+
+    for hook in hooks:
+        hook.remove()
+    perturb_embeddings(perturbed, 1e-6)
+    windows = token_windows(kernel_path.get_tokenizer(), read_text(None), 512)[:2]
+    paths, floor = compare(kernel_path.engine, onednn.engine, windows), compare(kernel_path.engine, perturbed.engine, windows)
+    print(f"kernels vs oneDNN GEMM path: {paths.summary()}; floor: {floor.summary()}")
+    assert floor.mean_kl > 0.01, floor.summary()
+    assert paths.mean_kl < 1.25 * floor.mean_kl, (paths.summary(), floor.summary())

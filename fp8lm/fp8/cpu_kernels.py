@@ -9,20 +9,17 @@ auto (default), avx512bf16, avx512, avx2 or off.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fp8lm.errors import FP8LMError
+from fp8lm.fp8.extension_build import build_extension
 from fp8lm.fp8.numerics import FP8_LAYOUT, to_fp8
 
 log = logging.getLogger(__name__)
@@ -187,44 +184,7 @@ def _requested_isa() -> str:
 
 
 def _build(cache: Path):
-    from torch.utils import cpp_extension
-
-    from fp8lm.files import check_private, make_dirs
-
-    if shutil.which("ninja") is None:
-        # cpp_extension runs `ninja` from PATH; the ninja wheel (a dependency) puts it next to this
-        # interpreter, which is not on PATH when a venv's python runs without activation.
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-
-    digest = hashlib.sha256(b"".join((_CSRC / s).read_bytes() for s in _SOURCES)).hexdigest()[:12]
-    name = f"fp8lm_cpu_{digest}"
-    # One folder per torch install too: ninja also rebuilds when torch's include path changes (another venv).
-    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
-    build_dir = cache / "kernels" / f"torch-{torch.__version__}-{where}" / name
-    fresh = not any(build_dir.glob(f"{name}*.so"))
-    if fresh:
-        log.info("compiling the CPU FP8 kernels into %s (once, about 30 s)", build_dir)
-    make_dirs(build_dir)
-    # Compiled from a copy inside the build folder: ninja rebuilds when a source's path changes, and
-    # a checkout and an installed wheel (the same sources elsewhere) would rebuild each other's .so.
-    sources = build_dir / "src"
-    make_dirs(sources)
-    for s in _SOURCES:
-        if not (sources / s).is_file():
-            tmp = sources / f".{s}.{os.getpid()}"
-            shutil.copyfile(_CSRC / s, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, sources / s)
-    start = time.perf_counter()
-    # -fopenmp makes at::parallel_for use torch's thread pool (the libgomp torch has loaded).
-    for trusted in (cache, build_dir, *build_dir.glob("*.so")):
-        check_private(trusted, "the CPU kernels' build folder" if trusted.is_dir() else "the CPU kernels' module")
-    module = cpp_extension.load(name, [str(sources / "fp8_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"],
-                                extra_ldflags=["-fopenmp"], extra_include_paths=[str(sources)],
-                                build_directory=str(build_dir), verbose=False)
-    for built in build_dir.glob("*.so"):
-        os.chmod(built, 0o755)          # as the umask left it, a group could write it: checked next time
-    return module, (time.perf_counter() - start if fresh else None)
+    return build_extension(cache, "fp8lm_cpu", _CSRC, _SOURCES, "the CPU kernels'", log)
 
 
 @functools.cache

@@ -208,6 +208,7 @@ def project(x: torch.Tensor, *linears: ParallelLinear) -> tuple[torch.Tensor, ..
     return tuple(m(x) for m in linears)
 
 
+@functools.cache
 def onednn_packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack weights of `dtype` on this CPU (bfloat16 needs AVX-512 BW/VL/DQ or
     AVX-NE-CONVERT; on AVX2-only CPUs torch refuses, and the plain weight is used)."""
@@ -220,7 +221,6 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return True
 
 
-@functools.cache
 def bfloat16_matmul_is_slow() -> bool:
     """Whether this CPU lacks bfloat16 arithmetic (oneDNN cannot pack bfloat16: no AVX-512). torch's
     bfloat16 matmul then runs at ~1/5 of float32 (16-20 GFLOP/s on an AVX2 EPYC), so bfloat16 matmuls
@@ -228,11 +228,15 @@ def bfloat16_matmul_is_slow() -> bool:
     return not onednn_packs(torch.bfloat16)
 
 
+def dense_cpu_linears(model: nn.Module, dtypes: set[torch.dtype]) -> list[ParallelLinear]:
+    """The Linears of `model` with a plain high-precision weight of one of `dtypes` on the CPU."""
+    return [m for m in model.modules() if isinstance(m, ParallelLinear) and type(m.format) is LinearFormat
+            and m.weight.device.type == "cpu" and m.weight.dtype in dtypes]
+
+
 def pack_linears_for_cpu(model: nn.Module, batch_hint: int = 32) -> int:
     """Gives every dense high-precision linear of a CPU model a oneDNN-packed format; returns how many."""
-    packable = {d for d in (torch.float32, torch.bfloat16) if onednn_packs(d)}
-    linears = [m for m in model.modules() if isinstance(m, ParallelLinear) and type(m.format) is LinearFormat
-               and m.weight.device.type == "cpu" and m.weight.dtype in packable]
+    linears = dense_cpu_linears(model, {d for d in (torch.float32, torch.bfloat16) if onednn_packs(d)})
     for m in linears:
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
         m.format = OneDNNPacked(packed, m.format.bfloat16_values)

@@ -6,7 +6,7 @@ import torch
 
 from fp8lm.fp8.cpu_kernels import CpuKernels, pack_panels, unpack_panels
 from fp8lm.model.layers import Matmul
-from fp8lm.model.linear import LinearFormat, ParallelLinear
+from fp8lm.model.linear import LinearFormat, ParallelLinear, dense_cpu_linears
 
 
 class BF16Panels(LinearFormat):
@@ -57,8 +57,7 @@ def bfloat16_in_float32_sums(model: torch.nn.Module, kernels: CpuKernels) -> int
     for m in model.modules():
         if type(m) is Matmul:
             m.float32_sums = True
-    linears = [m for m in model.modules() if isinstance(m, ParallelLinear) and type(m.format) is LinearFormat
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16]
+    linears = dense_cpu_linears(model, {torch.bfloat16})
     for m in linears:
         m.format = BF16Panels(kernels, pack_panels(m.weight.detach()))
         m.release_weight()

@@ -16,6 +16,7 @@ from fp8lm.fp8.cpu_kernels import CpuKernels, kernel_col_scale, kernels_for, pac
 from fp8lm.fp8.formats import DeviceProfile
 from fp8lm.fp8.matmul import native_fp8_available, scaled_mm
 from fp8lm.fp8.numerics import fake_quant, to_fp8
+from fp8lm.fp8.onednn_gemm import fp8_gemm_for
 from fp8lm.fp8.scale_methods import ScaleSpec
 from fp8lm.fp8.scales import dynamic_token_scales
 from fp8lm.fp8.scales import weight_scale as compute_weight_scale
@@ -87,7 +88,7 @@ class FP8Linear(LinearFormat):
             return FP8Native(*self._scheme())
         kernels = kernels_for(device)
         if kernels is not None:
-            panels = FP8Panels(self._scheme(), kernels, pack_panels(layer.weight.detach()),
+            panels = FP8Panels(self._scheme(), kernels, fp8_gemm_for(kernels), pack_panels(layer.weight.detach()),
                                kernel_col_scale(layer.weight_scale, layer.out_features, self.fmt.dtype),
                                None if layer.input_scale is None else kernel_input_scales(layer.input_scale))
             layer.release_weight()
@@ -159,19 +160,21 @@ class FP8Emulated(FP8Linear):
 
 class FP8Panels(FP8Linear):
     """The CPU kernels over packed FP8 panels (the layer's `weight` is released): 1 byte per weight,
-    the bias fused into the kernel."""
+    the bias fused into the kernel. `gemm` multiplies (CpuKernels.linear's contract): the kernels, or
+    oneDNN's matmul for many rows (fp8/onednn_gemm.py)."""
 
-    def __init__(self, scheme: tuple, kernels: CpuKernels, packed: torch.Tensor, col_scale: torch.Tensor,
+    def __init__(self, scheme: tuple, kernels: CpuKernels, gemm, packed: torch.Tensor, col_scale: torch.Tensor,
                  static_scales: tuple[torch.Tensor, torch.Tensor] | None):
         super().__init__(*scheme)
-        self.kernels, self.packed, self.col_scale, self.static_scales = kernels, packed, col_scale, static_scales
-        self.backend = f"cpu-{kernels.isa}"
+        self.kernels, self.gemm, self.packed = kernels, gemm, packed
+        self.col_scale, self.static_scales = col_scale, static_scales
+        self.backend = f"cpu-{kernels.isa}" if gemm is kernels else f"cpu-{kernels.isa}+onednn-{gemm.element_name}"
 
     def apply(self, layer, x, bias):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         row_scale, inv = self.static_scales or kernel_input_scales(self.input_scale(layer, x))
-        y = self.kernels.linear(x, self.packed, layer.out_features, self.fmt.dtype, self.col_scale, row_scale, inv,
+        y = self.gemm.linear(x, self.packed, layer.out_features, self.fmt.dtype, self.col_scale, row_scale, inv,
                                 self.fmt.limit, None if bias is None else bias.float())
         return y.reshape(*shape[:-1], y.shape[-1])
 

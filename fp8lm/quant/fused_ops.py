@@ -81,7 +81,7 @@ class FusedFP8Linears(FusedProjections):
         self.members = tuple(linears)
         self.hooks = HookWatch(linears)
         formats: list[FP8Panels] = [m.format for m in linears]
-        self.kernels, self.fmt = formats[0].kernels, formats[0].fmt
+        self.gemm, self.fmt = formats[0].gemm, formats[0].fmt
         self.packed = torch.cat([f.packed for f in formats])
         start = 0
         for f in formats:
@@ -109,6 +109,6 @@ class FusedFP8Linears(FusedProjections):
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shape = x.shape
-        y = self.kernels.linear(x.reshape(-1, shape[-1]), self.packed, sum(self.sizes), self.fmt.dtype,
+        y = self.gemm.linear(x.reshape(-1, shape[-1]), self.packed, sum(self.sizes), self.fmt.dtype,
                                 self.col_scale, self.row_scale, self.inv_scale, self.fmt.limit, self.bias)
         return tuple(part.reshape(*shape[:-1], part.shape[-1]) for part in y.split(self.sizes, dim=-1))
