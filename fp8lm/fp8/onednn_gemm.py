@@ -92,9 +92,9 @@ class OneDnnFP8Gemm:
         else:
             xq = fake_quant(x, inv_scale.reshape(-1, 1), fp8_dtype, limit)
         plan, widened = self.plan(x.shape[1], out_features)
-        plan.widen(packed, self.table(fp8_dtype), widened)
+        plan.widen(packed, self.table(fp8_dtype), widened, fp8_dtype == torch.float8_e5m2)
         y = plan.matmul(xq.to(self.element).contiguous(), widened)
-        self.module.epilogue(y, col_scale / byte_value_factor(fp8_dtype), row_scale.float().contiguous(),
+        self.module.epilogue(y, col_scale, row_scale.float().contiguous(),
                              None if bias is None else bias.float().contiguous())
         return y.to(x.dtype)
 
@@ -108,10 +108,12 @@ class OneDnnFP8Gemm:
         return self._plans[k, n]
 
     def table(self, fp8_dtype: torch.dtype) -> torch.Tensor:
-        """Each FP8 byte's value in the element type's bits."""
+        """Each FP8 byte's value as the kernels dequantize it (E4M3: times 2^-8, which their column
+        scale undoes), in the element type's bits."""
         if fp8_dtype not in self._tables:
             bits = torch.int16 if self.element == torch.bfloat16 else torch.int32
-            values = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).to(self.element)
+            values = (torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+                      / byte_value_factor(fp8_dtype)).to(self.element)
             self._tables[fp8_dtype] = values.view(bits).contiguous()
         return self._tables[fp8_dtype]
 

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
+#include <immintrin.h>
 #include <oneapi/dnnl/dnnl.h>
 
 #include <cstdint>
@@ -73,6 +74,57 @@ std::string implementation(const_dnnl_primitive_desc_t pd) {
   return name ? name : "";
 }
 
+enum class RunLayout { kScattered, kColumns, kPairs };
+
+bool has_avx2_f16c() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+
+// 8 FP8 bytes -> their values (E4M3: times 2^-8) as float32: an E4M3 byte's exponent and mantissa
+// are a half's shifted right by 3 (bias 7 against 15: the 2^-8, subnormals included); an E5M2 byte
+// is a half's top byte.
+__attribute__((target("avx2,f16c"))) inline __m256 fp8x8(const uint8_t* src, bool e5m2) {
+  __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  __m128i half = e5m2 ? _mm_slli_epi16(b, 8)
+                      : _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                     _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+  return _mm256_cvtph_ps(half);
+}
+
+// The same as bfloat16 bits (the top half of each float32: exact, an FP8 value has 4 significant bits).
+__attribute__((target("avx2,f16c"))) inline __m128i fp8x8_bf16(const uint8_t* src, bool e5m2) {
+  __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(fp8x8(src, e5m2)), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+
+// One panel row (32 bytes) to its values, each 8 consecutive columns' consecutive from
+// dst + n_off[first of them]; with `next` (the following k's row), the two interleaved: 16 values
+// (k, n), (k + 1, n), (k, n + 1), ... from there.
+template <typename T>
+__attribute__((target("avx2,f16c"))) void widen_run(const uint8_t* row, const uint8_t* next, T* base,
+                                                    const int64_t* n_off, bool e5m2) {
+  for (int j = 0; j < kPanel; j += 8) {
+    T* dst = base + n_off[j];
+    if constexpr (sizeof(T) == 2) {
+      __m128i a = fp8x8_bf16(row + j, e5m2);
+      if (!next) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), a);
+        continue;
+      }
+      __m128i b = fp8x8_bf16(next + j, e5m2);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), _mm_unpackhi_epi16(a, b));
+    } else {
+      __m256 a = fp8x8(row + j, e5m2);
+      if (!next) {
+        _mm256_storeu_ps(reinterpret_cast<float*>(dst), a);
+        continue;
+      }
+      __m256 b = fp8x8(next + j, e5m2), lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst), _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst + 8), _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+}
+
 // One weight shape [K, N] in one element type (bfloat16 or float32): oneDNN's blocked layout for it,
 // the separable offsets of that layout, and a matmul primitive per row count.
 class GemmPlan {
@@ -87,6 +139,7 @@ class GemmPlan {
     layout_impl_ = implementation(pd);
     dnnl_primitive_desc_destroy(pd);
     find_offsets();
+    runs_ = run_layout();
   }
 
   // A layout given by hand as oneDNN's tag for (K, N) (e.g. "BA16a64b2a", the AMX kernels' weight
@@ -99,6 +152,7 @@ class GemmPlan {
           "memory_desc_create_with_string_tag");
     layout_impl_ = tag;
     find_offsets();
+    runs_ = run_layout();
   }
   ~GemmPlan() {
     for (auto& [rows, primitive] : primitives_) dnnl_primitive_destroy(primitive);
@@ -110,12 +164,15 @@ class GemmPlan {
 
   int64_t packed_bytes() const { return static_cast<int64_t>(dnnl_memory_desc_get_size(packed_)); }
   std::string layout_impl() const { return layout_impl_; }
+  RunLayout runs() const { return runs_; }
   at::Tensor k_offsets() const { return at::tensor(k_offset_, at::kLong); }
   at::Tensor n_offsets() const { return at::tensor(n_offset_, at::kLong); }
 
-  // FP8 panels [ceil(N / 32), K, 32] -> `out` (packed_bytes, padding already zero) through `table`
-  // (256 entries, the element type's bits of each FP8 byte's value).
-  void widen(const at::Tensor& panels, const at::Tensor& table, at::Tensor out) const {
+  // FP8 panels [ceil(N / 32), K, 32] -> `out` (packed_bytes, padding already zero): each byte's value
+  // times 2^-8 for E4M3 (the kernels' byte_value_factor), in the element type. Runs of whole panels
+  // are converted with F16C as the kernels do; other values through `table` (256 entries: those
+  // values' bits), which must agree.
+  void widen(const at::Tensor& panels, const at::Tensor& table, at::Tensor out, bool e5m2) const {
     TORCH_CHECK(panels.dtype() == at::kByte && panels.is_contiguous() && panels.dim() == 3 &&
                 panels.size(0) == (N_ + kPanel - 1) / kPanel && panels.size(1) == K_ && panels.size(2) == kPanel,
                 "oneDNN GEMM: panels must be uint8 [ceil(N / 32), K, 32] for this plan");
@@ -124,9 +181,9 @@ class GemmPlan {
     TORCH_CHECK(out.nbytes() == static_cast<size_t>(packed_bytes()) && out.is_contiguous(),
                 "oneDNN GEMM: the widened buffer must hold packed_bytes()");
     if (element_bytes_ == 2) {
-      widen_as<uint16_t>(panels.data_ptr<uint8_t>(), static_cast<const uint16_t*>(table.data_ptr()), out.data_ptr());
+      widen_as<uint16_t>(panels.data_ptr<uint8_t>(), static_cast<const uint16_t*>(table.data_ptr()), out.data_ptr(), e5m2);
     } else {
-      widen_as<uint32_t>(panels.data_ptr<uint8_t>(), static_cast<const uint32_t*>(table.data_ptr()), out.data_ptr());
+      widen_as<uint32_t>(panels.data_ptr<uint8_t>(), static_cast<const uint32_t*>(table.data_ptr()), out.data_ptr(), e5m2);
     }
   }
 
@@ -244,15 +301,37 @@ class GemmPlan {
                     "oneDNN GEMM: oneDNN's weight layout for this shape is not separable (", layout_impl_, ")");
   }
 
+  // Whether, in whole panels, each 8 consecutive columns lie at one stride in oneDNN's layout: 1
+  // (kColumns: 8 consecutive values per k), or 2 with each even k's successor right after it (kPairs:
+  // bfloat16 VNNI pairs, 16 values per two k). Otherwise each value is placed alone.
+  RunLayout run_layout() const {
+    bool columns = true, pairs = K_ % 2 == 0;
+    for (int64_t g = 0; g + 8 <= N_ / kPanel * kPanel; g += 8)
+      for (int64_t i = 0; i < 8; ++i) {
+        int64_t step = n_offset_[g + i] - n_offset_[g];
+        columns = columns && step == i;
+        pairs = pairs && step == 2 * i;
+      }
+    for (int64_t k = 0; pairs && k + 1 < K_; k += 2) pairs = k_offset_[k + 1] == k_offset_[k] + 1;
+    return columns ? RunLayout::kColumns : pairs ? RunLayout::kPairs : RunLayout::kScattered;
+  }
+
   template <typename T>
-  void widen_as(const uint8_t* panels, const T* table, void* out) const {
+  void widen_as(const uint8_t* panels, const T* table, void* out, bool e5m2) const {
     T* dst = static_cast<T*>(out);
     int64_t num_panels = (N_ + kPanel - 1) / kPanel;
+    bool vector = runs_ != RunLayout::kScattered && has_avx2_f16c();
     at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t columns = std::min<int64_t>(kPanel, N_ - p * kPanel);
         const int64_t* n_off = n_offset_.data() + p * kPanel;
         const uint8_t* src = panels + p * K_ * kPanel;
+        if (vector && columns == kPanel) {
+          bool paired = runs_ == RunLayout::kPairs;
+          for (int64_t k = 0; k < K_; k += paired ? 2 : 1)
+            widen_run<T>(src + k * kPanel, paired ? src + (k + 1) * kPanel : nullptr, dst + k_offset_[k], n_off, e5m2);
+          continue;
+        }
         for (int64_t k = 0; k < K_; ++k, src += kPanel) {
           T* row = dst + k_offset_[k];
           for (int64_t j = 0; j < columns; ++j) row[n_off[j]] = table[src[j]];
@@ -267,6 +346,7 @@ class GemmPlan {
   dnnl_memory_desc_t plain_ = plain_desc(K_, N_, type_, dnnl_ba);   // W as [N, K] row-major is (K x N) "ba"
   std::string layout_impl_;
   std::vector<int64_t> k_offset_, n_offset_;
+  RunLayout runs_ = RunLayout::kScattered;
   std::map<int64_t, dnnl_primitive_t> primitives_;
 };
 
@@ -322,6 +402,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, const std::string&>())
       .def("packed_bytes", &GemmPlan::packed_bytes)
       .def("layout_impl", &GemmPlan::layout_impl)
+      .def("run_layout", [](const GemmPlan& p) { return static_cast<int>(p.runs()); })
       .def("impl_for", &GemmPlan::impl_for)
       .def("k_offsets", &GemmPlan::k_offsets)
       .def("n_offsets", &GemmPlan::n_offsets)
