@@ -134,3 +134,22 @@ def test_an_element_type_onednn_lacks_is_refused(kernels, module):
         pytest.skip("oneDNN has every element type on this CPU")
     with pytest.raises(FP8LMError, match="has no torch.bfloat16 matmul on this CPU"):
         og.OneDnnFP8Gemm(kernels, module, missing[0])
+
+
+def test_row_counts_oneDNN_would_run_by_reference_go_to_the_kernels(kernels, module, caplog):
+    """A weight layout no fast oneDNN kernel takes (here one given by hand; in use, the chosen layout
+    at a row count far from the one it was chosen for) would run oneDNN's slow reference matmul: the
+    kernels compute instead, with one warning per plan."""
+    gemm = og.OneDnnFP8Gemm(kernels, module, torch.float32)
+    k, n = 64, 48
+    plan = module.GemmPlan(k, n, 4, "BA16a64b2a")
+    gemm._plans[k, n] = plan, torch.zeros(plan.packed_bytes(), dtype=torch.uint8)
+    assert plan.impl_for(100).startswith("ref")
+    w8 = fp8_weight(n, k, E4M3, seed=3)
+    args = (ck.pack_panels(w8), n, E4M3, ck.kernel_col_scale(torch.tensor([0.5]), n, E4M3), torch.tensor([0.02]),
+            torch.tensor([50.0]), 448.0)
+    with caplog.at_level("WARNING", logger="fp8lm.fp8.onednn_gemm"):
+        for rows in (100, 120):
+            x = torch.randn(rows, k)
+            assert torch.equal(gemm.linear(x, *args), kernels.linear(x, *args))
+    assert len(caplog.records) == 1 and "ref" in caplog.records[0].getMessage()

@@ -81,22 +81,36 @@ class OneDnnFP8Gemm:
             raise FP8LMError(f"oneDNN {module.version()} has no {element} matmul on this CPU")
         self._plans: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
         self._tables: dict[torch.dtype, torch.Tensor] = {}
+        self._warned: set = set()
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, fp8_dtype: torch.dtype,
                col_scale: torch.Tensor, row_scale: torch.Tensor, inv_scale: torch.Tensor | None,
                limit: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[0] < self.min_rows or inv_scale is None:
+        many = x.shape[0] >= self.min_rows and inv_scale is not None
+        plan, widened = self.plan(x.shape[1], out_features) if many else (None, None)
+        if plan is None or self.reference_only(plan, x.shape[0]):
             return self.kernels.linear(x, packed, out_features, fp8_dtype, col_scale, row_scale, inv_scale, limit, bias)
         if inv_scale.numel() == 1:
             xq = self.kernels.fake_quant(x, inv_scale.item(), fp8_dtype, limit)
         else:
             xq = fake_quant(x, inv_scale.reshape(-1, 1), fp8_dtype, limit)
-        plan, widened = self.plan(x.shape[1], out_features)
         plan.widen(packed, self.table(fp8_dtype), widened, fp8_dtype == torch.float8_e5m2)
         y = plan.matmul(xq.to(self.element).contiguous(), widened)
         self.module.epilogue(y, col_scale, row_scale.float().contiguous(),
                              None if bias is None else bias.float().contiguous())
         return y.to(x.dtype)
+
+    def reference_only(self, plan, rows: int) -> bool:
+        """Whether oneDNN would run its reference implementation (slow) for this weight layout at this
+        row count; the kernels do those. Logged once per plan."""
+        implementation = plan.impl_for(rows)
+        if not implementation.startswith("ref"):
+            return False
+        if plan not in self._warned:
+            self._warned.add(plan)
+            log.warning("oneDNN has only %s for this %s weight at %d rows: the kernels run it", implementation,
+                        plan.layout_impl(), rows)
+        return True
 
     def plan(self, k: int, n: int):
         """oneDNN's plan for a [n, k] weight and the buffer its widened weights go to (one per shape,

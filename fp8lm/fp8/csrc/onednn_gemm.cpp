@@ -155,7 +155,7 @@ class GemmPlan {
     runs_ = run_layout();
   }
   ~GemmPlan() {
-    for (auto& [rows, primitive] : primitives_) dnnl_primitive_destroy(primitive);
+    for (auto& [rows, made] : primitives_) dnnl_primitive_destroy(made.primitive);
     dnnl_memory_desc_destroy(packed_);
     dnnl_memory_desc_destroy(plain_);
   }
@@ -197,21 +197,16 @@ class GemmPlan {
     if (M == 0) return y;
     dnnl_memory_desc_t src = plain_desc(M, K_, type_, dnnl_ab), dst = plain_desc(M, N_, dnnl_f32, dnnl_ab);
     dnnl_memory_t a = wrap(src, x.data_ptr()), b = wrap(packed_, widened.data_ptr()), c = wrap(dst, y.data_ptr());
-    execute(primitive(M), {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    execute(primitive(M).primitive, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
     for (dnnl_memory_t m : {a, b, c}) dnnl_memory_destroy(m);
     dnnl_memory_desc_destroy(src);
     dnnl_memory_desc_destroy(dst);
     return y;
   }
 
-  // The implementation oneDNN runs for M rows (e.g. "brg:avx512_core_amx").
-  std::string impl_for(int64_t M) {
-    dnnl_memory_desc_t w = packed_;
-    dnnl_primitive_desc_t pd = matmul_desc(M, w);
-    std::string name = implementation(pd);
-    dnnl_primitive_desc_destroy(pd);
-    return name;
-  }
+  // The implementation oneDNN runs for M rows (e.g. "brg:avx512_core_amx"; "ref:any", its slow
+  // reference, where no fast kernel takes this weight layout at this row count).
+  std::string impl_for(int64_t M) { return primitive(M).implementation; }
 
   // W [N, K] (the element type, row-major) -> oneDNN's layout; and back. For tests and the offsets.
   at::Tensor pack(const at::Tensor& w) {
@@ -239,20 +234,24 @@ class GemmPlan {
     return pd;
   }
 
-  dnnl_primitive_t primitive(int64_t M) {
+  struct Made {
+    dnnl_primitive_t primitive;
+    std::string implementation;
+  };
+
+  const Made& primitive(int64_t M) {
     auto found = primitives_.find(M);
     if (found != primitives_.end()) return found->second;
     if (primitives_.size() >= kMaxPrimitivesPerPlan) {    // row counts vary per step: keep memory bounded
-      for (auto& [rows, p] : primitives_) dnnl_primitive_destroy(p);
+      for (auto& [rows, made] : primitives_) dnnl_primitive_destroy(made.primitive);
       primitives_.clear();
     }
     dnnl_primitive_desc_t pd = matmul_desc(M, packed_);
-    dnnl_primitive_t made;
-    dnnl_status_t status = dnnl_primitive_create(&made, pd);
+    Made made{nullptr, implementation(pd)};
+    dnnl_status_t status = dnnl_primitive_create(&made.primitive, pd);
     dnnl_primitive_desc_destroy(pd);
     check(status, "primitive_create");
-    primitives_[M] = made;
-    return made;
+    return primitives_[M] = made;
   }
 
   void reorder(const_dnnl_memory_desc_t from_md, void* from, const_dnnl_memory_desc_t to_md, void* to) const {
@@ -347,7 +346,7 @@ class GemmPlan {
   std::string layout_impl_;
   std::vector<int64_t> k_offset_, n_offset_;
   RunLayout runs_ = RunLayout::kScattered;
-  std::map<int64_t, dnnl_primitive_t> primitives_;
+  std::map<int64_t, Made> primitives_;
 };
 
 // y[m, n] = y[m, n] * col_scale[n] * row_scale[m] (+ bias[n]), in place: the FP8 kernels' epilogue.
