@@ -175,7 +175,7 @@ class FP8Panels(FP8Linear):
         x = x.reshape(-1, shape[-1])
         row_scale, inv = self.static_scales or kernel_input_scales(self.input_scale(layer, x))
         y = self.gemm.linear(x, self.packed, layer.out_features, self.fmt.dtype, self.col_scale, row_scale, inv,
-                                self.fmt.limit, None if bias is None else bias.float())
+                             self.fmt.limit, None if bias is None else bias.float())
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def fp8_weight(self, layer):
