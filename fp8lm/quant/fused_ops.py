@@ -110,5 +110,5 @@ class FusedFP8Linears(FusedProjections):
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shape = x.shape
         y = self.gemm.linear(x.reshape(-1, shape[-1]), self.packed, sum(self.sizes), self.fmt.dtype,
-                                self.col_scale, self.row_scale, self.inv_scale, self.fmt.limit, self.bias)
+                             self.col_scale, self.row_scale, self.inv_scale, self.fmt.limit, self.bias)
         return tuple(part.reshape(*shape[:-1], part.shape[-1]) for part in y.split(self.sizes, dim=-1))
