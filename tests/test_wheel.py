@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("fp8_cpu.cpp", "kernels.inc", "attention.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h",
-           "gemm_bf16dot.h", "onednn_gemm.cpp")
+           "gemm_bf16dot.h", "onednn_gemm.cpp", "onednn_widen.h")
 
 CHECK = """
 import logging, sys

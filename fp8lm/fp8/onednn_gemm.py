@@ -30,6 +30,7 @@ GEMM_CHOICES = ("kernels", "onednn")
 MIN_ROWS = 64               # fewer rows: the kernels (the per-call widening would outweigh the GEMM)
 LAYOUT_ROWS = 512           # the row count oneDNN chooses its weight layout for (a prompt chunk)
 _CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("onednn_gemm.cpp", "onednn_widen.h")
 _LIBRARY = "libdnnl.so.3"
 
 
@@ -59,7 +60,7 @@ def onednn_module():
     if lib is None:
         raise FP8LMError("the oneDNN GEMM needs the onednn-cpu-gomp wheel: pip install onednn-cpu-gomp==2023.2.0")
     try:
-        module, _ = build_extension(cache_dir(), "fp8lm_onednn", _CSRC, ("onednn_gemm.cpp",), "the oneDNN GEMM's", log,
+        module, _ = build_extension(cache_dir(), "fp8lm_onednn", _CSRC, _SOURCES, "the oneDNN GEMM's", log,
                                     (f"-L{lib}", f"-l:{_LIBRARY}", f"-Wl,-rpath,{lib}"))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
