@@ -2,8 +2,11 @@
 cache fp8lm keeps (trusted only if it is the user's own), and writes that survive a crash."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from fp8lm.errors import FP8LMError
@@ -64,3 +67,33 @@ def replace_durably(moves: list[tuple[Path, Path]]) -> None:
         os.replace(temp, target)
     for folder in {target.parent for _, target in moves}:
         fsync(folder)
+
+
+@contextlib.contextmanager
+def undone_on_failure(folder: Path, prefixes: tuple[str, ...]):
+    """When the block raises (an interrupt too), the files in `folder` whose names start with one of
+    `prefixes` (after any leading dots: temporaries) are as they were before it: new ones removed, the
+    earlier ones put back. The block must write by replacing files, never in place: the earlier ones
+    are kept as hard links (copies where the filesystem has none)."""
+    def ours(p: Path) -> bool:
+        return p.is_file() and p.name.lstrip(".").startswith(prefixes)
+
+    kept = Path(tempfile.mkdtemp(prefix=".fp8lm-before-", dir=folder))
+    try:
+        before = {p.name for p in folder.iterdir() if ours(p)}
+        for name in before:
+            try:
+                os.link(folder / name, kept / name)
+            except OSError:
+                shutil.copy2(folder / name, kept / name)
+        try:
+            yield
+        except BaseException:
+            for p in folder.iterdir():
+                if ours(p) and p.name not in before:
+                    p.unlink(missing_ok=True)
+            for name in before:
+                os.replace(kept / name, folder / name)
+            raise
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)

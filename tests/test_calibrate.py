@@ -76,6 +76,31 @@ def test_interrupted_calibration_writes_nothing(tmp_path, tiny_model, monkeypatc
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_calibration_failing_after_measure_leaves_the_output_folder_as_it_was(tmp_path, tiny_model, monkeypatch):
+    """MEASURE has written its files (moving the earlier ones to backup names) when a later step fails:
+    the folder is put back as it was, file for file, whether it held an earlier calibration or nothing."""
+    from fp8lm.entrypoints import calibrate as calibrate_module
+
+    kw = dict(max_tokens=2, num_samples=4, max_seq_len=40, use_tqdm=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    calibrate(str(tiny_model), "builtin", out, **kw)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "inc_output_hooks_maxabs.json" in before and "maxabs_quant_cpu.json" in before
+
+    def full_disk(*args, **kwargs):
+        raise FP8LMError("No space left on device")
+
+    monkeypatch.setattr(calibrate_module, "write_statistics", full_disk)
+    with pytest.raises(FP8LMError, match="No space left"):
+        calibrate(str(tiny_model), "builtin", out, **{**kw, "num_samples": 3})     # other maxima
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(FP8LMError, match="No space left"):
+        calibrate(str(tiny_model), "builtin", tmp_path / "fresh", **kw)
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+
 def test_bad_kernel_choice_stops_calibration_before_any_work(tmp_path, tiny_model, monkeypatch):
     """The kernels build on a thread while the continuation is generated: a bad FP8LM_CPU_KERNELS is
     still refused first, by name, with nothing generated or written."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
-from fp8lm.files import replace_durably
+from fp8lm.files import replace_durably, undone_on_failure
 from fp8lm.fp8.cpu_kernels import build_in_background
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
@@ -39,6 +39,11 @@ class CalibrationResult:
     num_truncated: int
     blocklist: list[str]
     texts: list[list[int]]          # the token ids the statistics pass and the budget saw (prompts, continued)
+
+
+# What a calibration writes into --output (hidden temporaries too): measurement files and their
+# backups, fp8lm's statistics, the MEASURE / QUANTIZE configs. A failed run leaves them as they were.
+CALIBRATION_FILES = ("inc_output", "backup_", "maxabs_")
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -93,69 +98,70 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                          f"(--recipe {recipe}, profile {tag})")
     output = Path(output).expanduser().resolve()
     check_writable(output)
-    limit = ModelConfig.from_folder(resolve_model(model)).max_position_embeddings - max_tokens
-    if max_seq_len > limit:
-        log.info("--max-seq-len %d lowered to %d: the model holds %d positions", max_seq_len, limit, limit + max_tokens)
-        max_seq_len = limit
-    prefix = output / "inc_output"
-    measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
-    quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
-    if exact_first_token is not None and recipe == "fp8lm":
-        quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": exact_first_token}
+    with undone_on_failure(output, CALIBRATION_FILES):
+        limit = ModelConfig.from_folder(resolve_model(model)).max_position_embeddings - max_tokens
+        if max_seq_len > limit:
+            log.info("--max-seq-len %d lowered to %d: the model holds %d positions", max_seq_len, limit,
+                     limit + max_tokens)
+            max_seq_len = limit
+        prefix = output / "inc_output"
+        measure_cfg = {"method": "HOOKS", "mode": "MEASURE", "observer": "maxabs", "dump_stats_path": str(prefix)}
+        quant_cfg = {**(fp8lm_recipe(prefix) if recipe == "fp8lm" else inc_recipe(prefix)), **(quant_overrides or {})}
+        if exact_first_token is not None and recipe == "fp8lm":
+            quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], "exact_first_token": exact_first_token}
 
-    prompts, truncated = tokenize_samples(resolve_model(model), samples, max_seq_len)
-    if truncated:
-        log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
-                    truncated, len(samples), max_seq_len)
-    engine = dict(device=device, dtype=dtype, max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
-                  tensor_parallel_size=tensor_parallel_size, skip_warmup=True)
-    if recipe == "fp8lm":
-        # The passes after it run FP8 models on the CPU kernels; their first build (~25 s) compiles
-        # while the unquantized model generates the continuation, which does not use them.
-        build = build_in_background(resolve_device(device))
-        try:
-            texts = continue_texts(LLM(model, **engine), prompts,
-                                   continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens),
-                                   use_tqdm)
-        finally:
-            build.join()
-        # What generating them ran through the model: all but each text's last token.
-        ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
-        measuring = LLM(model, quantization="inc", quant_config=measure_cfg, **engine)
-        if tensor_parallel_size > 1:
-            log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
-                        "and softmax options only (no rounded weights, searched scales or K smoothing)",
-                        tensor_parallel_size)
-            quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
-            files = measure(measuring, ran, PREFILL, use_tqdm)
-        elif quant_cfg["fp8lm"].get("searched_scales", False):
-            files = measure(measuring, ran, PREFILL, use_tqdm)      # the search needs the input scales it sets
-            collect_statistics(model, quant_cfg, ran, device, dtype, batch_size, use_tqdm)
-        else:
-            # One pass: the statistics of the high-precision model, observed in MEASURE's own prefill.
-            planned = planned_linears(measuring.engine.host.model, load_quant_config(quant_cfg),
-                                      measuring.engine.host.device)
-            collector = StatisticsCollector(measuring.engine.host.model, search_scales=False, planned=planned)
+        prompts, truncated = tokenize_samples(resolve_model(model), samples, max_seq_len)
+        if truncated:
+            log.warning("%d of %d samples were longer than --max-seq-len %d tokens and were truncated",
+                        truncated, len(samples), max_seq_len)
+        engine = dict(device=device, dtype=dtype, max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
+                      tensor_parallel_size=tensor_parallel_size, skip_warmup=True)
+        if recipe == "fp8lm":
+            # The passes after it run FP8 models on the CPU kernels; their first build (~25 s) compiles
+            # while the unquantized model generates the continuation, which does not use them.
+            build = build_in_background(resolve_device(device))
             try:
-                files = measure(measuring, ran, PREFILL, use_tqdm)
+                params = continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens)
+                texts = continue_texts(LLM(model, **engine), prompts, params, use_tqdm)
             finally:
-                collector.detach()
-            write_statistics(model, quant_cfg, collector)
-        log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
-                 sum(map(len, texts)), sum(map(len, prompts)))
-    else:
-        texts = prompts
-        files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), prompts,
-                        SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm)
-    blocklist: list[str] = []
-    if max_ppl_increase is not None:
-        blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share,
-                                      max_attention_share)
-        quant_cfg["blocklist"]["names"] = list(dict.fromkeys([*quant_cfg["blocklist"]["names"], *blocklist]))
-    measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
-    write_json_atomic(measure_path, measure_cfg)
-    write_json_atomic(quant_path, quant_cfg)
-    return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist, texts)
+                build.join()
+            # What generating them ran through the model: all but each text's last token.
+            ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
+            measuring = LLM(model, quantization="inc", quant_config=measure_cfg, **engine)
+            if tensor_parallel_size > 1:
+                log.warning("the statistics pass runs on one rank; measured on %d, the config uses exact scales, K/V "
+                            "and softmax options only (no rounded weights, searched scales or K smoothing)",
+                            tensor_parallel_size)
+                quant_cfg["fp8lm"] = {**quant_cfg["fp8lm"], **fp8lm_recipe(prefix, False)["fp8lm"]}
+                files = measure(measuring, ran, PREFILL, use_tqdm)
+            elif quant_cfg["fp8lm"].get("searched_scales", False):
+                files = measure(measuring, ran, PREFILL, use_tqdm)      # the search needs the input scales it sets
+                collect_statistics(model, quant_cfg, ran, device, dtype, batch_size, use_tqdm)
+            else:
+                # One pass: the statistics of the high-precision model, observed in MEASURE's own prefill.
+                planned = planned_linears(measuring.engine.host.model, load_quant_config(quant_cfg),
+                                          measuring.engine.host.device)
+                collector = StatisticsCollector(measuring.engine.host.model, search_scales=False, planned=planned)
+                try:
+                    files = measure(measuring, ran, PREFILL, use_tqdm)
+                finally:
+                    collector.detach()
+                write_statistics(model, quant_cfg, collector)
+            log.info("measured on %d tokens: the calibration prompts' %d and the model's continuations",
+                     sum(map(len, texts)), sum(map(len, prompts)))
+        else:
+            texts = prompts
+            files = measure(LLM(model, quantization="inc", quant_config=measure_cfg, **engine), prompts,
+                            SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm)
+        blocklist: list[str] = []
+        if max_ppl_increase is not None:
+            blocklist = suggest_blocklist(model, quant_cfg, texts, max_ppl_increase, device, dtype, max_weight_share,
+                                          max_attention_share)
+            quant_cfg["blocklist"]["names"] = list(dict.fromkeys([*quant_cfg["blocklist"]["names"], *blocklist]))
+        measure_path, quant_path = output / f"maxabs_measure_{tag}.json", output / f"maxabs_quant_{tag}.json"
+        write_json_atomic(measure_path, measure_cfg)
+        write_json_atomic(quant_path, quant_cfg)
+        return CalibrationResult(files, quant_path, measure_path, len(prompts), truncated, blocklist, texts)
 
 
 def continuation_params(prompts: list[list[int]], min_tokens: int, max_tokens: int,
