@@ -55,7 +55,7 @@ def onednn_candidates(kernels, x, packed, n, col, sx):
     """fp8lm's oneDNN GEMM (FP8LM_CPU_GEMM=onednn: the FP8 cast, the weights widened from the panels,
     oneDNN's matmul, the epilogue; every call), and oneDNN's matmul alone on operands made once."""
     from fp8lm.errors import FP8LMError
-    from fp8lm.fp8.onednn_gemm import onednn_fp8_gemm
+    from fp8lm.fp8.onednn_gemm import fp8_value_table, onednn_fp8_gemm
 
     try:
         gemm = onednn_fp8_gemm(kernels)
@@ -64,7 +64,7 @@ def onednn_candidates(kernels, x, packed, n, col, sx):
         return {}
     gemm.min_rows = 1
     plan, widened = gemm.plan(x.shape[1], n)
-    plan.widen(packed, gemm.table(torch.float8_e4m3fn), widened, False)
+    plan.widen(packed, fp8_value_table(torch.float8_e4m3fn, gemm.element), widened, False)
     xe = (x / sx).to(torch.float8_e4m3fn).to(gemm.element)
     return {f"fp8lm oneDNN GEMM ({gemm.element_name}, {gemm.implementation})":
             lambda: gemm.linear(x, packed, n, torch.float8_e4m3fn, col, sx, 1 / sx, 448.0),

@@ -49,12 +49,10 @@ def test_widened_panels_are_the_weight_in_onednns_layout(module, element, tag, k
         pytest.skip(f"oneDNN has no {element} matmul on this CPU to choose a layout")
     plan = (module.GemmPlan(k, n, element.itemsize, og.LAYOUT_ROWS) if tag is None
             else module.GemmPlan(k, n, element.itemsize, tag))
-    gemm = object.__new__(og.OneDnnFP8Gemm)
-    gemm.element, gemm._tables = element, {}
     for dtype in (E4M3, E5M2):
         w8 = fp8_weight(n, k, dtype, seed=k * n)
         widened = torch.zeros(plan.packed_bytes(), dtype=torch.uint8)
-        plan.widen(ck.pack_panels(w8), gemm.table(dtype), widened, dtype == E5M2)
+        plan.widen(ck.pack_panels(w8), og.fp8_value_table(dtype, element), widened, dtype == E5M2)
         want = (w8.float() / ck.byte_value_factor(dtype)).to(element)     # the kernels' dequantized bytes
         assert torch.equal(plan.unpack(widened, torch.empty(0, dtype=element)), want), dtype
     padding = plan.pack(torch.ones(n, k, dtype=element)).view(element) == 0

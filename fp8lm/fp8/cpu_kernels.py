@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fp8lm.errors import FP8LMError
-from fp8lm.fp8.extension_build import build_extension
+from fp8lm.fp8.extension_build import build_extension, build_failure
 from fp8lm.fp8.numerics import FP8_LAYOUT, to_fp8
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ def cpu_kernels() -> CpuKernels | None:
     try:
         module, seconds = _build(cache_dir())
     except Exception as e:   # no compiler, no ninja, a failed build: fall back, never crash
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("CPU FP8 kernels could not be built (%s): using the PyTorch reference path", reason)
+        log.warning("CPU FP8 kernels could not be built (%s): using the PyTorch reference path", build_failure(e))
         return None
     if module.PANEL != PANEL:
         raise FP8LMError(f"CPU FP8 kernels: the extension packs {module.PANEL} rows per panel, the wrapper {PANEL}")

@@ -15,8 +15,8 @@ import torch
 
 def build_extension(cache: Path, prefix: str, csrc: Path, sources: tuple[str, ...], what: str, log: logging.Logger,
                     extra_ldflags: tuple[str, ...] = ()):
-    """Builds (or loads) the extension (`what`: its owner, possessive, for `log`'s messages) whose entry file is sources[0] -> (module, seconds it took
-    to compile, or None when it was already built)."""
+    """Builds (or loads) the extension whose entry file is sources[0] (`what`: its owner, possessive,
+    for `log`'s messages) -> (module, seconds it took to compile, or None when it was already built)."""
     from torch.utils import cpp_extension
 
     from fp8lm.files import check_private, make_dirs
@@ -56,3 +56,9 @@ def build_extension(cache: Path, prefix: str, csrc: Path, sources: tuple[str, ..
     for built in build_dir.glob("*.so"):
         os.chmod(built, 0o755)          # as the umask left it, a group could write it: checked next time
     return module, (time.perf_counter() - start if fresh else None)
+
+
+def build_failure(e: Exception) -> str:
+    """A failed build's reason in one line (a compiler's log runs to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -21,7 +21,7 @@ import torch
 
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.cpu_kernels import CpuKernels, byte_value_factor
-from fp8lm.fp8.extension_build import build_extension
+from fp8lm.fp8.extension_build import build_extension, build_failure
 from fp8lm.fp8.numerics import fake_quant
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ def onednn_module():
         module, _ = build_extension(cache_dir(), "fp8lm_onednn", _CSRC, _SOURCES, "the oneDNN GEMM's", log,
                                     (f"-L{lib}", f"-l:{_LIBRARY}", f"-Wl,-rpath,{lib}"))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FP8LMError(f"the oneDNN GEMM could not be built: {first}") from e
+        raise FP8LMError(f"the oneDNN GEMM could not be built: {build_failure(e)}") from e
     return module
 
 
@@ -81,7 +80,6 @@ class OneDnnFP8Gemm:
         if not self.implementation:
             raise FP8LMError(f"oneDNN {module.version()} has no {element} matmul on this CPU")
         self._plans: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
-        self._tables: dict[torch.dtype, torch.Tensor] = {}
         self._warned: set = set()
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, fp8_dtype: torch.dtype,
@@ -95,7 +93,7 @@ class OneDnnFP8Gemm:
             xq = self.kernels.fake_quant(x, inv_scale.item(), fp8_dtype, limit)
         else:
             xq = fake_quant(x, inv_scale.reshape(-1, 1), fp8_dtype, limit)
-        plan.widen(packed, self.table(fp8_dtype), widened, fp8_dtype == torch.float8_e5m2)
+        plan.widen(packed, fp8_value_table(fp8_dtype, self.element), widened, fp8_dtype == torch.float8_e5m2)
         y = plan.matmul(xq.to(self.element).contiguous(), widened)
         self.module.epilogue(y, col_scale, row_scale.float().contiguous(),
                              None if bias is None else bias.float().contiguous())
@@ -122,15 +120,15 @@ class OneDnnFP8Gemm:
             log.debug("oneDNN GEMM %dx%d: %s", k, n, plan.layout_impl())
         return self._plans[k, n]
 
-    def table(self, fp8_dtype: torch.dtype) -> torch.Tensor:
-        """Each FP8 byte's value as the kernels dequantize it (E4M3: times 2^-8, which their column
-        scale undoes), in the element type's bits."""
-        if fp8_dtype not in self._tables:
-            bits = torch.int16 if self.element == torch.bfloat16 else torch.int32
-            values = (torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
-                      / byte_value_factor(fp8_dtype)).to(self.element)
-            self._tables[fp8_dtype] = values.view(bits).contiguous()
-        return self._tables[fp8_dtype]
+
+
+@functools.cache
+def fp8_value_table(fp8_dtype: torch.dtype, element: torch.dtype) -> torch.Tensor:
+    """Each FP8 byte's value as the kernels dequantize it (E4M3: times 2^-8, which their column scale
+    undoes), as the bits of `element` (bfloat16 or float32): GemmPlan.widen's table."""
+    bits = torch.int16 if element == torch.bfloat16 else torch.int32
+    values = (torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float() / byte_value_factor(fp8_dtype)).to(element)
+    return values.view(bits).contiguous()
 
 
 @functools.cache
