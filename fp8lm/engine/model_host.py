@@ -25,6 +25,7 @@ from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.quant.bfloat16_format import bfloat16_in_float32_sums
 from fp8lm.quant.checkpoint_formats import checkpoint_quantization
+from fp8lm.quant.fused_ops import fuse_plain_attention
 from fp8lm.quant.online_fp8 import OnlineFP8
 from fp8lm.quant.measure import Measurement
 from fp8lm.quant.quantize import Quantizer
@@ -58,6 +59,8 @@ class ModelHost:
             kernels = kernels_for(self.device)
             if self.dtype == torch.bfloat16 and kernels is not None and bfloat16_matmul_is_slow():
                 bfloat16_in_float32_sums(self.model, kernels)
+            if kernels is not None:
+                fuse_plain_attention(self.model, kernels)
             if self.quantizer is None and self.measurement is None:
                 log.info("decode steps run layer by layer: the fused decode step (the whole decoder in one call "
                          "of the CPU kernels) runs FP8 models with static scales (--quantization inc with "

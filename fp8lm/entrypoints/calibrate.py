@@ -12,7 +12,6 @@ from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
 from fp8lm.files import replace_durably, undone_on_failure
-from fp8lm.fp8.cpu_kernels import build_in_background
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
@@ -117,14 +116,8 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
         engine = dict(device=device, dtype=dtype, max_model_len=max_seq_len + max_tokens, max_num_seqs=batch_size,
                       tensor_parallel_size=tensor_parallel_size, skip_warmup=True)
         if recipe == "fp8lm":
-            # The passes after it run FP8 models on the CPU kernels; their first build (~25 s) compiles
-            # while the unquantized model generates the continuation, which does not use them.
-            build = build_in_background(resolve_device(device))
-            try:
-                params = continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens)
-                texts = continue_texts(LLM(model, **engine), prompts, params, use_tqdm)
-            finally:
-                build.join()
+            params = continuation_params(prompts, statistics_tokens, max_tokens, max_seq_len + max_tokens)
+            texts = continue_texts(LLM(model, **engine), prompts, params, use_tqdm)
             # What generating them ran through the model: all but each text's last token.
             ran = [t[:-1] if len(t) > len(p) else t for t, p in zip(texts, prompts)]
             measuring = LLM(model, quantization="inc", quant_config=measure_cfg, **engine)

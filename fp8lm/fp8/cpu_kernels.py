@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import platform
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +127,14 @@ class CpuKernels:
                                            requantize[0], requantize[1], float(limit), mantissa, min_exp,
                                            k_cache.shape[0], ISA_CODES[self.isa], first_kv)
 
+    def plain_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, bias: torch.Tensor, scale: float,
+                        first_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over float32 or bfloat16 paged caches in float32 arithmetic: softmax(q·kᵀ·scale + bias)·v.
+        Shapes as `paged_attention`'s."""
+        return self.module.plain_paged_attention(q, k_cache, v_cache, block_tables, bias, float(scale),
+                                                 k_cache.shape[0], ISA_CODES[self.isa], first_kv)
+
     @staticmethod
     def attention_byte_scales(scales: list[float], cache_dtype: torch.dtype) -> list[float]:
         """paged_attention's 8 scales as the kernel takes them: the cache scales times byte_value_factor."""
@@ -221,20 +228,3 @@ def cpu_kernels() -> CpuKernels | None:
 def kernels_for(device) -> CpuKernels | None:
     """The CPU kernels for tensors on `device`: None off the CPU (or where they cannot run)."""
     return cpu_kernels() if device.type == "cpu" else None
-
-
-def build_in_background(device) -> threading.Thread:
-    """Builds (or loads) the kernels for `device` on a thread, for a caller with other work meanwhile;
-    join it before the first FP8 layer. A bad FP8LM_CPU_KERNELS is raised here, before that work; an
-    ISA this CPU lacks is raised by the caller's own next call, not on the thread."""
-    _requested_isa()
-
-    def build():
-        try:
-            kernels_for(device)
-        except FP8LMError:
-            pass
-
-    thread = threading.Thread(target=build, name="fp8lm-kernels")
-    thread.start()
-    return thread

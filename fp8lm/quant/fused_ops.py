@@ -1,13 +1,14 @@
-"""The fused FP8 paths of the CPU kernels: projections that share an input as one kernel call, and
-fully FP8 attention layers as one kernel call over the paged cache (quant/post_load.py picks them
-once weights are loaded). Each runs only while no hook observes the modules it stands in for
-(`HookWatch`)."""
+"""The fused paths of the CPU kernels: FP8 projections that share an input as one kernel call, and
+attention layers as one kernel call over the paged cache, fully FP8 ones (quant/post_load.py picks
+them once weights are loaded) and plain ones (the engine's CPU load). Each runs only while no hook
+observes the modules it stands in for (`HookWatch`)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from fp8lm.model.attention import AttentionKernel
+from fp8lm.model.layers import KVCache, Matmul, Softmax
 from fp8lm.model.linear import FusedProjections, ParallelLinear
 from fp8lm.quant.fp8_linear import FP8Panels
 from fp8lm.quant.fp8_modules import FP8KVCache, FP8Matmul, FP8Softmax
@@ -26,21 +27,43 @@ class HookWatch:
         return any(self._dicts) or bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-class FusedFP8Attention(AttentionKernel):
-    """An attention layer whose two matmuls, softmax and K/V caches are FP8, as one kernel call over
-    the paged FP8 cache — decode steps and prompt chunks alike: the modules' arithmetic, fused (FP8
-    casts bit-identical; the softmax's exp and the sums' order may differ in the last bit), keys a
-    query's mask hides never computed."""
+class KernelAttention(AttentionKernel):
+    """An attention layer as one call of the CPU kernels over its paged cache, decode steps and prompt
+    chunks alike: K/V written through the layer's cache modules, then `attend` on the queries padded
+    per sequence. Runs while no hook observes the modules it stands in for."""
 
     def __init__(self, attn, kernels):
         self.kernels = kernels
+        # Not the layer itself: the kernel runs inside its forward, so the layer's own hooks still run.
+        self.hooks = HookWatch((attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache))
+
+    def attend(self, attn, queries: torch.Tensor, bias: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
+        attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
+        attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
+        b, length = meta.batch_size, meta.max_query_len
+        if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
+            queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
+        else:                # prompt chunks: queries padded to [B, L], one bias row each
+            queries, bias = q[meta.query_index], meta.attn_bias.reshape(b, length, -1)
+        out = self.attend(attn, queries, bias, meta.block_tables).reshape(b * length, -1)
+        return out if length == 1 else out[meta.flat_index]
+
+
+class FusedFP8Attention(KernelAttention):
+    """An attention layer whose two matmuls, softmax and K/V caches are FP8: the modules' arithmetic,
+    fused (FP8 casts bit-identical; the softmax's exp and the sums' order may differ in the last bit),
+    keys a query's mask hides never computed."""
+
+    def __init__(self, attn, kernels):
+        super().__init__(attn, kernels)
         qk, sm, av = attn.matmul_qk, attn.softmax, attn.matmul_av
         self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b,
                        attn.k_cache.scale, attn.v_cache.scale]
         self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
         self.limit = qk.fmt.limit
-        # Not the layer itself: the kernel runs inside its forward, so the layer's own hooks still run.
-        self.hooks = HookWatch((qk, sm, av, attn.k_cache, attn.v_cache))
 
     @staticmethod
     def can_fuse(attn) -> bool:
@@ -53,24 +76,53 @@ class FusedFP8Attention(AttentionKernel):
             (attn.matmul_qk, ("scale_a", "scale_b")), (attn.matmul_av, ("scale_a", "scale_b")),
             (attn.softmax, ("output_scale",)), (attn.k_cache, ("scale",)), (attn.v_cache, ("scale",))) for n in names)
         same = len({m.fmt for m in parts}) == 1 and attn.k_cache.cache_dtype == attn.matmul_qk.fmt.dtype
-        return scalar and same and attn.head_dim % 16 == 0 and attn.head_dim <= 128
+        return scalar and same and kernel_head_dim(attn.head_dim)
 
     def applies(self, attn, q: torch.Tensor, meta) -> bool:
         return (q.dtype == torch.float32 and q.device.type == "cpu"
                 and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and not self.hooks.hooked())
 
-    def __call__(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
-        attn.k_cache(k, attn.k_cache_tensor, meta.slot_mapping)
-        attn.v_cache(v, attn.v_cache_tensor, meta.slot_mapping)
-        b, length = meta.batch_size, meta.max_query_len
-        if length == 1:      # decode: token i is sequence i's query (see AttentionMetadata)
-            queries, bias = q.contiguous(), meta.attn_bias.reshape(b, -1)
-        else:                # prompt chunks: queries padded to [B, L], one bias row each
-            queries, bias = q[meta.query_index], meta.attn_bias.reshape(b, length, -1)
-        out = self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, meta.block_tables,
-                                           bias, self.scales, self.requantize, self.limit, attn.first_kv)
-        out = out.reshape(b * length, -1)
-        return out if length == 1 else out[meta.flat_index]
+    def attend(self, attn, queries: torch.Tensor, bias: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        return self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, block_tables,
+                                            bias, self.scales, self.requantize, self.limit, attn.first_kv)
+
+
+class PlainKernelAttention(KernelAttention):
+    """An attention layer of plain modules over a float32 or bfloat16 cache: softmax(q·kᵀ·scale + bias)·v
+    in float32 arithmetic (a bfloat16 layer's scores and probabilities are not rounded to bfloat16 as
+    its modules round them), keys a query's mask hides never computed."""
+
+    @staticmethod
+    def can_fuse(attn) -> bool:
+        plain = (type(attn.matmul_qk) is Matmul and type(attn.matmul_av) is Matmul and type(attn.softmax) is Softmax
+                 and type(attn.k_cache) is KVCache and type(attn.v_cache) is KVCache)
+        return plain and kernel_head_dim(attn.head_dim) and not attn.exact_first_token
+
+    def applies(self, attn, q: torch.Tensor, meta) -> bool:
+        return (q.dtype in PLAIN_CACHE_DTYPES and q.device.type == "cpu" and attn.k_cache_tensor.dtype == q.dtype
+                and not self.hooks.hooked())
+
+    def attend(self, attn, queries: torch.Tensor, bias: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        out = self.kernels.plain_attention(queries.float().contiguous(), attn.k_cache_tensor, attn.v_cache_tensor,
+                                           block_tables, bias.float().contiguous(), attn.scale, attn.first_kv)
+        return out.to(queries.dtype)
+
+
+PLAIN_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_head_dim(head_dim: int) -> bool:
+    """Whether the kernels' attention takes this head size (whole vectors of every ISA, accumulators in registers)."""
+    return head_dim % 16 == 0 and head_dim <= 128
+
+
+def fuse_plain_attention(model, kernels) -> int:
+    """Every attention layer of plain modules without a fused path gets the kernels' plain attention;
+    returns how many."""
+    layers = [a for a in model.attention_layers() if a.fused_attention is None and PlainKernelAttention.can_fuse(a)]
+    for attn in layers:
+        attn.fused_attention = PlainKernelAttention(attn, kernels)
+    return len(layers)
 
 
 class FusedFP8Linears(FusedProjections):

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -49,9 +50,13 @@ struct FP8Operand {       // the second operand of an attention matmul, read fro
   bool requantize;       // cast onto the FP8 grid again (the scales differ)
 };
 
+// What a paged K/V cache holds. Only an FP8 cache makes the attention FP8 (its casts, its scales);
+// over the others it is the plain arithmetic of PagedAttention's modules, in float32.
+enum class CacheElement { kFP8, kFloat32, kBFloat16 };
+
 struct DecodeArgs {
   const float* q;                 // [batch, queries, num_heads, head_dim], rotated, before the 1/sqrt(d) scale
-  const uint8_t* k_cache;         // [num_kv_heads, num_cache_blocks, block_size, head_dim]
+  const uint8_t* k_cache;         // [num_kv_heads, num_cache_blocks, block_size, head_dim] of `element`s
   const uint8_t* v_cache;
   const int64_t* block_tables;    // [batch, max_blocks]
   const float* bias;              // [batch, queries, max_blocks * block_size]: 0 or -inf
@@ -66,6 +71,7 @@ struct DecodeArgs {
   const float* first_k = nullptr;
   const float* first_v = nullptr;
   int64_t first_rows = 0;
+  CacheElement element = CacheElement::kFP8;
 };
 
 #pragma GCC push_options
@@ -208,24 +214,20 @@ static FP8Operand cache_operand(double cache_byte_scale, double operand_scale, b
   return FP8Operand{static_cast<float>(cache_byte_scale), static_cast<float>(1.0 / operand_scale), requantize};
 }
 
-// FP8 attention over the paged FP8 cache (see kernels.inc paged_attention): q [B, heads, d] for a
-// decode step, or [B, L, heads, d] for L padded queries per sequence with bias [B, L, S]. scales: q_scale, qk_a, qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V
-// cache scales (E4M3: times 256, see dequant); requantize_k/v: cast K/V onto the grid again
-// (FP8Matmul does unless it can skip it).
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& block_tables, const at::Tensor& bias, bool e5m2,
-                               std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
-                               int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa,
-                               const c10::optional<at::Tensor>& first_kv) {
+// What both attention entry points check and fix: q [B, heads, d] for a decode step, or
+// [B, L, heads, d] for L padded queries per sequence with bias [B, L, S]; caches [kv_heads, blocks,
+// block_size, d] of one shape; first_kv (exact_first_token) [2, kv_heads, >= blocks, d].
+static DecodeArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& bias, int64_t num_kv_heads,
+                                 int64_t want_isa, const c10::optional<at::Tensor>& first_kv, const at::Tensor& out) {
   check_isa(want_isa);
   TORCH_CHECK(q.scalar_type() == at::kFloat && (q.dim() == 3 || q.dim() == 4) && q.is_contiguous(),
               "q must be contiguous float32 [B, heads, d] or [B, L, heads, d]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kByte && v_cache.scalar_type() == at::kByte && k_cache.dim() == 4 &&
-              k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
-              "K/V caches must be contiguous uint8 [kv_heads, blocks, block_size, d] of one shape");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "K/V caches must be contiguous [kv_heads, blocks, block_size, d] of one shape and type");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables must be contiguous int64 [B, max_blocks]");
-  TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
   const int64_t B = q.size(0), L = q.dim() == 4 ? q.size(1) : 1, H = q.size(-2), d = q.size(-1);
   const int64_t W = want_isa >= kAvx512 ? 16 : 8;
   TORCH_CHECK(d % W == 0 && d <= 16 * W && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads &&
@@ -235,16 +237,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t S = block_tables.size(1) * k_cache.size(2);
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == B * L * S,
               "bias must be contiguous float32 [B, L, max_blocks * block_size]");
-  auto out = at::empty_like(q);
-  const double qk_a = scales[1], qk_b = scales[2], sm = scales[3], av_a = scales[4], av_b = scales[5];
-  DecodeArgs a{q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
-               block_tables.data_ptr<int64_t>(), bias.data_ptr<float>(), out.data_ptr<float>(),
-               B, L, H, num_kv_heads, d, k_cache.size(1), k_cache.size(2), block_tables.size(1), e5m2,
-               QuantArgs{nullptr, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)},
-               static_cast<float>(scales[0]), static_cast<float>(1.0 / qk_a), static_cast<float>(qk_a * qk_b),
-               static_cast<float>(1.0 / sm), static_cast<float>(sm), static_cast<float>(1.0 / av_a),
-               static_cast<float>(av_a * av_b),
-               cache_operand(scales[6], qk_b, e5m2, requantize_k), cache_operand(scales[7], av_b, e5m2, requantize_v)};
+  DecodeArgs a{};
+  a.q = q.data_ptr<float>();
+  a.k_cache = static_cast<const uint8_t*>(k_cache.data_ptr());
+  a.v_cache = static_cast<const uint8_t*>(v_cache.data_ptr());
+  a.block_tables = block_tables.data_ptr<int64_t>();
+  a.bias = bias.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.batch = B, a.queries = L, a.num_heads = H, a.num_kv_heads = num_kv_heads, a.head_dim = d;
+  a.num_cache_blocks = k_cache.size(1), a.block_size = k_cache.size(2), a.max_blocks = block_tables.size(1);
   if (first_kv) {
     TORCH_CHECK(first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() && first_kv->dim() == 4 &&
                 first_kv->size(0) == 2 && first_kv->size(1) == num_kv_heads && first_kv->size(2) >= k_cache.size(1) &&
@@ -253,6 +254,47 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     a.first_k = first_kv->data_ptr<float>();
     a.first_v = a.first_k + num_kv_heads * a.first_rows * d;
   }
+  return a;
+}
+
+// FP8 attention over the paged FP8 cache (see attention.inc paged_attention). scales: q_scale, qk_a,
+// qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V cache scales (E4M3: times
+// 256, see dequant); requantize_k/v: cast K/V onto the grid again (FP8Matmul does unless it can skip it).
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_tables, const at::Tensor& bias, bool e5m2,
+                               std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
+                               int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa,
+                               const c10::optional<at::Tensor>& first_kv) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kByte, "FP8 K/V caches must be uint8 (their bytes)");
+  TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
+  auto out = at::empty_like(q);
+  DecodeArgs a = attention_args(q, k_cache, v_cache, block_tables, bias, num_kv_heads, want_isa, first_kv, out);
+  const double qk_a = scales[1], qk_b = scales[2], sm = scales[3], av_a = scales[4], av_b = scales[5];
+  a.e5m2 = e5m2;
+  a.grid = QuantArgs{nullptr, 1, static_cast<float>(limit), static_cast<int>(mantissa_bits), static_cast<int>(min_exponent)};
+  a.q_scale = static_cast<float>(scales[0]), a.qk_inv_a = static_cast<float>(1.0 / qk_a);
+  a.qk_out_scale = static_cast<float>(qk_a * qk_b);
+  a.softmax_inv = static_cast<float>(1.0 / sm), a.softmax_scale = static_cast<float>(sm);
+  a.av_inv_a = static_cast<float>(1.0 / av_a), a.av_out_scale = static_cast<float>(av_a * av_b);
+  a.k = cache_operand(scales[6], qk_b, e5m2, requantize_k);
+  a.v = cache_operand(scales[7], av_b, e5m2, requantize_v);
+  FP8LM_ISA_CALL(want_isa, paged_attention(a));
+  return out;
+}
+
+// Attention over a float32 or bfloat16 paged cache, as PagedAttention's plain modules compute it
+// (q·kᵀ times `scale`, + bias, softmax, p·v) with float32 arithmetic throughout; shapes as above.
+at::Tensor plain_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& bias, double scale,
+                                 int64_t num_kv_heads, int64_t want_isa, const c10::optional<at::Tensor>& first_kv) {
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "plain K/V caches must be float32 or bfloat16");
+  auto out = at::empty_like(q);
+  DecodeArgs a = attention_args(q, k_cache, v_cache, block_tables, bias, num_kv_heads, want_isa, first_kv, out);
+  a.element = type == at::kFloat ? CacheElement::kFloat32 : CacheElement::kBFloat16;
+  a.q_scale = static_cast<float>(scale);
+  a.qk_out_scale = a.softmax_scale = a.av_out_scale = 1.0f;
+  a.k = a.v = FP8Operand{1.0f, 1.0f, false};
   FP8LM_ISA_CALL(want_isa, paged_attention(a));
   return out;
 }
@@ -323,6 +365,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &fp8lm::linear_bf16, "bfloat16-weight matmul over packed panels", release());
   m.def("paged_attention", &fp8lm::paged_attention, "FP8 attention over the paged cache (decode steps, prompt chunks)",
         release());
+  m.def("plain_paged_attention", &fp8lm::plain_paged_attention,
+        "attention over a float32 / bfloat16 paged cache (decode steps, prompt chunks)", release());
   m.def("write_cache", &fp8lm::write_cache, "new K/V rows -> FP8 bytes in the paged cache", release());
   m.def("fake_quant", &fp8lm::fake_quant, "float32 -> FP8 grid values (as float32)", release());
   m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale", release());

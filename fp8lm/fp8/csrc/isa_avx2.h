@@ -41,11 +41,13 @@ static inline void dequant_row(const uint8_t* p, vf* w) {   // a packed panel ro
   for (int v = 0; v < 4; ++v) w[v] = dequant<E5M2>(p + 8 * v);
 }
 
+static inline vf vload_bf16(const uint16_t* p) {   // W bfloat16 values, widened (exact)
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 static inline void bf16_row(const uint16_t* p, vf* w) {    // a bfloat16 panel row -> 4 vectors
-  for (int v = 0; v < 4; ++v) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * v));
-    w[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
+  for (int v = 0; v < 4; ++v) w[v] = vload_bf16(p + 8 * v);
 }
 
 template <bool E5M2>

@@ -55,12 +55,14 @@ static inline void dequant_row(const uint8_t* p, vf* w) {
   w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
 
-// A bfloat16 panel row (32 values) -> 2 vectors: a bfloat16 is the top half of a float32.
-static inline void bf16_row(const uint16_t* p, vf* w) {
-  for (int v = 0; v < 2; ++v) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v));
-    w[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+// A bfloat16 is the top half of a float32: W of them widened (exact).
+static inline vf vload_bf16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void bf16_row(const uint16_t* p, vf* w) {   // a bfloat16 panel row (32 values) -> 2 vectors
+  for (int v = 0; v < 2; ++v) w[v] = vload_bf16(p + 16 * v);
 }
 
 // 16 floats already on the FP8 grid -> their 16 FP8 bytes (the inverse of dequant: exact).
