@@ -102,8 +102,8 @@ def test_a_calibration_failing_after_measure_leaves_the_output_folder_as_it_was(
 
 
 def test_bad_kernel_choice_stops_calibration_before_any_work(tmp_path, tiny_model, monkeypatch):
-    """The kernels build on a thread while the continuation is generated: a bad FP8LM_CPU_KERNELS is
-    still refused first, by name, with nothing generated or written."""
+    """A bad FP8LM_CPU_KERNELS is refused first, by name, with nothing generated or written (also in a
+    process whose kernels were chosen before: that choice is cached)."""
     from fp8lm.entrypoints.llm import LLM
 
     monkeypatch.setenv("FP8LM_CPU_KERNELS", "sse9")

@@ -12,6 +12,7 @@ from fp8lm.engine.sampling_params import SamplingParams
 from fp8lm.entrypoints.llm import LLM
 from fp8lm.errors import FP8LMError
 from fp8lm.files import replace_durably, undone_on_failure
+from fp8lm.fp8.cpu_kernels import requested_isa
 from fp8lm.fp8.formats import profile_for
 from fp8lm.engine.config import resolve_device
 from fp8lm.model.config import ModelConfig
@@ -97,6 +98,7 @@ def calibrate(model: str, dataset: str, output: Path, num_samples: int = 512, ma
                          f"(--recipe {recipe}, profile {tag})")
     output = Path(output).expanduser().resolve()
     check_writable(output)
+    requested_isa()            # a bad FP8LM_CPU_KERNELS, before the model loads
     with undone_on_failure(output, CALIBRATION_FILES):
         limit = ModelConfig.from_folder(resolve_model(model)).max_position_embeddings - max_tokens
         if max_seq_len > limit:

@@ -129,14 +129,15 @@ def unit_pattern(unit: str) -> str:
 class HighPrecisionSwapper:
     """Puts the high-precision originals of chosen units into the quantized model (and back). An
     attention unit kept also gets K/V caches of the reference's dtype (empty: every step scored
-    writes the K/V it reads), and its FP8 caches back when it is put back."""
+    writes the K/V it reads) and the reference layer's attention kernel, and its FP8 caches and
+    kernel back when it is put back."""
 
     def __init__(self, quantized: nn.Module, reference: nn.Module, units: dict[str, list[str]]):
         self.quantized, self.units = quantized, units
         self.fp8 = {n: quantized.get_submodule(n) for names in units.values() for n in names}
         self.originals = {n: reference.get_submodule(n) for n in self.fp8}
         self.reference = reference
-        self.fp8_caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fp8_attention: dict[str, tuple] = {}      # unit -> its FP8 K cache, V cache, fused_attention
 
     def keep(self, kept: set[str]) -> None:
         for unit, names in self.units.items():
@@ -147,13 +148,16 @@ class HighPrecisionSwapper:
 
     def _bind_caches(self, unit: str, high_precision: bool) -> None:
         attn = self.quantized.get_submodule(unit)
-        if high_precision and unit not in self.fp8_caches:
-            self.fp8_caches[unit] = (attn.k_cache_tensor, attn.v_cache_tensor)
-            dtype = self.reference.get_submodule(unit).k_cache_tensor.dtype
+        if high_precision and unit not in self.fp8_attention:
+            self.fp8_attention[unit] = (attn.k_cache_tensor, attn.v_cache_tensor, attn.fused_attention)
+            original = self.reference.get_submodule(unit)
+            dtype = original.k_cache_tensor.dtype
             attn.bind_cache(torch.zeros_like(attn.k_cache_tensor, dtype=dtype),
                             torch.zeros_like(attn.v_cache_tensor, dtype=dtype), attn.first_kv)
-        elif not high_precision and unit in self.fp8_caches:
-            attn.bind_cache(*self.fp8_caches.pop(unit), attn.first_kv)
+            attn.fused_attention = original.fused_attention
+        elif not high_precision and unit in self.fp8_attention:
+            k_cache, v_cache, attn.fused_attention = self.fp8_attention.pop(unit)
+            attn.bind_cache(k_cache, v_cache, attn.first_kv)
 
 
 @dataclass

@@ -182,7 +182,8 @@ def kernel_col_scale(weight_scale, out_features: int, fp8_dtype: torch.dtype) ->
     return s.expand(out_features).contiguous() if s.numel() == 1 else s.contiguous()
 
 
-def _requested_isa() -> str:
+def requested_isa() -> str:
+    """FP8LM_CPU_KERNELS: auto, off or an ISA name (a bad value is an FP8LMError naming it)."""
     value = os.environ.get("FP8LM_CPU_KERNELS", "auto").strip().lower()
     allowed = ("auto", "off", *ISA_CODES)
     if value not in allowed:
@@ -199,7 +200,7 @@ def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None (and one log line saying why) where they cannot run."""
     from fp8lm.files import cache_dir
 
-    want = _requested_isa()
+    want = requested_isa()
     if want == "off":
         log.info("CPU FP8 matmul: PyTorch reference path (FP8LM_CPU_KERNELS=off)")
         return None
