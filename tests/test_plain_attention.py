@@ -25,11 +25,12 @@ def kernels_for_isa(best, isa) -> CpuKernels:
     return CpuKernels(best.module, isa)
 
 
-def paged_case(dtype, seed, queries: int):
+def paged_case(dtype, seed, queries: int, heads=(6, 2), d=64):
     """Random caches, block tables with blocks in shuffled order, per-sequence context lengths; q
-    [B, heads, d] (decode) or [B, L, heads, d] with causal bias rows ending at each context's end."""
+    [B, heads, d] (decode) or [B, L, heads, d] with causal bias rows ending at each context's end.
+    heads: query heads, KV heads."""
     g = torch.Generator().manual_seed(seed)
-    kvh, heads, d, block, blocks, b, width = 2, 6, 64, 16, 40, 3, 7
+    (heads, kvh), block, blocks, b, width = heads, 16, 40, 3, 7
     k_cache = (torch.randn(kvh, blocks, block, d, generator=g) * 2).to(dtype)
     v_cache = torch.randn(kvh, blocks, block, d, generator=g).to(dtype)
     tables = torch.stack([torch.randperm(blocks, generator=g)[:width] for _ in range(b)])
@@ -72,12 +73,14 @@ def float64_attention(q, k_cache, v_cache, tables, bias, scale):
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 5, 40])
-def test_plain_attention_equals_float64_softmax_to_float32_rounding(best, isa, dtype, queries):
+@pytest.mark.parametrize("heads, d", [((6, 2), 64), ((4, 1), 256)])
+def test_plain_attention_equals_float64_softmax_to_float32_rounding(best, isa, dtype, queries, heads, d):
     """Decode steps (one query) and prompt chunks (40 crosses the 32-query tiles), GQA, masked keys and
-    padded blocks, caches in shuffled block order."""
+    padded blocks, caches in shuffled block order; heads of 64 and of 256 (Gemma 3's: p·v in passes
+    of 16 vectors)."""
     kernels = kernels_for_isa(best, isa)
-    q, k_cache, v_cache, tables, bias = paged_case(dtype, seed=queries, queries=queries)
-    scale = 64 ** -0.5
+    q, k_cache, v_cache, tables, bias = paged_case(dtype, seed=queries, queries=queries, heads=heads, d=d)
+    scale = d ** -0.5
     out = kernels.plain_attention(q, k_cache, v_cache, tables, bias.contiguous(), scale)
     ref, bound = float64_attention(q, k_cache, v_cache, tables, bias, scale)
     err = (out.double() - ref).abs().amax(-1)

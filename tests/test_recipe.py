@@ -65,6 +65,20 @@ def test_gptq_batches_and_stacked_rows_round_each_problem_as_alone():
     assert torch.equal(got["o"], gptq_round(o, hs[1], o.abs().amax().reshape(1) / 448, E4M3, 448.0))
 
 
+@pytest.mark.parametrize("t, k", [(1, 1), (37, 3), (300, 201), (64, 600)])
+def test_float32_gram_is_the_inputs_second_moment(t, k):
+    """XᵀX from the blocks on and above the diagonal, mirrored: the float64 product to float32
+    summation order, symmetric bit for bit (k not a multiple of the block count included)."""
+    from fp8lm.quant.statistics import float32_gram
+
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(t)) * 3
+    got = float32_gram(x)
+    expected = x.double().T @ x.double()
+    bound = (t + 2) * 2.0**-24 * (x.abs().double().T @ x.abs().double())
+    assert got.shape == (k, k) and ((got.double() - expected).abs() <= bound).all()
+    assert torch.equal(got, got.T)
+
+
 def test_linears_reading_one_input_share_one_second_moment(recipe_calibration, tiny_model):
     """q/k/v (and gate/up) of the plain-scale FP8 model: one XqᵀXq tensor each group, added to once per
     input, equal to the one computed by hand from what q_proj receives."""

@@ -19,7 +19,7 @@ import torch
 
 from fp8lm.errors import FP8LMError
 from fp8lm.fp8.extension_build import build_extension, build_failure
-from fp8lm.fp8.numerics import FP8_LAYOUT, to_fp8
+from fp8lm.fp8.numerics import FP8_LAYOUT, gram_from_upper_blocks, to_fp8
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,13 @@ class CpuKernels:
         k = xt.shape[0]
         s = torch.tensor([float(scale)])
         packed = pack_panels(to_fp8(xt, 1 / s, fp8_dtype, limit))
-        gram = torch.empty(k, k)
-        step = PANEL * max(1, -(-k // (GRAM_BLOCKS * PANEL)))
-        for start in range(0, k, step):
-            end, n = min(start + step, k), k - start
-            rows = self.linear(xt[start:end], packed[start // PANEL:], n, fp8_dtype, kernel_col_scale(s, n, fp8_dtype),
+
+        def rows_from(start: int, end: int) -> torch.Tensor:
+            n = k - start
+            return self.linear(xt[start:end], packed[start // PANEL:], n, fp8_dtype, kernel_col_scale(s, n, fp8_dtype),
                                s, 1 / s, limit)
-            gram[start:end, start:] = rows
-            gram[end:, start:end] = rows[:, end - start:].t()
-        return gram
+
+        return gram_from_upper_blocks(k, PANEL * max(1, -(-k // (GRAM_BLOCKS * PANEL))), rows_from)
 
     def fake_quant(self, x: torch.Tensor, inv_scale: float, fp8_dtype: torch.dtype, limit: float) -> torch.Tensor:
         """The FP8 values of x * inv_scale saturated at ±limit, as float32: numerics.fake_quant, fused."""

@@ -6,6 +6,8 @@ equal to the float8 cast, see tests/test_fp8_numerics.py).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 # (mantissa bits, smallest normal exponent) of each float8 format
@@ -40,3 +42,18 @@ def fake_quant(x: torch.Tensor, inv_scale: torch.Tensor | float, dtype: torch.dt
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
     return (q.to(torch.float32) * scale).to(dtype)
+
+
+def gram_from_upper_blocks(k: int, block: int, rows_from: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """A symmetric [k, k] matrix such as XᵀX from `rows_from(start, end)`: its rows start:end
+    from column `start` on (the blocks on and above the diagonal, (1 + 1/blocks) / 2 of the whole
+    product's work); the blocks below are their mirror."""
+    out = None
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        rows = rows_from(start, end)
+        if out is None:
+            out = rows.new_empty(k, k)
+        out[start:end, start:] = rows
+        out[end:, start:end] = rows[:, end - start:].t()
+    return out

@@ -112,8 +112,8 @@ PLAIN_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def kernel_head_dim(head_dim: int) -> bool:
-    """Whether the kernels' attention takes this head size (whole vectors of every ISA, accumulators in registers)."""
-    return head_dim % 16 == 0 and head_dim <= 128
+    """Whether the kernels' attention takes this head size (whole vectors of every ISA)."""
+    return head_dim % 16 == 0
 
 
 def fuse_plain_attention(model, kernels) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from fp8lm.errors import FP8LMError
 from fp8lm.files import replace_durably
 from fp8lm.fp8.cpu_kernels import kernels_for
-from fp8lm.fp8.numerics import fake_quant
+from fp8lm.fp8.numerics import fake_quant, gram_from_upper_blocks
 from fp8lm.model.attention import PagedAttention
 from fp8lm.model.linear import ParallelLinear
 from fp8lm.quant.fp8_linear import is_fp8
@@ -42,6 +42,17 @@ def fp8_second_moment(x: torch.Tensor, scale, fmt) -> torch.Tensor:
         return kernels.fp8_gram(x, float(scale), fmt.dtype, fmt.limit)
     xq = fake_quant(x, 1 / scale, fmt.dtype, fmt.limit) * scale
     return xq.T @ xq
+
+
+# XᵀX in 4 column blocks: 0.66-0.8x the time of x.T @ x at 2,048 rows of 576 / 1,536 (one thread, AVX2);
+# 2 blocks 0.75-0.83x, 6 slower again.
+GRAM_BLOCKS = 4
+
+
+def float32_gram(x: torch.Tensor) -> torch.Tensor:
+    """XᵀX of x [T, K] (its dtype): the blocks on and above the diagonal only, mirrored."""
+    k = x.shape[1]
+    return gram_from_upper_blocks(k, -(-k // GRAM_BLOCKS), lambda start, end: x[:, start:end].T @ x[:, start:])
 
 
 def stats_path(stats_prefix: Path) -> Path:
@@ -81,7 +92,7 @@ class LinearStatistics:
         fmt = self.fmt
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.owns_hessian:
-            second = x.T @ x if self.input_scale is None else fp8_second_moment(x, self.input_scale, fmt)
+            second = float32_gram(x) if self.input_scale is None else fp8_second_moment(x, self.input_scale, fmt)
             self.hessian += second.double().cpu()           # H stays on the CPU, where GPTQ runs
         if self.candidate_error is None:
             return

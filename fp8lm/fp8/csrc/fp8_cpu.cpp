@@ -230,9 +230,8 @@ static DecodeArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache,
               "block_tables must be contiguous int64 [B, max_blocks]");
   const int64_t B = q.size(0), L = q.dim() == 4 ? q.size(1) : 1, H = q.size(-2), d = q.size(-1);
   const int64_t W = want_isa >= kAvx512 ? 16 : 8;
-  TORCH_CHECK(d % W == 0 && d <= 16 * W && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads &&
-              H % num_kv_heads == 0, "head_dim must be a multiple of ", W, " up to ", 16 * W,
-              " and the caches must match q");
+  TORCH_CHECK(d % W == 0 && k_cache.size(3) == d && k_cache.size(0) == num_kv_heads && H % num_kv_heads == 0,
+              "head_dim must be a multiple of ", W, " and the caches must match q");
   TORCH_CHECK(block_tables.size(0) == B, "block_tables must have one row per sequence");
   const int64_t S = block_tables.size(1) * k_cache.size(2);
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == B * L * S,
