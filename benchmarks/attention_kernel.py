@@ -56,7 +56,7 @@ def main() -> None:
     outputs = []
     for batch, queries, context in CASES:
         q, (k, v), tables, bias, keys = case_inputs(batch, queries, context)
-        call = lambda: kernels.paged_attention(q, k, v, tables, bias, scales, (True, True), 448.0)
+        call = lambda: kernels.paged_attention(q, k, v, tables, bias, scales, (True, True), k.dtype, 448.0)
         outputs.append(call())
         seconds = best_seconds(call, 7)
         print(f"{batch} x {queries} queries over {context} keys: {seconds * 1e3:7.2f} ms, "

@@ -261,15 +261,19 @@ def chunked_prompt_logits(llm, prompts, chunk: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("chunk", [7, 45])
-def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, chunk, isa, monkeypatch):
+@pytest.mark.parametrize("kv", ["fp8_inc", "auto"])
+def test_fused_prefill_attention_matches_the_fp8_modules(tiny_model, measured, chunk, isa, kv, monkeypatch):
     """Prompt chunks (queries padded per step, later chunks reading earlier ones' cached keys; 45
     crosses the kernel's 32-query tiles) through the fused kernel vs FP8Matmul/FP8Softmax over the same
-    cache. The FP8 casts are the same; the softmax's exp (a polynomial vs torch's) and sums may differ
+    cache: FP8 (fp8_inc), or float32 (auto: FP8 attention over the model's K/V, cast as they are
+    read). The FP8 casts are the same; the softmax's exp (a polynomial vs torch's) and sums may differ
     in float32's last bit, which flips a probability's FP8 rounding only rarely: rows must match to
     1e-5, all but a few bit for bit. Measured here: every row bit for bit."""
     from fp8lm.fp8.cpu_kernels import ISA_CODES, CpuKernels
 
-    llm = quantized(tiny_model, measured)
+    llm = quantized(tiny_model, measured, kv=kv)
+    assert llm.engine.host.model.attention_layers()[0].k_cache_tensor.dtype == (
+        torch.float8_e4m3fn if kv == "fp8_inc" else torch.float32)
     layers = llm.engine.host.model.attention_layers()
     best = layers[0].fused_attention.kernels
     if ISA_CODES[isa] > ISA_CODES[best.isa]:
@@ -307,6 +311,26 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
     a = fast.generate(PROMPTS, params, use_tqdm=False)
     b = reference.generate(PROMPTS, params, use_tqdm=False)
     assert_same_generations(a, b)
+
+
+def test_fp8_attention_over_the_models_own_cache_runs_fused_as_its_modules(tiny_model, measured, monkeypatch):
+    """FP8 weights and attention over a float32 K/V cache (no kv_cache_dtype): the kernel casts K and V
+    onto the matmuls' grids as it reads them, as FP8Matmul casts them. Decode steps: the same tokens,
+    logprobs within 1e-4 of the modules'. The decode stack stays off: it needs FP8 caches."""
+    llm = quantized(tiny_model, measured, kv="auto")
+    layers = llm.engine.host.model.attention_layers()
+    assert all(isinstance(a.fused_attention, fused_ops.FusedFP8Attention) and a.k_cache_tensor.dtype == torch.float32
+               for a in layers)
+    assert llm.engine.host.model.model.fused_decode is None
+    calls = []
+    original = fused_ops.FusedFP8Attention.attend
+    monkeypatch.setattr(fused_ops.FusedFP8Attention, "attend", lambda self, *a: calls.append(1) or original(self, *a))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    fused = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert len(calls) >= len(layers) * 8                    # the prompts' step and every decode step
+    for attn in layers:
+        attn.fused_attention = None
+    assert_same_generations(fused, llm.generate(PROMPTS, params, use_tqdm=False))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])

@@ -108,20 +108,25 @@ class CpuKernels:
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, bias: torch.Tensor, scales: list[float],
-                        requantize: tuple[bool, bool], limit: float, first_kv: torch.Tensor | None = None) -> torch.Tensor:
-        """FP8 attention over the paged FP8 caches (see csrc/kernels.inc paged_attention).
+                        requantize: tuple[bool, bool], fp8_dtype: torch.dtype, limit: float,
+                        first_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """FP8 attention (casts onto `fp8_dtype`'s grid saturated at `limit`) over paged caches of that
+        FP8 dtype, or over float32 caches of the model's K/V (cast onto the matmuls' grids as they are
+        read); see csrc/attention.inc paged_attention.
 
         q float32 (rotated, before 1/sqrt(d)): [B, heads, d] for a decode step with bias
         [B, max_blocks * block_size], or [B, L, heads, d] for L padded queries per sequence with bias
         [B, L, max_blocks * block_size]; caches [kv_heads, blocks, block_size, d]; scales: 1/sqrt(d),
         q·k's two input scales, the softmax output scale, p·v's two input scales, the K and V cache
-        scales. first_kv: exact_first_token's float32 [2, kv_heads, rows, d] (PagedAttention.first_kv).
-        Returns q's shape.
+        scales (unused for float32 caches). first_kv: exact_first_token's float32 [2, kv_heads, rows, d]
+        (PagedAttention.first_kv). Returns q's shape.
         """
-        mantissa, min_exp = FP8_LAYOUT[k_cache.dtype]
-        return self.module.paged_attention(q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables,
-                                           bias, k_cache.dtype == torch.float8_e5m2,
-                                           self.attention_byte_scales(scales, k_cache.dtype),
+        mantissa, min_exp = FP8_LAYOUT[fp8_dtype]
+        fp8_cache = k_cache.dtype == fp8_dtype
+        if fp8_cache:
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        return self.module.paged_attention(q, k_cache, v_cache, block_tables, bias, fp8_dtype == torch.float8_e5m2,
+                                           self.attention_byte_scales(scales, fp8_dtype),
                                            requantize[0], requantize[1], float(limit), mantissa, min_exp,
                                            k_cache.shape[0], ISA_CODES[self.isa], first_kv)
 

@@ -18,7 +18,7 @@ from fp8lm.model.layers import RMSNorm
 from fp8lm.model.linear import ParallelLinear
 from fp8lm.model.llama import DecodeKernel, LlamaForCausalLM
 from fp8lm.quant.fp8_linear import FP8Panels
-from fp8lm.quant.fp8_modules import inverse
+from fp8lm.quant.fp8_modules import FP8KVCache, inverse
 from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
 
 
@@ -95,7 +95,7 @@ def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
         (lambda: not layer.sandwich_norms and mlp.activation == "silu", "norms after attention and MLP, or GeGLU"),
         (lambda: attn.q_norm is None, "q/k norms"),
         (lambda: attn.attn.sliding_window is None, "a sliding window"),
-        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention),
+        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention) and isinstance(attn.attn.k_cache, FP8KVCache),
          "its attention is not fully FP8 with per-tensor scales over an FP8 KV cache (kv_cache_dtype fp8_inc)"),
         (lambda: isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj),
          "q/k/v are not FP8 with one static input scale"),

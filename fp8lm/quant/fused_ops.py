@@ -53,38 +53,50 @@ class KernelAttention(AttentionKernel):
 
 
 class FusedFP8Attention(KernelAttention):
-    """An attention layer whose two matmuls, softmax and K/V caches are FP8: the modules' arithmetic,
-    fused (FP8 casts bit-identical; the softmax's exp and the sums' order may differ in the last bit),
-    keys a query's mask hides never computed."""
+    """An attention layer whose two matmuls and softmax are FP8, over an FP8 cache (FP8 K/V caches) or
+    a float32 one (the model's K/V, cast onto the matmuls' grids as FP8Matmul casts them): the modules'
+    arithmetic, fused (FP8 casts bit-identical; the softmax's exp and the sums' order may differ in
+    the last bit), keys a query's mask hides never computed."""
 
     def __init__(self, attn, kernels):
         super().__init__(attn, kernels)
         qk, sm, av = attn.matmul_qk, attn.softmax, attn.matmul_av
-        self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b,
-                       attn.k_cache.scale, attn.v_cache.scale]
+        fp8_cache = isinstance(attn.k_cache, FP8KVCache)
+        cache_scales = [attn.k_cache.scale, attn.v_cache.scale] if fp8_cache else [1.0, 1.0]
+        self.scales = [attn.scale, qk.scale_a, qk.scale_b, sm.output_scale, av.scale_a, av.scale_b, *cache_scales]
         self.requantize = (not qk.reads_own_grid(attn.k_cache.grid_scale), not av.reads_own_grid(attn.v_cache.grid_scale))
-        self.limit = qk.fmt.limit
+        self.fmt = qk.fmt
+        self.cache_dtype = attn.k_cache.cache_dtype if fp8_cache else torch.float32
 
     @staticmethod
     def can_fuse(attn) -> bool:
-        parts = (attn.matmul_qk, attn.softmax, attn.matmul_av, attn.k_cache, attn.v_cache)
+        """FP8 matmuls and softmax of one format with scalar scales, over FP8 caches of that format or
+        plain ones."""
+        modules = (attn.matmul_qk, attn.softmax, attn.matmul_av)
         if not (isinstance(attn.matmul_qk, FP8Matmul) and isinstance(attn.matmul_av, FP8Matmul)
-                and isinstance(attn.softmax, FP8Softmax) and isinstance(attn.k_cache, FP8KVCache)
-                and isinstance(attn.v_cache, FP8KVCache)):
+                and isinstance(attn.softmax, FP8Softmax)):
+            return False
+        caches = (attn.k_cache, attn.v_cache)
+        if all(isinstance(c, FP8KVCache) for c in caches):
+            modules += caches
+            scaled = ((attn.k_cache, ("scale",)), (attn.v_cache, ("scale",)))
+        elif all(type(c) is KVCache for c in caches):
+            scaled = ()
+        else:
             return False
         scalar = all(isinstance(getattr(m, n), float) for m, names in (
             (attn.matmul_qk, ("scale_a", "scale_b")), (attn.matmul_av, ("scale_a", "scale_b")),
-            (attn.softmax, ("output_scale",)), (attn.k_cache, ("scale",)), (attn.v_cache, ("scale",))) for n in names)
-        same = len({m.fmt for m in parts}) == 1 and attn.k_cache.cache_dtype == attn.matmul_qk.fmt.dtype
-        return scalar and same and kernel_head_dim(attn.head_dim)
+            (attn.softmax, ("output_scale",)), *scaled) for n in names)
+        return scalar and len({m.fmt for m in modules}) == 1 and kernel_head_dim(attn.head_dim)
 
     def applies(self, attn, q: torch.Tensor, meta) -> bool:
         return (q.dtype == torch.float32 and q.device.type == "cpu"
-                and attn.k_cache_tensor.dtype == attn.k_cache.cache_dtype and not self.hooks.hooked())
+                and attn.k_cache_tensor.dtype == self.cache_dtype and not self.hooks.hooked())
 
     def attend(self, attn, queries: torch.Tensor, bias: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        return self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, block_tables,
-                                            bias, self.scales, self.requantize, self.limit, attn.first_kv)
+        return self.kernels.paged_attention(queries, attn.k_cache_tensor, attn.v_cache_tensor, block_tables, bias,
+                                            self.scales, self.requantize, self.fmt.dtype, self.fmt.limit,
+                                            attn.first_kv)
 
 
 class PlainKernelAttention(KernelAttention):

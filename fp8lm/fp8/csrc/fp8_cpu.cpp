@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -50,8 +49,7 @@ struct FP8Operand {       // the second operand of an attention matmul, read fro
   bool requantize;       // cast onto the FP8 grid again (the scales differ)
 };
 
-// What a paged K/V cache holds. Only an FP8 cache makes the attention FP8 (its casts, its scales);
-// over the others it is the plain arithmetic of PagedAttention's modules, in float32.
+// What a paged K/V cache holds: FP8 bytes, or the model's float32 / bfloat16 values.
 enum class CacheElement { kFP8, kFloat32, kBFloat16 };
 
 struct DecodeArgs {
@@ -72,6 +70,7 @@ struct DecodeArgs {
   const float* first_v = nullptr;
   int64_t first_rows = 0;
   CacheElement element = CacheElement::kFP8;
+  bool fp8_casts = true;          // the FP8 modules' arithmetic; false: the plain modules' (no casts, no scales)
 };
 
 #pragma GCC push_options
@@ -256,15 +255,18 @@ static DecodeArgs attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   return a;
 }
 
-// FP8 attention over the paged FP8 cache (see attention.inc paged_attention). scales: q_scale, qk_a,
+// FP8 attention over the paged cache (see attention.inc paged_attention). scales: q_scale, qk_a,
 // qk_b, softmax_out, av_a, av_b (the FP8 modules' scales), then the K and V cache scales (E4M3: times
 // 256, see dequant); requantize_k/v: cast K/V onto the grid again (FP8Matmul does unless it can skip it).
+// A float32 cache (the model's K/V, not FP8) is always cast onto the matmuls' grids; its scales are unused.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_tables, const at::Tensor& bias, bool e5m2,
                                std::vector<double> scales, bool requantize_k, bool requantize_v, double limit,
                                int64_t mantissa_bits, int64_t min_exponent, int64_t num_kv_heads, int64_t want_isa,
                                const c10::optional<at::Tensor>& first_kv) {
-  TORCH_CHECK(k_cache.scalar_type() == at::kByte, "FP8 K/V caches must be uint8 (their bytes)");
+  const bool fp8_cache = k_cache.scalar_type() == at::kByte;
+  TORCH_CHECK(fp8_cache || k_cache.scalar_type() == at::kFloat,
+              "the K/V caches of FP8 attention must be FP8 bytes (uint8) or float32");
   TORCH_CHECK(scales.size() == 8, "paged_attention takes 8 scales");
   auto out = at::empty_like(q);
   DecodeArgs a = attention_args(q, k_cache, v_cache, block_tables, bias, num_kv_heads, want_isa, first_kv, out);
@@ -275,8 +277,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   a.qk_out_scale = static_cast<float>(qk_a * qk_b);
   a.softmax_inv = static_cast<float>(1.0 / sm), a.softmax_scale = static_cast<float>(sm);
   a.av_inv_a = static_cast<float>(1.0 / av_a), a.av_out_scale = static_cast<float>(av_a * av_b);
-  a.k = cache_operand(scales[6], qk_b, e5m2, requantize_k);
-  a.v = cache_operand(scales[7], av_b, e5m2, requantize_v);
+  if (fp8_cache) {
+    a.k = cache_operand(scales[6], qk_b, e5m2, requantize_k);
+    a.v = cache_operand(scales[7], av_b, e5m2, requantize_v);
+  } else {
+    a.element = CacheElement::kFloat32;
+    a.k = FP8Operand{1.0f, static_cast<float>(1.0 / qk_b), true};
+    a.v = FP8Operand{1.0f, static_cast<float>(1.0 / av_b), true};
+  }
   FP8LM_ISA_CALL(want_isa, paged_attention(a));
   return out;
 }
@@ -291,6 +299,7 @@ at::Tensor plain_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   auto out = at::empty_like(q);
   DecodeArgs a = attention_args(q, k_cache, v_cache, block_tables, bias, num_kv_heads, want_isa, first_kv, out);
   a.element = type == at::kFloat ? CacheElement::kFloat32 : CacheElement::kBFloat16;
+  a.fp8_casts = false;
   a.q_scale = static_cast<float>(scale);
   a.qk_out_scale = a.softmax_scale = a.av_out_scale = 1.0f;
   a.k = a.v = FP8Operand{1.0f, 1.0f, false};
