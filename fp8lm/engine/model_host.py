@@ -63,8 +63,8 @@ class ModelHost:
                 fuse_plain_attention(self.model, kernels)
             if self.quantizer is None and self.measurement is None:
                 log.info("decode steps run layer by layer: the fused decode step (the whole decoder in one call "
-                         "of the CPU kernels) runs FP8 models with static scales (--quantization inc with "
-                         "--kv-cache-dtype fp8_inc); this one is %s", self.dtype)
+                         "of the CPU kernels) runs FP8 models with static scales (--quantization inc); this one is %s",
+                         self.dtype)
         log.info("loaded %s in %.2f s (%s, %s%s)", self.model_path, time.perf_counter() - start, self.device,
                  self.dtype, f", rank {self.rank}/{self.world_size}" if self.world_size > 1 else "")
 

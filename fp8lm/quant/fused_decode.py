@@ -3,7 +3,7 @@ the same FP8 kernels as the layer-by-layer path, with RMSNorm, the rotary embedd
 the residual adds and SiLU·up done between them in C++ instead of ~15 PyTorch ops per layer.
 
 Built only where every layer runs the fused kernels already (FP8 q/k/v and gate/up fused with
-static input scales, FP8 o/down, fully FP8 attention over an FP8 cache, no q/k norm, no sliding
+static input scales, FP8 o/down, FP8 attention over FP8 caches or float32 ones, no q/k norm, no sliding
 window, one rank); anything else keeps the layer-by-layer path, as does every step that is not
 decode-only or while a hook observes a module.
 """
@@ -40,7 +40,7 @@ class FusedFP8DecodeStack(DecodeKernel):
                 _group(qkv), qkv.bias, _single(attn.o_proj), _bias(attn.o_proj), _group(gate_up), gate_up.bias,
                 _single(mlp.down_proj), _bias(mlp.down_proj),
                 None if offset is None else offset.detach().float().reshape(-1),
-                inverse(attn.attn.k_cache.scale), inverse(attn.attn.v_cache.scale),
+                *_write_scales(attn.attn),
                 kernels.attention_byte_scales(fused_attn.scales, fmt.dtype), *fused_attn.requantize)
         self.hooks = HookWatch([m for layer in layers for m in layer.modules()])
         self._bound = None
@@ -53,15 +53,17 @@ class FusedFP8DecodeStack(DecodeKernel):
     def applies(self, x: torch.Tensor, meta) -> bool:
         first = self.attentions[0]      # the runner binds every layer's caches alike
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and first.k_cache_tensor.dtype == first.k_cache.cache_dtype
+                and x.device.type == "cpu" and first.k_cache_tensor.dtype == first.fused_attention.cache_dtype
                 and not self.hooks.hooked())
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         first = self.attentions[0].k_cache_tensor
         if self._bound is not first:      # the runner (re)bound the caches: a profile step, a new engine
             for i, a in enumerate(self.attentions):
-                self.stack.bind_caches(i, a.k_cache_tensor.view(torch.uint8), a.v_cache_tensor.view(torch.uint8),
-                                       a.first_kv)
+                k, v = a.k_cache_tensor, a.v_cache_tensor
+                if k.dtype != torch.float32:
+                    k, v = k.view(torch.uint8), v.view(torch.uint8)
+                self.stack.bind_caches(i, k, v, a.first_kv)
             self._bound = first
         cos, sin = rope
         t = x.shape[0]
@@ -78,15 +80,16 @@ def unfused_reason(model: LlamaForCausalLM) -> str | None:
     if not isinstance(o_proj.format, FP8Panels):
         return "the Linears do not run FP8 on the CPU kernels"
     fmt, eps = o_proj.format.fmt, layers[0].input_layernorm.eps
+    cache_dtype = getattr(layers[0].self_attn.attn.fused_attention, "cache_dtype", None)
     for i, layer in enumerate(layers):
-        reason = _layer_reason(layer, fmt, eps)
+        reason = _layer_reason(layer, fmt, eps, cache_dtype)
         if reason is not None:
             return f"layer {i}: {reason}"
     return None
 
 
-def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
-    """The first of the stack's assumptions this layer breaks; `fmt` and `eps` are the stack's."""
+def _layer_reason(layer: nn.Module, fmt, eps: float, cache_dtype: torch.dtype) -> str | None:
+    """The first of the stack's assumptions this layer breaks; `fmt`, `eps` and `cache_dtype` are the stack's."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
     checks = [   # each tested only once the ones before it hold
@@ -95,8 +98,9 @@ def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
         (lambda: not layer.sandwich_norms and mlp.activation == "silu", "norms after attention and MLP, or GeGLU"),
         (lambda: attn.q_norm is None, "q/k norms"),
         (lambda: attn.attn.sliding_window is None, "a sliding window"),
-        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention) and isinstance(attn.attn.k_cache, FP8KVCache),
-         "its attention is not fully FP8 with per-tensor scales over an FP8 KV cache (kv_cache_dtype fp8_inc)"),
+        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention)
+         and attn.attn.fused_attention.cache_dtype == cache_dtype,
+         "its attention is not FP8 with per-tensor scales over a K/V cache like the first layer's"),
         (lambda: isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj),
          "q/k/v are not FP8 with one static input scale"),
         (lambda: isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj),
@@ -104,10 +108,17 @@ def _layer_reason(layer: nn.Module, fmt, eps: float) -> str | None:
         (lambda: all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj)),
          "o_proj or down_proj is not FP8 with a static input scale"),
         (lambda: all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj.format, mlp.down_proj.format,
-                                             attn.attn.k_cache)), "its FP8 formats differ from the first layer's"),
+                                             attn.attn.fused_attention)), "its FP8 formats differ from the first layer's"),
         (lambda: layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps, "its norms' eps differ"),
     ]
     return next((reason for holds, reason in checks if not holds()), None)
+
+
+def _write_scales(attn) -> tuple[float, float]:
+    """1 / the FP8 caches' scales (the stack's cache writes); a float32 cache takes K/V as they are."""
+    if isinstance(attn.k_cache, FP8KVCache):
+        return inverse(attn.k_cache.scale), inverse(attn.v_cache.scale)
+    return 1.0, 1.0
 
 
 def _static_kernel_linear(m: ParallelLinear) -> bool:

@@ -1,5 +1,5 @@
-// A decode step (one new token per sequence) of a whole Llama decoder whose projections, attention
-// and KV cache are FP8, as one call: the same kernels as the layer-by-layer path (linear,
+// A decode step (one new token per sequence) of a whole Llama decoder whose projections and attention
+// are FP8, over FP8 or float32 KV caches, as one call: the same kernels as the layer-by-layer path (linear,
 // write_cache, paged_attention), with the glue between them (RMSNorm, rotary embedding, K's
 // offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops per layer.
 // Included by fp8_cpu.cpp after the kernels' entry points.
@@ -14,7 +14,7 @@ struct DecodeLayer {
   at::Tensor input_norm, post_norm;  // [H] RMSNorm weights
   FP8Projection qkv, o, gate_up, down;
   c10::optional<at::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
-  at::Tensor k_cache, v_cache;       // uint8 [kv_heads, blocks, block_size, head_dim]
+  at::Tensor k_cache, v_cache;       // [kv_heads, blocks, block_size, head_dim]: FP8 bytes (uint8) or float32
   c10::optional<at::Tensor> first_kv;  // exact_first_token's float32 rows [2, kv_heads, rows, head_dim]
   double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
   std::vector<double> attention_scales; // paged_attention's 8 scales
@@ -51,6 +51,8 @@ class DecodeStack {
 
   void bind_caches(int64_t layer, at::Tensor k_cache, at::Tensor v_cache, c10::optional<at::Tensor> first_kv) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
+    TORCH_CHECK((k_cache.scalar_type() == at::kByte || k_cache.scalar_type() == at::kFloat) &&
+                v_cache.scalar_type() == k_cache.scalar_type(), "decode stack: caches must be FP8 bytes or float32");
     layers_[layer].k_cache = k_cache;
     layers_[layer].v_cache = v_cache;
     TORCH_CHECK(!first_kv || (first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() &&
@@ -81,8 +83,13 @@ class DecodeStack {
       rms_norm(x, l.input_norm, h);
       auto qkv = project(h, l.qkv);
       split_rotate(qkv, cos, sin, l.key_offset, q, k, v);
-      write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
-      write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);  // checks slots
+      if (l.k_cache.scalar_type() == at::kFloat) {      // the model's K/V, cast as they are read
+        l.k_cache.view({kv_heads_, -1, d_}).index_copy_(1, slots, k.transpose(0, 1));
+        l.v_cache.view({kv_heads_, -1, d_}).index_copy_(1, slots, v.transpose(0, 1));
+      } else {
+        write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
+        write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);  // checks slots
+      }
       if (l.first_kv) keep_first_tokens(k, v, slots, l.k_cache.size(2), *l.first_kv);
       auto att = paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
                                   l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_,
