@@ -316,12 +316,14 @@ def test_cpu_kernels_keep_one_byte_per_weight_and_match_the_reference_path(tiny_
 def test_fp8_attention_over_the_models_own_cache_runs_fused_as_its_modules(tiny_model, measured, monkeypatch):
     """FP8 weights and attention over a float32 K/V cache (no kv_cache_dtype): the kernel casts K and V
     onto the matmuls' grids as it reads them, as FP8Matmul casts them. Decode steps: the same tokens,
-    logprobs within 1e-4 of the modules'. The decode stack stays off: it needs FP8 caches."""
+    logprobs within 1e-4 of the modules'. The whole-decoder decode step (tests/test_fused_decode.py) is
+    set aside, so that decode steps run layer by layer through this kernel."""
     llm = quantized(tiny_model, measured, kv="auto")
     layers = llm.engine.host.model.attention_layers()
     assert all(isinstance(a.fused_attention, fused_ops.FusedFP8Attention) and a.k_cache_tensor.dtype == torch.float32
                for a in layers)
-    assert llm.engine.host.model.model.fused_decode is None
+    assert llm.engine.host.model.model.fused_decode is not None
+    llm.engine.host.model.model.fused_decode = None
     calls = []
     original = fused_ops.FusedFP8Attention.attend
     monkeypatch.setattr(fused_ops.FusedFP8Attention, "attend", lambda self, *a: calls.append(1) or original(self, *a))

@@ -28,6 +28,7 @@ class FusedFP8DecodeStack(DecodeKernel):
         attn0 = layers[0].self_attn
         fmt = attn0.o_proj.format.fmt
         self.attentions = [layer.self_attn.attn for layer in layers]
+        self.cache_dtype = attn0.attn.fused_attention.cache_dtype     # FP8, or float32 (the model's K/V)
         self.stack = kernels.decode_stack(cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
                                           cfg.intermediate_size, layers[0].input_layernorm.eps, fmt.dtype, fmt.limit)
         for layer in layers:
@@ -53,7 +54,7 @@ class FusedFP8DecodeStack(DecodeKernel):
     def applies(self, x: torch.Tensor, meta) -> bool:
         first = self.attentions[0]      # the runner binds every layer's caches alike
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and first.k_cache_tensor.dtype == first.fused_attention.cache_dtype
+                and x.device.type == "cpu" and first.k_cache_tensor.dtype == self.cache_dtype
                 and not self.hooks.hooked())
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
