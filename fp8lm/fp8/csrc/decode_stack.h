@@ -1,7 +1,8 @@
-// A decode step (one new token per sequence) of a whole Llama decoder whose projections and attention
-// are FP8, over FP8 or float32 KV caches, as one call: the same kernels as the layer-by-layer path (linear,
-// write_cache, paged_attention), with the glue between them (RMSNorm, rotary embedding, K's
-// offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops per layer.
+// A decode step (one new token per sequence) of a whole Llama decoder whose projections and
+// attention are FP8, over FP8 or float32 KV caches, as one call: the same kernels as the
+// layer-by-layer path (linear, write_cache, paged_attention), with the glue between them (RMSNorm,
+// rotary embedding, K's offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops
+// per layer.
 // Included by fp8_cpu.cpp after the kernels' entry points.
 
 struct FP8Projection {                 // one FP8 linear, or projections fused along N, static input scale
