@@ -383,7 +383,7 @@ def test_per_head_attention_scales_come_from_each_heads_maximum(recipe_calibrati
 def test_exact_first_token_keeps_the_sink_beside_the_cache(recipe_calibration, tiny_model, monkeypatch):
     from fp8lm import SamplingParams
     from fp8lm.fp8 import cpu_kernels as ck
-    from fp8lm.quant.fused_decode import FusedFP8DecodeStack
+    from fp8lm.quant.fused_decode import FusedDecodeStack
     from fp8lm.quant.fused_ops import FusedFP8Attention
 
     config = json.loads(recipe_calibration.quant_config.read_text())
@@ -399,7 +399,7 @@ def test_exact_first_token_keeps_the_sink_beside_the_cache(recipe_calibration, t
     for attn in attns:
         assert attn.exact_first_token and isinstance(attn.fused_attention, FusedFP8Attention)
         assert attn.first_kv.shape == (2, attn.num_kv_heads, attn.k_cache_tensor.shape[1] + 1, attn.head_dim)
-    assert isinstance(model.model.fused_decode, FusedFP8DecodeStack)
+    assert isinstance(model.model.fused_decode, FusedDecodeStack)
     tokens = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=1, ignore_eos=True)
     logits = llm.engine.score(tokens)

@@ -59,10 +59,10 @@ def test_error_compensating_rounding_never_loses_on_smollm2(calibration):
 
 def test_fused_kernels_run(smollm2, calibration, monkeypatch):
     """The kernel path runs q/k/v and gate/up as one call each (FusedFP8Linears), and decode steps
-    as one call of the whole decoder (FusedFP8DecodeStack, over the same kernels)."""
+    as one call of the whole decoder (FusedDecodeStack, over the same kernels)."""
     if calibration[0] != "float32":
         pytest.skip("the fused decode step runs in float32 only")
-    from fp8lm.quant.fused_decode import FusedFP8DecodeStack
+    from fp8lm.quant.fused_decode import FusedDecodeStack
 
     calls = {"linears": 0, "decode": 0}
 
@@ -75,7 +75,7 @@ def test_fused_kernels_run(smollm2, calibration, monkeypatch):
         monkeypatch.setattr(cls, "__call__", wrapper)
 
     counting(fused_ops.FusedFP8Linears, "linears")
-    counting(FusedFP8DecodeStack, "decode")
+    counting(FusedDecodeStack, "decode")
     fast = fp8_llm(smollm2, calibration, max_num_seqs=4)
     assert all(isinstance(m.format, FP8Panels) for m in fast.engine.host.model.modules() if is_fp8(m))
     fast.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),

@@ -25,6 +25,7 @@ from fp8lm.model.loader import load_model
 from fp8lm.model.registry import resolve_model
 from fp8lm.quant.bfloat16_format import bfloat16_in_float32_sums
 from fp8lm.quant.checkpoint_formats import checkpoint_quantization
+from fp8lm.quant.fused_decode import fuse_decode_steps
 from fp8lm.quant.fused_ops import fuse_plain_attention
 from fp8lm.quant.online_fp8 import OnlineFP8
 from fp8lm.quant.measure import Measurement
@@ -61,10 +62,7 @@ class ModelHost:
                 bfloat16_in_float32_sums(self.model, kernels)
             if kernels is not None:
                 fuse_plain_attention(self.model, kernels)
-            if self.quantizer is None and self.measurement is None:
-                log.info("decode steps run layer by layer: the fused decode step (the whole decoder in one call "
-                         "of the CPU kernels) runs FP8 models with static scales (--quantization inc); this one is %s",
-                         self.dtype)
+                fuse_decode_steps(self.model, kernels)
         log.info("loaded %s in %.2f s (%s, %s%s)", self.model_path, time.perf_counter() - start, self.device,
                  self.dtype, f", rank {self.rank}/{self.world_size}" if self.world_size > 1 else "")
 

@@ -28,7 +28,7 @@ GRAM_BLOCKS = 2                 # fp8_gram's row blocks: 3/4 of the full product
 ISA_CODES = {"avx2": 1, "avx512": 2, "avx512bf16": 3}   # avx512bf16: W8A8 prefill by bfloat16 dot products
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fp8_cpu.cpp", "kernels.inc", "attention.inc", "isa_avx2.h", "isa_avx512.h", "decode_stack.h",
-            "gemm_bf16dot.h")
+            "decode_parts.h", "gemm_bf16dot.h")
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,22 @@
-"""Decode steps of a whole FP8 decoder as one call of the CPU kernels' DecodeStack (csrc/decode_stack.h):
-the same FP8 kernels as the layer-by-layer path, with RMSNorm, the rotary embedding, K's offset,
-the residual adds and SiLU·up done between them in C++ instead of ~15 PyTorch ops per layer.
+"""Decode steps of a whole decoder as one call of the CPU kernels' DecodeStack (csrc/decode_stack.h):
+the same kernels as the layer-by-layer path (FP8 or bfloat16 panels, oneDNN's packed Linears, the
+attention kernel), with RMSNorm, the rotary embedding, K's offset, the residual adds and SiLU·up done
+between them in C++ instead of ~15 PyTorch ops per layer.
 
-Built only where every layer runs the fused kernels already (FP8 q/k/v and gate/up fused with
-static input scales, FP8 o/down, FP8 attention over FP8 caches or float32 ones, no q/k norm, no sliding
-window, one rank); anything else keeps the layer-by-layer path, as does every step that is not
-decode-only or while a hook observes a module.
+Built where every layer's parts already run on those kernels: FP8 models with static input scales
+(q/k/v and gate/up fused), unquantized float32 and bfloat16 models, and quantized ones that keep some
+Linears or attention layers in high precision; Llama-shaped layers (no q/k norm, no sliding window),
+one rank. Anything else keeps the layer-by-layer path (`unfused_reason` says why), as does every step
+that is not decode-only, while a hook observes a module, or once a part it copied was swapped.
+
+Activations stay float32 inside the stack: a bfloat16 model's decode steps round only its weights
+and caches to bfloat16, not the activations between its matmuls (closer to the float32 model than its
+own layers are). FP8 parts of a bfloat16 model keep the layer path: INC casts bfloat16 activations.
 """
 from __future__ import annotations
+
+import logging
+import operator
 
 import torch
 from torch import nn
@@ -15,104 +24,187 @@ from torch import nn
 from fp8lm.fp8.cpu_kernels import CpuKernels
 from fp8lm.model.attention import AttentionMetadata
 from fp8lm.model.layers import RMSNorm
-from fp8lm.model.linear import ParallelLinear
+from fp8lm.model.linear import OneDNNPacked, ParallelLinear
 from fp8lm.model.llama import DecodeKernel, LlamaForCausalLM
+from fp8lm.quant.bfloat16_format import BF16Panels
 from fp8lm.quant.fp8_linear import FP8Panels
 from fp8lm.quant.fp8_modules import FP8KVCache, inverse
-from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch
+from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears, HookWatch, PlainKernelAttention
+
+log = logging.getLogger(__name__)
 
 
-class FusedFP8DecodeStack(DecodeKernel):
+class FusedDecodeStack(DecodeKernel):
     def __init__(self, model: LlamaForCausalLM, kernels: CpuKernels):
         cfg, layers = model.config, model.model.layers
         attn0 = layers[0].self_attn
-        fmt = attn0.o_proj.format.fmt
+        fmt = _fp8_format(model)
+        self.parts, self.dtype = kernels.module, _model_dtype(model)
         self.attentions = [layer.self_attn.attn for layer in layers]
-        self.cache_dtype = attn0.attn.fused_attention.cache_dtype     # FP8, or float32 (the model's K/V)
+        self.cache_dtypes = [_cache_dtype(a, self.dtype) for a in self.attentions]
         self.stack = kernels.decode_stack(cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
-                                          cfg.intermediate_size, layers[0].input_layernorm.eps, fmt.dtype, fmt.limit)
+                                          cfg.intermediate_size, layers[0].input_layernorm.eps,
+                                          *((fmt.dtype, fmt.limit) if fmt else (torch.float8_e4m3fn, 448.0)))
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            fused_attn: FusedFP8Attention = attn.attn.fused_attention
-            qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
             offset = attn.attn.key_offset
             self.stack.add_layer(
-                layer.input_layernorm.weight.detach().float(), layer.post_attention_layernorm.weight.detach().float(),
-                _group(qkv), qkv.bias, _single(attn.o_proj), _bias(attn.o_proj), _group(gate_up), gate_up.bias,
-                _single(mlp.down_proj), _bias(mlp.down_proj),
+                _norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm),
+                self._group([attn.q_proj, attn.k_proj, attn.v_proj]), self._group([attn.o_proj]),
+                self._group([mlp.gate_proj, mlp.up_proj]), self._group([mlp.down_proj]),
                 None if offset is None else offset.detach().float().reshape(-1),
-                *_write_scales(attn.attn),
-                kernels.attention_byte_scales(fused_attn.scales, fmt.dtype), *fused_attn.requantize)
+                self._attention(attn.attn, kernels, fmt))
         self.hooks = HookWatch([m for layer in layers for m in layer.modules()])
-        self._bound = None
+        self.layers, self.parts_built = layers, _stack_parts(layers)
+        self._bound, self._caches_fit = None, False
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, kernels: CpuKernels) -> FusedFP8DecodeStack | None:
+    def build(cls, model: LlamaForCausalLM, kernels: CpuKernels) -> FusedDecodeStack | None:
         """The stack, or None where some layer cannot run in it (`unfused_reason` says why)."""
         return cls(model, kernels) if unfused_reason(model) is None else None
 
     def applies(self, x: torch.Tensor, meta) -> bool:
-        first = self.attentions[0]      # the runner binds every layer's caches alike
-        return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and first.k_cache_tensor.dtype == self.cache_dtype
-                and not self.hooks.hooked())
+        return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == self.dtype
+                and x.device.type == "cpu" and self._bind_caches() and not self.hooks.hooked()
+                and all(map(operator.is_, _stack_parts(self.layers), self.parts_built)))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        first = self.attentions[0].k_cache_tensor
-        if self._bound is not first:      # the runner (re)bound the caches: a profile step, a new engine
-            for i, a in enumerate(self.attentions):
-                k, v = a.k_cache_tensor, a.v_cache_tensor
-                if k.dtype != torch.float32:
-                    k, v = k.view(torch.uint8), v.view(torch.uint8)
-                self.stack.bind_caches(i, k, v, a.first_kv)
-            self._bound = first
         cos, sin = rope
         t = x.shape[0]
-        return self.stack.forward(x, cos.reshape(t, -1), sin.reshape(t, -1), meta.slot_mapping, meta.block_tables,
-                                  meta.attn_bias.reshape(meta.batch_size, -1))
+        out = self.stack.forward(x.float(), cos.reshape(t, -1).float(), sin.reshape(t, -1).float(), meta.slot_mapping,
+                                 meta.block_tables, meta.attn_bias.reshape(meta.batch_size, -1).float())
+        return out.to(x.dtype)
+
+    def _bind_caches(self) -> bool:
+        """Binds the runner's caches where it (re)bound them (a profile step, a new engine); False while
+        some layer's cache is not of the type its attention reads."""
+        first = self.attentions[0].k_cache_tensor
+        if self._bound is first:
+            return self._caches_fit
+        self._bound = first
+        self._caches_fit = all(a.k_cache_tensor is not None and a.k_cache_tensor.dtype == want
+                               for a, want in zip(self.attentions, self.cache_dtypes))
+        if self._caches_fit:
+            for i, a in enumerate(self.attentions):
+                k, v = a.k_cache_tensor, a.v_cache_tensor
+                if k.dtype not in (torch.float32, torch.bfloat16):
+                    k, v = k.view(torch.uint8), v.view(torch.uint8)
+                self.stack.bind_caches(i, k, v, a.first_kv)
+        return self._caches_fit
+
+    def _group(self, linears: list[ParallelLinear]) -> list:
+        """The stack's projections for Linears that read one input: their fused FP8 group, or one each."""
+        fused = linears[0].fused
+        if isinstance(fused, FusedFP8Linears) and fused.members == tuple(linears):
+            return [self.parts.fp8_projection(fused.packed, fused.col_scale, fused.row_scale, fused.inv_scale,
+                                              fused.bias)]
+        return [self._projection(m) for m in linears]
+
+    def _projection(self, m: ParallelLinear):
+        f, bias = m.format, _bias(m)
+        if isinstance(f, FP8Panels):
+            row_scale, inv_scale = f.static_scales
+            return self.parts.fp8_projection(f.packed, f.col_scale, row_scale, inv_scale, bias)
+        if isinstance(f, BF16Panels):
+            return self.parts.bf16_projection(f.panels, m.out_features, bias)
+        return self.parts.onednn_projection(f.packed, m.out_features, bias)
+
+    def _attention(self, attn, kernels: CpuKernels, fmt):
+        fused = attn.fused_attention
+        if isinstance(fused, FusedFP8Attention):
+            return self.parts.fp8_attention(kernels.attention_byte_scales(fused.scales, fmt.dtype),
+                                            *_write_scales(attn), *fused.requantize)
+        return self.parts.plain_attention(float(attn.scale))
+
+
+def fuse_decode_steps(model: LlamaForCausalLM, kernels: CpuKernels) -> None:
+    """Sets the model's whole-decoder decode step where it can run; logs why where it cannot."""
+    reason = unfused_reason(model)
+    model.model.fused_decode = None if reason else FusedDecodeStack(model, kernels)
+    if reason:
+        log.info("decode steps run layer by layer, not as one fused call of the decoder: %s", reason)
 
 
 def unfused_reason(model: LlamaForCausalLM) -> str | None:
     """Why decode steps cannot run as one call of the whole decoder, or None where they can."""
     layers = model.model.layers
-    o_proj = layers[0].self_attn.o_proj
     if model.tp.size != 1:
         return "tensor parallelism (the fused step runs on one rank)"
-    if not isinstance(o_proj.format, FP8Panels):
-        return "the Linears do not run FP8 on the CPU kernels"
-    fmt, eps = o_proj.format.fmt, layers[0].input_layernorm.eps
-    cache_dtype = getattr(layers[0].self_attn.attn.fused_attention, "cache_dtype", None)
+    dtype = _model_dtype(model)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the model's dtype is {dtype}"
+    fmts = {f.fmt for layer in layers for f in _fp8_parts(layer)}
+    if len(fmts) > 1:
+        return "the layers' FP8 formats differ"
+    if fmts and dtype != torch.float32:
+        return "FP8 layers of a bfloat16 model (INC casts bfloat16 activations; the fused step's are float32)"
+    eps = layers[0].input_layernorm.eps
     for i, layer in enumerate(layers):
-        reason = _layer_reason(layer, fmt, eps, cache_dtype)
+        reason = _layer_reason(layer, eps)
         if reason is not None:
             return f"layer {i}: {reason}"
     return None
 
 
-def _layer_reason(layer: nn.Module, fmt, eps: float, cache_dtype: torch.dtype) -> str | None:
-    """The first of the stack's assumptions this layer breaks; `fmt`, `eps` and `cache_dtype` are the stack's."""
+def _layer_reason(layer: nn.Module, eps: float) -> str | None:
+    """The first of the stack's assumptions this layer breaks; `eps` is the stack's."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
     checks = [   # each tested only once the ones before it hold
         (lambda: type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm,
          "a norm other than RMSNorm"),
         (lambda: not layer.sandwich_norms and mlp.activation == "silu", "norms after attention and MLP, or GeGLU"),
         (lambda: attn.q_norm is None, "q/k norms"),
         (lambda: attn.attn.sliding_window is None, "a sliding window"),
-        (lambda: isinstance(attn.attn.fused_attention, FusedFP8Attention)
-         and attn.attn.fused_attention.cache_dtype == cache_dtype,
-         "its attention is not FP8 with per-tensor scales over a K/V cache like the first layer's"),
-        (lambda: isinstance(qkv, FusedFP8Linears) and qkv.members == (attn.q_proj, attn.k_proj, attn.v_proj),
-         "q/k/v are not FP8 with one static input scale"),
-        (lambda: isinstance(gate_up, FusedFP8Linears) and gate_up.members == (mlp.gate_proj, mlp.up_proj),
-         "gate/up are not FP8 with one static input scale"),
-        (lambda: all(_static_kernel_linear(m) for m in (attn.o_proj, mlp.down_proj)),
-         "o_proj or down_proj is not FP8 with a static input scale"),
-        (lambda: all(f.fmt == fmt for f in (qkv, gate_up, attn.o_proj.format, mlp.down_proj.format,
-                                             attn.attn.fused_attention)), "its FP8 formats differ from the first layer's"),
+        (lambda: isinstance(attn.attn.fused_attention, (FusedFP8Attention, PlainKernelAttention)),
+         "its attention does not run on the CPU kernels (FP8 with per-tensor scales, or plain)"),
+        (lambda: all(_stack_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+         "a Linear is neither FP8 with a static input scale, nor the kernels' bfloat16 panels, nor oneDNN-packed"),
         (lambda: layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps, "its norms' eps differ"),
     ]
     return next((reason for holds, reason in checks if not holds()), None)
+
+
+def _stack_parts(layers) -> list:
+    """What the stack copied out of the layers: a swapped module, format or attention kernel (a
+    comparison, a report) sends steps back to the layers."""
+    parts = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts.append(attn.attn.fused_attention)
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            parts += [m, m.format]
+    return parts
+
+
+def _stack_linear(m: ParallelLinear) -> bool:
+    f = m.format
+    if m.tp_size != 1:
+        return False
+    if isinstance(f, FP8Panels):
+        return f.static_scales is not None
+    return isinstance(f, (BF16Panels, OneDNNPacked))
+
+
+def _fp8_parts(layer: nn.Module) -> list:
+    """The layer's FP8 Linear formats and FP8 attention (each has `fmt`)."""
+    linears = [m.format for m in layer.modules() if isinstance(m, ParallelLinear) and isinstance(m.format, FP8Panels)]
+    attention = layer.self_attn.attn.fused_attention
+    return linears + ([attention] if isinstance(attention, FusedFP8Attention) else [])
+
+
+def _fp8_format(model: LlamaForCausalLM):
+    return next((f.fmt for layer in model.model.layers for f in _fp8_parts(layer)), None)
+
+
+def _model_dtype(model: LlamaForCausalLM) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+def _cache_dtype(attn, model_dtype: torch.dtype) -> torch.dtype:
+    """What the layer's attention reads: an FP8 layer's cache type, or a plain layer's model dtype."""
+    fused = attn.fused_attention
+    return fused.cache_dtype if isinstance(fused, FusedFP8Attention) else model_dtype
 
 
 def _write_scales(attn) -> tuple[float, float]:
@@ -122,17 +214,8 @@ def _write_scales(attn) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _static_kernel_linear(m: ParallelLinear) -> bool:
-    return isinstance(m.format, FP8Panels) and m.format.static_scales is not None and m.tp_size == 1
-
-
-def _group(fused: FusedFP8Linears) -> list[torch.Tensor]:
-    return [fused.packed, fused.col_scale, fused.row_scale, fused.inv_scale]
-
-
-def _single(m: ParallelLinear) -> list[torch.Tensor]:
-    row_scale, inv_scale = m.format.static_scales
-    return [m.format.packed, m.format.col_scale, row_scale, inv_scale]
+def _norm_weight(norm: RMSNorm) -> torch.Tensor:
+    return norm.weight.detach().float().contiguous()
 
 
 def _bias(m: ParallelLinear) -> torch.Tensor | None:

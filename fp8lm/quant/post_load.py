@@ -4,7 +4,6 @@ and `finish_quantized_model` applies it in the one order that works (attention s
 fused paths that read it; the kept bfloat16 Linears last)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,12 +13,7 @@ from fp8lm.model.attention import CacheAdjustment
 from fp8lm.model.llama import LlamaForCausalLM
 from fp8lm.model.linear import ParallelLinear
 from fp8lm.quant.bfloat16_format import keep_bfloat16_values
-from fp8lm.quant.fp8_linear import is_fp8
-from fp8lm.quant.fused_decode import FusedFP8DecodeStack, unfused_reason
 from fp8lm.quant.fused_ops import FusedFP8Attention, FusedFP8Linears
-
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,8 +36,8 @@ def finish_quantized_model(model: LlamaForCausalLM, plan: PostLoad, device: torc
 
 def prepare_formats(model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype) -> None:
     """Each Linear's format for computing, once its weights are loaded; then the fused paths where
-    they can run: projections that read one input (FusedFP8Linears), fully FP8 attention layers and
-    whole decode steps on the CPU kernels."""
+    they can run: projections that read one input (FusedFP8Linears) and fully FP8 attention layers on
+    the CPU kernels (the whole-decoder decode step comes once the engine has prepared the rest)."""
     for module in model.modules():
         if isinstance(module, ParallelLinear):
             module.format = module.format.prepare(module, device, dtype)
@@ -57,7 +51,3 @@ def prepare_formats(model: LlamaForCausalLM, device: torch.device, dtype: torch.
     for attn in model.attention_layers():
         if FusedFP8Attention.can_fuse(attn):
             attn.fused_attention = FusedFP8Attention(attn, kernels)
-    model.model.fused_decode = FusedFP8DecodeStack.build(model, kernels)
-    if model.model.fused_decode is None and any(is_fp8(m) for m in model.modules()):
-        log.info("FP8 decode steps run layer by layer, not as one fused call of the decoder: %s",
-                 unfused_reason(model))

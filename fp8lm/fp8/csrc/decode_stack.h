@@ -1,29 +1,22 @@
-// A decode step (one new token per sequence) of a whole Llama decoder whose projections and
-// attention are FP8, over FP8 or float32 KV caches, as one call: the same kernels as the
-// layer-by-layer path (linear, write_cache, paged_attention), with the glue between them (RMSNorm,
-// rotary embedding, K's offset, residual adds, SiLU·up) in plain loops instead of ~15 framework ops
-// per layer.
-// Included by fp8_cpu.cpp after the kernels' entry points.
-
-struct FP8Projection {                 // one FP8 linear, or projections fused along N, static input scale
-  at::Tensor packed, col_scale, row_scale, inv_scale;
-  c10::optional<at::Tensor> bias;
-  int64_t N;
-};
+// A decode step (one new token per sequence) of a whole Llama decoder as one call: the same kernels as
+// the layer-by-layer path (FP8 or bfloat16 panels, oneDNN's packed matmul, write_cache, the attention
+// kernel), with the glue between them (RMSNorm, rotary embedding, K's offset, residual adds,
+// SiLU·up) in plain loops instead of ~15 framework ops per layer. Activations stay float32 between the
+// parts (a bfloat16 model's too: only its weights and caches are bfloat16).
+// Included by fp8_cpu.cpp after decode_parts.h.
 
 struct DecodeLayer {
   at::Tensor input_norm, post_norm;  // [H] RMSNorm weights
-  FP8Projection qkv, o, gate_up, down;
+  std::vector<Projection> qkv, o, gate_up, down;   // each a group whose outputs are concatenated
   c10::optional<at::Tensor> key_offset;   // [kv_heads * head_dim], subtracted from K after rotary
-  at::Tensor k_cache, v_cache;       // [kv_heads, blocks, block_size, head_dim]: FP8 bytes (uint8) or float32
+  LayerAttention attention;
+  at::Tensor k_cache, v_cache;       // [kv_heads, blocks, block_size, head_dim]: FP8 bytes (uint8), float32, bfloat16
   c10::optional<at::Tensor> first_kv;  // exact_first_token's float32 rows [2, kv_heads, rows, head_dim]
-  double k_inv_scale, v_inv_scale;      // the caches' write scales (1 / scale)
-  std::vector<double> attention_scales; // paged_attention's 8 scales
-  bool requantize_k, requantize_v;
 };
 
 class DecodeStack {
  public:
+  // e5m2, limit, mantissa_bits, min_exponent: the FP8 format of the FP8 parts (unused without any).
   DecodeStack(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
               double eps, bool e5m2, double limit, int64_t mantissa_bits, int64_t min_exponent, int64_t want_isa)
       : hidden_(hidden), heads_(num_heads), kv_heads_(num_kv_heads), d_(head_dim), inter_(intermediate), eps_(eps), e5m2_(e5m2),
@@ -32,28 +25,28 @@ class DecodeStack {
     TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "decode stack: bad head shapes");
   }
 
-  void add_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<at::Tensor> qkv,
-                 c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, c10::optional<at::Tensor> o_bias,
-                 std::vector<at::Tensor> gate_up, c10::optional<at::Tensor> gate_up_bias,
-                 std::vector<at::Tensor> down, c10::optional<at::Tensor> down_bias,
-                 c10::optional<at::Tensor> key_offset, double k_inv_scale, double v_inv_scale,
-                 std::vector<double> attention_scales, bool requantize_k, bool requantize_v) {
-    const int64_t q_n = heads_ * d_, kv_n = kv_heads_ * d_;
-    DecodeLayer l{input_norm.contiguous(), post_norm.contiguous(),
-                  projection(qkv, qkv_bias, q_n + 2 * kv_n), projection(o, o_bias, hidden_),
-                  projection(gate_up, gate_up_bias, 2 * inter_), projection(down, down_bias, hidden_),
-                  key_offset ? c10::optional<at::Tensor>(key_offset->contiguous()) : c10::nullopt,
-                  at::Tensor(), at::Tensor(), c10::nullopt, k_inv_scale, v_inv_scale, attention_scales,
-                  requantize_k, requantize_v};
-    TORCH_CHECK(attention_scales.size() == 8, "decode stack: 8 attention scales per layer");
-    TORCH_CHECK(!l.key_offset || l.key_offset->numel() == kv_n, "decode stack: key_offset must have kv_heads * head_dim values");
-    layers_.push_back(std::move(l));
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<Projection> qkv, std::vector<Projection> o,
+                 std::vector<Projection> gate_up, std::vector<Projection> down, c10::optional<at::Tensor> key_offset,
+                 LayerAttention attention) {
+    const int64_t kv_n = kv_heads_ * d_;
+    check_outputs(qkv, heads_ * d_ + 2 * kv_n, "q/k/v");
+    check_outputs(o, hidden_, "o_proj");
+    check_outputs(gate_up, 2 * inter_, "gate/up");
+    check_outputs(down, hidden_, "down_proj");
+    check_float_vector(input_norm, "input_norm", {hidden_});
+    check_float_vector(post_norm, "post_norm", {hidden_});
+    if (key_offset) check_float_vector(*key_offset, "key_offset", {kv_n});
+    layers_.push_back(DecodeLayer{input_norm, post_norm, qkv, o, gate_up, down, key_offset, attention,
+                                  at::Tensor(), at::Tensor(), c10::nullopt});
   }
 
   void bind_caches(int64_t layer, at::Tensor k_cache, at::Tensor v_cache, c10::optional<at::Tensor> first_kv) {
     TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "decode stack: no layer ", layer);
-    TORCH_CHECK((k_cache.scalar_type() == at::kByte || k_cache.scalar_type() == at::kFloat) &&
-                v_cache.scalar_type() == k_cache.scalar_type(), "decode stack: caches must be FP8 bytes or float32");
+    const auto type = k_cache.scalar_type();
+    const bool fp8 = layers_[layer].attention.fp8;
+    TORCH_CHECK(v_cache.scalar_type() == type && (type == at::kFloat || type == (fp8 ? at::kByte : at::kBFloat16)),
+                "decode stack: layer ", layer, fp8 ? "'s FP8 attention reads FP8 bytes or float32 caches"
+                                                   : "'s plain attention reads float32 or bfloat16 caches");
     layers_[layer].k_cache = k_cache;
     layers_[layer].v_cache = v_cache;
     TORCH_CHECK(!first_kv || (first_kv->scalar_type() == at::kFloat && first_kv->is_contiguous() &&
@@ -84,17 +77,10 @@ class DecodeStack {
       rms_norm(x, l.input_norm, h);
       auto qkv = project(h, l.qkv);
       split_rotate(qkv, cos, sin, l.key_offset, q, k, v);
-      if (l.k_cache.scalar_type() == at::kFloat) {      // the model's K/V, cast as they are read
-        l.k_cache.view({kv_heads_, -1, d_}).index_copy_(1, slots, k.transpose(0, 1));
-        l.v_cache.view({kv_heads_, -1, d_}).index_copy_(1, slots, v.transpose(0, 1));
-      } else {
-        write_cache(k, l.k_cache, slots, e5m2_, l.k_inv_scale, limit_, mantissa_, min_exp_, isa_);
-        write_cache(v, l.v_cache, slots, e5m2_, l.v_inv_scale, limit_, mantissa_, min_exp_, isa_);  // checks slots
-      }
+      write_rows(k, l.k_cache, slots, l.attention.k_inv_scale);
+      write_rows(v, l.v_cache, slots, l.attention.v_inv_scale);
       if (l.first_kv) keep_first_tokens(k, v, slots, l.k_cache.size(2), *l.first_kv);
-      auto att = paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, l.attention_scales,
-                                  l.requantize_k, l.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_,
-                                  l.first_kv);
+      auto att = attend(q, l, block_tables, bias);
       add_into(x, project(att.view({B, heads_ * d_}), l.o));
       rms_norm(x, l.post_norm, h);
       silu_mul(project(h, l.gate_up), act);
@@ -106,16 +92,53 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
-  static FP8Projection projection(const std::vector<at::Tensor>& t, const c10::optional<at::Tensor>& bias,
-                                  int64_t N) {
-    TORCH_CHECK(t.size() == 4, "decode stack: a projection is (packed, col_scale, row_scale, inv_scale)");
-    TORCH_CHECK(t[1].numel() == N, "decode stack: a projection has ", t[1].numel(), " outputs, expected ", N);
-    return FP8Projection{t[0], t[1], t[2], t[3], bias, N};
+  static void check_outputs(const std::vector<Projection>& group, int64_t N, const char* name) {
+    int64_t total = 0;
+    for (const Projection& p : group) total += p.N;
+    TORCH_CHECK(!group.empty() && total == N, "decode stack: ", name, " has ", total, " outputs, expected ", N);
   }
 
-  at::Tensor project(const at::Tensor& in, const FP8Projection& p) const {
-    return linear(in, p.packed, p.N, e5m2_, p.col_scale, p.row_scale, p.inv_scale, limit_, mantissa_, min_exp_,
-                  p.bias, isa_);
+  at::Tensor project(const at::Tensor& in, const std::vector<Projection>& group) const {
+    if (group.size() == 1) return project_one(in, group[0]);
+    std::vector<at::Tensor> parts;
+    for (const Projection& p : group) parts.push_back(project_one(in, p));
+    return at::cat(parts, 1);
+  }
+
+  at::Tensor project_one(const at::Tensor& in, const Projection& p) const {
+    switch (p.kind) {
+      case Projection::Kind::kFP8:
+        return linear(in, p.weight, p.N, e5m2_, p.col_scale, p.row_scale, p.inv_scale, limit_, mantissa_, min_exp_,
+                      p.bias, isa_);
+      case Projection::Kind::kBF16Panels:
+        return linear_bf16(in, p.weight, p.N, p.bias, isa_);
+      case Projection::Kind::kOneDnn: {
+        auto y = onednn_linear(in.to(p.weight.scalar_type()), p.weight).to(at::kFloat);
+        if (p.bias) y.add_(*p.bias);
+        return y;
+      }
+    }
+    TORCH_CHECK(false, "decode stack: unknown projection kind");
+  }
+
+  // New K or V rows [B, kv_heads, d] into the layer's cache at `slots`: FP8 bytes through the cache's
+  // scale, or the values themselves (rounded to a bfloat16 cache's type).
+  void write_rows(const at::Tensor& rows, at::Tensor& cache, const at::Tensor& slots, double inv_scale) const {
+    if (cache.scalar_type() == at::kByte) {
+      write_cache(rows, cache, slots, e5m2_, inv_scale, limit_, mantissa_, min_exp_, isa_);   // checks slots
+      return;
+    }
+    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == rows.size(0), "decode stack: one int64 slot per row");
+    cache.view({kv_heads_, -1, d_}).index_copy_(1, slots, rows.transpose(0, 1).to(cache.scalar_type()));
+  }
+
+  at::Tensor attend(const at::Tensor& q, const DecodeLayer& l, const at::Tensor& block_tables,
+                    const at::Tensor& bias) const {
+    const LayerAttention& a = l.attention;
+    if (!a.fp8)
+      return plain_paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, a.scales[0], kv_heads_, isa_, l.first_kv);
+    return paged_attention(q, l.k_cache, l.v_cache, block_tables, bias, e5m2_, a.scales, a.requantize_k,
+                           a.requantize_v, limit_, mantissa_, min_exp_, kv_heads_, isa_, l.first_kv);
   }
 
   // out = x * rsqrt(mean(x²) + eps) * w, per row; the squares summed in double.

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor (not torch/extension.h: half the compile time)
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>   // the stack calls oneDNN-packed Linears as torch does
 #include <immintrin.h>
 
 #include <algorithm>
@@ -361,6 +362,7 @@ int64_t read_all(const at::Tensor& t, int64_t want_isa) {
   return total;
 }
 
+#include "decode_parts.h"
 #include "decode_stack.h"
 
 }  // namespace fp8lm
@@ -380,7 +382,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &fp8lm::dequantize, "FP8 bytes -> float32 times a scale", release());
   m.def("read_all", &fp8lm::read_all, "reads a uint8 tensor once (bandwidth probe)", release());
   m.attr("PANEL") = fp8lm::kPanel;
-  py::class_<fp8lm::DecodeStack>(m, "DecodeStack", "a whole FP8 decoder's decode step in one call")
+  py::class_<fp8lm::Projection>(m, "Projection", "one matmul of a DecodeStack layer");
+  m.def("fp8_projection", &fp8lm::fp8_projection);
+  m.def("bf16_projection", &fp8lm::bf16_projection);
+  m.def("onednn_projection", &fp8lm::onednn_projection);
+  py::class_<fp8lm::LayerAttention>(m, "LayerAttention", "a DecodeStack layer's attention");
+  m.def("fp8_attention", &fp8lm::fp8_attention);
+  m.def("plain_attention", &fp8lm::plain_attention);
+  py::class_<fp8lm::DecodeStack>(m, "DecodeStack", "a whole decoder's decode step in one call")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool, double, int64_t, int64_t, int64_t>())
       .def("add_layer", &fp8lm::DecodeStack::add_layer)
       .def("bind_caches", &fp8lm::DecodeStack::bind_caches)
