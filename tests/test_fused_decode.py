@@ -149,14 +149,33 @@ def test_float32_models_decode_in_one_call_as_their_layers_do(tiny_model):
     assert 0 < diff <= 1e-5, diff
 
 
-def test_bfloat16_models_decode_in_one_call_closer_to_float32(tiny_model):
-    """A bfloat16 model's stack keeps activations float32 between its bfloat16 weights' matmuls (its
-    layers round every activation to bfloat16), so its logits are closer to the float32 model's."""
+@pytest.fixture(scope="module")
+def bfloat16_valued(tiny_model, tmp_path_factory):
+    """The tiny model with every tensor rounded to bfloat16 values, stored as float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("bf16-valued") / "llama"
+    shutil.copytree(tiny_model, folder)
+    for f in folder.glob("*.safetensors"):
+        save_file({k: v.bfloat16().float() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    return folder
+
+
+def test_bfloat16_models_decode_in_one_call_rounding_only_weights_and_caches(tiny_model, bfloat16_valued):
+    """A bfloat16 model's stack keeps activations float32 between its bfloat16 weights' matmuls, so
+    against the float32 model of the same (bfloat16) values it differs only by the K/V cache's and the
+    rotary table's bfloat16 rounding, ~4 roundings per layer; its layers round ~15 activations per
+    layer (norms, projections, rotary, residuals, SiLU·up). Measured KL: 6.6e-6 against 4.9e-5; with
+    the norms' and projections' outputs rounded in the stack too, 1.9e-5."""
     tokens = [t for p in PROMPTS for t in p][:90]
     fused, layered = stack_and_layer_logits(plain_tiny(tiny_model, "bfloat16"), tokens)
-    float32 = decode_logits(plain_tiny(tiny_model, "float32"), tokens).float()
-    assert (fused - float32).abs().mean() < (layered - float32).abs().mean()
-    assert mean_kl(float32, fused) < mean_kl(float32, layered)
+    reference = plain_tiny(bfloat16_valued, "float32")
+    reference.engine.host.model.model.fused_decode = None          # independent of the stack
+    same_values = decode_logits(reference, tokens).float()
+    assert mean_kl(same_values, fused) < mean_kl(same_values, layered) / 3, (mean_kl(same_values, fused),
+                                                                              mean_kl(same_values, layered))
 
 
 def test_a_quantized_model_with_high_precision_parts_decodes_in_one_call(tiny_model, measured):
