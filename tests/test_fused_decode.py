@@ -208,3 +208,27 @@ def test_the_engine_says_why_decode_steps_are_not_fused(tiny_model, measured, ca
     with caplog.at_level(logging.INFO, logger="fp8lm.quant.fused_decode"):
         fused = fp8_tiny(tiny_model, measured)
     assert fused.engine.host.model.model.fused_decode is not None and "layer by layer" not in caplog.text
+
+
+def test_a_part_swapped_after_the_build_sends_decode_steps_back_to_the_layers(tiny_model, monkeypatch):
+    """The stack holds copies of the layers' weights and kernels: once an attention kernel or a Linear's
+    format is replaced (a report keeping a unit in high precision, a test comparing paths), the layers run."""
+    import copy
+
+    llm = plain_tiny(tiny_model, "float32")
+    calls = []
+    original = FusedDecodeStack.__call__
+    monkeypatch.setattr(FusedDecodeStack, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    layers = llm.engine.host.model.model.layers
+    attn, down = layers[1].self_attn.attn, layers[0].mlp.down_proj
+    kernel, fmt = attn.fused_attention, down.format
+    for swap, restore in [(lambda: setattr(attn, "fused_attention", None), lambda: setattr(attn, "fused_attention", kernel)),
+                          (lambda: setattr(down, "format", copy.copy(fmt)), lambda: setattr(down, "format", fmt))]:
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert len(calls) == 2                             # two decode steps after the prompt
+        swap()
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert len(calls) == 2
+        restore()
+        calls.clear()

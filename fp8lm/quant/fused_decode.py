@@ -16,7 +16,6 @@ own layers are). FP8 parts of a bfloat16 model keep the layer path: INC casts bf
 from __future__ import annotations
 
 import logging
-import operator
 
 import torch
 from torch import nn
@@ -55,7 +54,7 @@ class FusedDecodeStack(DecodeKernel):
                 None if offset is None else offset.detach().float().reshape(-1),
                 self._attention(attn.attn, kernels, fmt))
         self.hooks = HookWatch([m for layer in layers for m in layer.modules()])
-        self.layers, self.parts_built = layers, _stack_parts(layers)
+        self.parts_built = _stack_parts(layers)
         self._bound, self._caches_fit = None, False
 
     @classmethod
@@ -66,7 +65,7 @@ class FusedDecodeStack(DecodeKernel):
     def applies(self, x: torch.Tensor, meta) -> bool:
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == self.dtype
                 and x.device.type == "cpu" and self._bind_caches() and not self.hooks.hooked()
-                and all(map(operator.is_, _stack_parts(self.layers), self.parts_built)))
+                and all(holder.get(name) is part for holder, name, part in self.parts_built))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         cos, sin = rope
@@ -165,15 +164,18 @@ def _layer_reason(layer: nn.Module, eps: float) -> str | None:
     return next((reason for holds, reason in checks if not holds()), None)
 
 
-def _stack_parts(layers) -> list:
-    """What the stack copied out of the layers: a swapped module, format or attention kernel (a
-    comparison, a report) sends steps back to the layers."""
+def _stack_parts(layers) -> list[tuple[dict, str, object]]:
+    """What the stack copied out of the layers, as (the dict that holds it, its name, it): a swapped
+    module, format or attention kernel (a comparison, a report) sends steps back to the layers. Plain
+    dict lookups: ~450 module attribute reads per step cost ~0.8 ms on SmolLM2."""
     parts = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        parts.append(attn.attn.fused_attention)
-        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            parts += [m, m.format]
+        parts.append((vars(attn.attn), "fused_attention", attn.attn.fused_attention))
+        for holder, name in [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
+                             (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]:
+            linear = getattr(holder, name)
+            parts += [(holder._modules, name, linear), (vars(linear), "format", linear.format)]
     return parts
 
 
