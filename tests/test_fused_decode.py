@@ -163,19 +163,31 @@ def bfloat16_valued(tiny_model, tmp_path_factory):
     return folder
 
 
-def test_bfloat16_models_decode_in_one_call_rounding_only_weights_and_caches(tiny_model, bfloat16_valued):
-    """A bfloat16 model's stack keeps activations float32 between its bfloat16 weights' matmuls, so
-    against the float32 model of the same (bfloat16) values it differs only by the K/V cache's and the
-    rotary table's bfloat16 rounding, ~4 roundings per layer; its layers round ~15 activations per
-    layer (norms, projections, rotary, residuals, SiLU·up). Measured KL: 6.6e-6 against 4.9e-5; with
-    the norms' and projections' outputs rounded in the stack too, 1.9e-5."""
+@pytest.mark.parametrize("linears", ["panels", "this-cpu"])
+def test_bfloat16_models_decode_in_one_call_rounding_fewer_activations(tiny_model, bfloat16_valued, linears,
+                                                                         monkeypatch):
+    """A bfloat16 model's stack keeps activations float32 between its matmuls. On the kernels' bfloat16
+    panels (float32 sums of float32 inputs; forced on any CPU here) it differs from the float32 model
+    of the same (bfloat16) values only by the K/V cache's and the rotary table's bfloat16 rounding, ~4
+    roundings per layer, where its layers round ~15 activations per layer (norms, projections, rotary,
+    residuals, SiLU·up): measured KL 6.6e-6 against 4.9e-5; with the norms' and projections' outputs
+    rounded in the stack too, 1.9e-5. Where oneDNN packs bfloat16 ("this-cpu" on AVX-512 / AMX; the
+    panels again on AVX2) the matmuls' inputs are rounded as the modules round them: a subset of the
+    layers' roundings still, so closer than the layers (not measured on such a CPU yet)."""
+    import fp8lm.engine.model_host as model_host
+    from fp8lm.model.linear import bfloat16_matmul_is_slow
+    from fp8lm.quant.bfloat16_format import BF16Panels
+
+    monkeypatch.setattr(model_host, "bfloat16_matmul_is_slow", lambda: linears == "panels" or bfloat16_matmul_is_slow())
     tokens = [t for p in PROMPTS for t in p][:90]
-    fused, layered = stack_and_layer_logits(plain_tiny(tiny_model, "bfloat16"), tokens)
+    llm = plain_tiny(tiny_model, "bfloat16")
+    fused, layered = stack_and_layer_logits(llm, tokens)
     reference = plain_tiny(bfloat16_valued, "float32")
     reference.engine.host.model.model.fused_decode = None          # independent of the stack
     same_values = decode_logits(reference, tokens).float()
-    assert mean_kl(same_values, fused) < mean_kl(same_values, layered) / 3, (mean_kl(same_values, fused),
-                                                                              mean_kl(same_values, layered))
+    stack_kl, layers_kl = mean_kl(same_values, fused), mean_kl(same_values, layered)
+    panels = isinstance(llm.engine.host.model.model.layers[0].self_attn.q_proj.format, BF16Panels)
+    assert stack_kl < (layers_kl / 3 if panels else layers_kl), (stack_kl, layers_kl)
 
 
 def test_a_quantized_model_with_high_precision_parts_decodes_in_one_call(tiny_model, measured):
