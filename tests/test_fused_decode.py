@@ -10,7 +10,7 @@ from conftest import measure_tiny
 from fp8lm import LLM, SamplingParams
 from fp8lm.engine.sequence import Sequence
 from fp8lm.eval.perplexity import read_text
-from fp8lm.quant.fused_decode import FusedDecodeStack
+from fp8lm.quant.fused_decode import FusedDecodeStack, fuse_decode_steps
 from fp8_noise import perturb_embeddings
 
 PROMPTS = [[int(t) for t in torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n))]
@@ -36,6 +36,19 @@ def decode_logits(llm, tokens: list[int]) -> torch.Tensor:
 def mean_kl(ref: torch.Tensor, other: torch.Tensor) -> float:
     p = torch.log_softmax(ref.double(), -1)
     return float((p.exp() * (p - torch.log_softmax(other.double(), -1))).sum(-1).mean())
+
+
+def stack_and_layer_logits(llm, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_logits through the engine's stack, then through its layers."""
+    model = llm.engine.host.model.model
+    stack = model.fused_decode
+    assert isinstance(stack, FusedDecodeStack)
+    fused = decode_logits(llm, tokens).float()
+    model.fused_decode = None
+    try:
+        return fused, decode_logits(llm, tokens).float()
+    finally:
+        model.fused_decode = stack
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +87,7 @@ def test_stack_equals_the_layer_by_layer_path(tiny_model, measured, options, kv)
     assert all(a.exact_first_token == bool(options) for a in llm.engine.host.model.attention_layers())
     assert llm.engine.host.model.attention_layers()[0].k_cache_tensor.dtype == (
         torch.float8_e4m3fn if kv == "fp8_inc" else torch.float32)
-    tokens = [t for p in PROMPTS for t in p][:90]
-    stack = llm.engine.host.model.model.fused_decode
-    assert isinstance(stack, FusedDecodeStack)
-    fused = decode_logits(llm, tokens)
-    llm.engine.host.model.model.fused_decode = None
-    layered = decode_logits(llm, tokens)
-    llm.engine.host.model.model.fused_decode = stack
+    fused, layered = stack_and_layer_logits(llm, [t for p in PROMPTS for t in p][:90])
     assert (fused.argmax(-1) == layered.argmax(-1)).float().mean() > 0.97
     assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
     assert torch.allclose(fused, layered, atol=1e-2)
@@ -95,10 +102,8 @@ def test_stack_applies_k_smoothing_offsets(tiny_model, measured):
     for a in attn:
         offset = torch.linspace(-0.5, 0.5, a.num_kv_heads * a.head_dim).view(a.num_kv_heads, a.head_dim)
         a.adjustment = dataclasses.replace(a.adjustment, key_offset=offset)
-    llm.engine.host.model.model.fused_decode = FusedDecodeStack.build(llm.engine.host.model, attn[0].fused_attention.kernels)
-    fused = decode_logits(llm, tokens)
-    llm.engine.host.model.model.fused_decode = None
-    layered = decode_logits(llm, tokens)
+    fuse_decode_steps(llm.engine.host.model, attn[0].fused_attention.kernels)
+    fused, layered = stack_and_layer_logits(llm, tokens)
     assert mean_kl(layered, fused) < 1e-4, mean_kl(layered, fused)
 
 
@@ -121,19 +126,6 @@ def test_smollm2_stack_is_within_the_fp8_noise_floor(smollm2, smollm2_fp8):
     print(f"stack vs layer-by-layer KL {paths:.4f}, floor {floor:.4f}")
     assert floor > 0.005
     assert paths < 1.25 * floor, (paths, floor)
-
-
-def stack_and_layer_logits(llm, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """decode_logits through the engine's stack, then through its layers."""
-    model = llm.engine.host.model.model
-    stack = model.fused_decode
-    assert isinstance(stack, FusedDecodeStack)
-    fused = decode_logits(llm, tokens).float()
-    model.fused_decode = None
-    try:
-        return fused, decode_logits(llm, tokens).float()
-    finally:
-        model.fused_decode = stack
 
 
 def plain_tiny(tiny_model, dtype):

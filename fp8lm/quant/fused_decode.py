@@ -54,18 +54,13 @@ class FusedDecodeStack(DecodeKernel):
                 None if offset is None else offset.detach().float().reshape(-1),
                 self._attention(attn.attn, kernels, fmt))
         self.hooks = HookWatch([m for layer in layers for m in layer.modules()])
-        self.parts_built = _stack_parts(layers)
+        self.copied = _copied_parts(layers)
         self._bound, self._caches_fit = None, False
-
-    @classmethod
-    def build(cls, model: LlamaForCausalLM, kernels: CpuKernels) -> FusedDecodeStack | None:
-        """The stack, or None where some layer cannot run in it (`unfused_reason` says why)."""
-        return cls(model, kernels) if unfused_reason(model) is None else None
 
     def applies(self, x: torch.Tensor, meta) -> bool:
         return (isinstance(meta, AttentionMetadata) and meta.max_query_len == 1 and x.dtype == self.dtype
                 and x.device.type == "cpu" and self._bind_caches() and not self.hooks.hooked()
-                and all(holder.get(name) is part for holder, name, part in self.parts_built))
+                and all(holder.get(name) is part for holder, name, part in self.copied))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         cos, sin = rope
@@ -164,7 +159,7 @@ def _layer_reason(layer: nn.Module, eps: float) -> str | None:
     return next((reason for holds, reason in checks if not holds()), None)
 
 
-def _stack_parts(layers) -> list[tuple[dict, str, object]]:
+def _copied_parts(layers) -> list[tuple[dict, str, object]]:
     """What the stack copied out of the layers, as (the dict that holds it, its name, it): a swapped
     module, format or attention kernel (a comparison, a report) sends steps back to the layers. Plain
     dict lookups: ~450 module attribute reads per step cost ~0.8 ms on SmolLM2."""

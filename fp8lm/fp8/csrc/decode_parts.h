@@ -39,8 +39,8 @@ Projection bf16_projection(at::Tensor panels, int64_t N, c10::optional<at::Tenso
 }
 
 Projection onednn_projection(at::Tensor packed, int64_t N, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kBFloat16,
-              "decode stack: a oneDNN-packed weight must be float32 or bfloat16");
+  TORCH_CHECK((packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kBFloat16) && packed.dim() == 2 &&
+              packed.size(0) == N, "decode stack: a oneDNN-packed weight must be float32 or bfloat16 [N, K] for N=", N);
   return Projection{Projection::Kind::kOneDnn, packed, {}, {}, {}, float_bias(bias, N), N};
 }
 
